@@ -1,0 +1,228 @@
+"""Monte Carlo certification and prediction of a smoothed classifier.
+
+The smoothed classifier of a base classifier f is
+``g(x) = argmax_c P[f(x + e) = c]`` with ``e ~ N(0, sigma^2 I)``. CERTIFY and
+PREDICT below are the algorithms of Cohen, Rosenfeld and Kolter, "Certified
+Adversarial Robustness via Randomized Smoothing" (ICML 2019):
+
+* ``certify`` returns (cA, R). With probability at least 1 - alpha over the
+  sampling, if cA != ABSTAIN then g(x + d) = cA for every ||d||_2 < R.
+* ``predict`` returns a class which, with probability at least 1 - alpha, is
+  g(x) (or ABSTAIN).
+
+The sampling engine draws the noise on the model's device into a reused
+buffer, counts predictions on the device (``bincount``) and moves one count
+vector per image to the host. Several images can share a forward pass
+(``images_per_batch``), which keeps a large device busy with a small model.
+None of this changes the samples' distribution: the fp32 path is the
+published algorithm. With ``bf16=True`` the certificate holds for the base
+classifier evaluated in bfloat16 autocast (a different, equally valid f).
+
+Reproducible sampling: pass one ``torch.Generator`` per image, e.g. from
+``noise_generator(seed, index, device)``. Each image's noise is then drawn
+from its own stream, in chunks whose sizes depend only on (N, batch size),
+so the counts of an image do not depend on which other images share its
+forward passes, on how a data set is split among processes, or on
+interruptions.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy.stats import binomtest, norm
+from statsmodels.stats.proportion import proportion_confint
+
+
+def noise_generator(seed: int, index: int, device) -> torch.Generator:
+    """A generator whose stream depends only on (seed, index) (and the device type)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator(device=device)
+    generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return generator
+
+
+def chunk_sizes(num: int, batch_size: int) -> List[int]:
+    """Sizes of the noise chunks of one image: ``batch_size`` each, the last one smaller."""
+    full, rest = divmod(num, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+class Smooth:
+    """A smoothed classifier g around a base classifier f."""
+
+    # to abstain, Smooth returns this int
+    ABSTAIN = -1
+
+    def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float,
+                 images_per_batch: int = 1, channels_last: bool = True, bf16: bool = False,
+                 compile: bool = False):
+        """
+        :param base_classifier: maps a batch [B x C x H x W] to logits [B x num_classes]
+        :param num_classes: number of classes
+        :param sigma: the noise level hyperparameter
+        :param images_per_batch: up to this many images share one forward pass of
+            at most ``images_per_batch * batch_size`` samples
+        :param channels_last: feed 4-D batches in channels-last memory format
+            (same values, faster convolutions on CPU and tensor cores)
+        :param bf16: evaluate f under bfloat16 autocast (the certificate is then
+            one of the bf16 base classifier)
+        :param compile: run f through ``torch.compile``
+        """
+        if sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        self.base_classifier = base_classifier.eval()
+        self.num_classes = num_classes
+        self.sigma = sigma
+        self.images_per_batch = max(1, int(images_per_batch))
+        self.channels_last = channels_last
+        self.bf16 = bf16
+        self._forward = torch.compile(self.base_classifier) if compile else self.base_classifier
+        self._noise_buffer: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ public API
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                generator: Optional[torch.Generator] = None) -> Tuple[int, float]:
+        """Monte Carlo algorithm for certifying that g's prediction around x is constant
+        within some L2 radius. With probability at least 1 - alpha, the class returned
+        by this method will equal g(x), and g's prediction will be robust within an L2
+        ball of the returned radius around x.
+
+        :param x: the input [channel x height x width]
+        :param n0: the number of Monte Carlo samples to use for selection
+        :param n: the number of Monte Carlo samples to use for estimation
+        :param alpha: the failure probability
+        :param batch_size: batch size to use when evaluating the base classifier
+        :return: (predicted class, certified radius); (ABSTAIN, 0.0) when abstaining
+        """
+        return self.certify_many(x.unsqueeze(0), n0, n, alpha, batch_size, [generator])[0]
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
+                generator: Optional[torch.Generator] = None) -> int:
+        """Monte Carlo algorithm for evaluating the prediction of g at x. With probability
+        at least 1 - alpha, the class returned by this method will equal g(x).
+
+        This function uses the hypothesis test described in Hung et al., "Rank
+        verification for exponential families" (Annals of Statistics, 2019).
+
+        :return: the predicted class, or ABSTAIN
+        """
+        return self.predict_many(x.unsqueeze(0), n, alpha, batch_size, [generator])[0]
+
+    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int,
+                      generator: Optional[torch.Generator] = None) -> np.ndarray:
+        """Class counts of f on ``num`` noisy copies of x: an ndarray[num_classes] of ints.
+
+        ``counts / num`` is the class-frequency estimate that smoothed prediction
+        stores for CAT-RS.
+        """
+        return self.sample_counts_many(x.unsqueeze(0), num, batch_size, [generator])[0]
+
+    # the published name of the same estimate
+    def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
+        return self.sample_counts(x, num, batch_size)
+
+    def certify_many(self, xs: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                     generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> List[Tuple[int, float]]:
+        """``certify`` for each image of ``xs`` [G x C x H x W]; one generator per image."""
+        generators = self._generators(xs, generators)
+        # selection and estimation use independent samples (the selection ones come first)
+        counts_selection = self.sample_counts_many(xs, n0, batch_size, generators)
+        counts_estimation = self.sample_counts_many(xs, n, batch_size, generators)
+        results = []
+        for counts0, counts in zip(counts_selection, counts_estimation):
+            c_a = int(counts0.argmax())
+            p_a_lower = self.lower_confidence_bound(int(counts[c_a]), n, alpha)
+            if p_a_lower < 0.5:
+                results.append((Smooth.ABSTAIN, 0.0))
+            else:
+                results.append((c_a, float(self.sigma * norm.ppf(p_a_lower))))
+        return results
+
+    def predict_many(self, xs: torch.Tensor, n: int, alpha: float, batch_size: int,
+                     generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> List[int]:
+        """``predict`` for each image of ``xs`` [G x C x H x W]; one generator per image."""
+        results = []
+        for counts in self.sample_counts_many(xs, n, batch_size, self._generators(xs, generators)):
+            top2 = counts.argsort()[::-1][:2]
+            count1, count2 = int(counts[top2[0]]), int(counts[top2[1]])
+            if binomtest(count1, count1 + count2, p=0.5).pvalue > alpha:
+                results.append(Smooth.ABSTAIN)
+            else:
+                results.append(int(top2[0]))
+        return results
+
+    @staticmethod
+    def lower_confidence_bound(num_a: int, num: int, alpha: float) -> float:
+        """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion."""
+        return proportion_confint(num_a, num, alpha=2 * alpha, method="beta")[0]
+
+    # ------------------------------------------------------------------ sampling engine
+
+    def sample_counts_many(self, xs: torch.Tensor, num: int, batch_size: int,
+                           generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> np.ndarray:
+        """Class counts [G x num_classes] of f on ``num`` noisy copies of each image of ``xs``."""
+        if num <= 0 or batch_size <= 0:
+            raise ValueError(f"num and batch_size must be positive, got {num} and {batch_size}")
+        generators = self._generators(xs, generators)
+        device = xs.device
+        num_images, k = xs.shape[0], self.num_classes
+        capacity = batch_size * self.images_per_batch
+        counts = torch.zeros(num_images * k, dtype=torch.long, device=device)
+        # Work items (image, chunk size), chunk-major so that the images of a group
+        # advance together; each image's chunks stay in order, so its stream is fixed.
+        items = [(image, size) for size_index, size in enumerate(chunk_sizes(num, batch_size))
+                 for image in range(num_images)]
+        with torch.inference_mode():
+            batch: List[Tuple[int, int]] = []
+            filled = 0
+            for image, size in items:
+                if filled + size > capacity and batch:
+                    self._count_batch(xs, batch, generators, counts)
+                    batch, filled = [], 0
+                batch.append((image, size))
+                filled += size
+            if batch:
+                self._count_batch(xs, batch, generators, counts)
+        return counts.view(num_images, k).cpu().numpy()
+
+    def _count_batch(self, xs, batch, generators, counts):
+        """Draw the noise of each (image, size) item, classify the batch and add to ``counts``."""
+        total = sum(size for _, size in batch)
+        noisy = self._buffer(total, xs)
+        image_ids = []
+        start = 0
+        for image, size in batch:
+            chunk = noisy[start:start + size]
+            torch.randn(chunk.shape, generator=generators[image], out=chunk)
+            chunk.mul_(self.sigma).add_(xs[image])
+            image_ids.append(torch.full((size,), image, dtype=torch.long, device=xs.device))
+            start += size
+        if self.channels_last and noisy.dim() == 4:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        if self.bf16:
+            with torch.autocast(device_type=xs.device.type, dtype=torch.bfloat16):
+                logits = self._forward(noisy)
+        else:
+            logits = self._forward(noisy)
+        predictions = logits.argmax(1)
+        counts += torch.bincount(torch.cat(image_ids) * self.num_classes + predictions,
+                                 minlength=counts.numel())
+
+    def _buffer(self, total: int, xs: torch.Tensor) -> torch.Tensor:
+        """A reused [total x C x H x W] noise buffer on the images' device."""
+        shape = (total,) + tuple(xs.shape[1:])
+        buffer = self._noise_buffer
+        if (buffer is None or buffer.shape[0] < total or buffer.shape[1:] != shape[1:]
+                or buffer.device != xs.device or buffer.dtype != xs.dtype):
+            buffer = torch.empty(shape, dtype=xs.dtype, device=xs.device)
+            self._noise_buffer = buffer
+        return buffer[:total]
+
+    @staticmethod
+    def _generators(xs, generators):
+        if generators is None:
+            return [None] * xs.shape[0]
+        if len(generators) != xs.shape[0]:
+            raise ValueError(f"need one generator per image: {xs.shape[0]} images, {len(generators)} generators")
+        return list(generators)

@@ -1,0 +1,235 @@
+"""Datasets, their published transforms and normalisation.
+
+Datasets: ``mnist``, ``fmnist``, ``cifar10``, ``cifar100`` (read from
+``./dataset_cache`` or ``$DATASET_CACHE``) and ``imagenet`` (from
+``$IMAGENET_DIR`` with ``train/`` and ``val/`` ImageFolders).
+
+Splits: ``train``, ``test`` and, for CAT-RS, ``train_t{sigma}``: the training
+set whose items are ``(image, label, pi)``, ``pi`` being the smoothed prediction
+(class frequencies under Gaussian noise) of a pretrained Gaussian model at that
+image, written by ``smooth_prediction.py``.
+
+Normalisation is the first layer of every model (``get_normalize_layer``), so
+images stay in [0, 1] and Gaussian noise is added in pixel space.
+"""
+import gzip
+import os
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+DATASETS = ["mnist", "fmnist", "cifar10", "cifar100", "imagenet"]
+
+NUM_CLASSES = {"mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+INPUT_SHAPE = {"mnist": (1, 28, 28), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32),
+               "cifar100": (3, 32, 32), "imagenet": (3, 224, 224)}
+
+_CIFAR10_MEAN, _CIFAR10_STDDEV = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+_CIFAR100_MEAN, _CIFAR100_STDDEV = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]
+_IMAGENET_MEAN, _IMAGENET_STDDEV = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+IMAGENET_LOC_ENV = "IMAGENET_DIR"
+DATASET_CACHE_ENV = "DATASET_CACHE"
+# Where Debian's ``dataset-fashion-mnist`` package puts the original IDX files.
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# CAT-RS reads the sigma = 0.25 Gaussian model's smoothed prediction for every sigma.
+DEFAULT_SMOOTH_PREDICTION = "test/smooth_prediction/{dataset}/cohen/0/model_conf_0.25_train.npy"
+
+_IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read; the message says where to put it."""
+
+
+def dataset_root() -> str:
+    return os.environ.get(DATASET_CACHE_ENV, "./dataset_cache")
+
+
+def get_num_classes(dataset: str) -> int:
+    _check_name(dataset)
+    return NUM_CLASSES[dataset]
+
+
+def get_input_shape(dataset: str):
+    _check_name(dataset)
+    return INPUT_SHAPE[dataset]
+
+
+def _check_name(dataset: str):
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")
+
+
+def parse_split(split: str):
+    """'train' / 'test' -> (split, None); 'train_t0.25' -> ('train', 0.25)."""
+    if split in ("train", "test"):
+        return split, None
+    if split.startswith("train_t"):
+        try:
+            return "train", float(split[len("train_t"):])
+        except ValueError:
+            pass
+    raise DatasetError(f"unknown split '{split}'; use train, test or train_t{{sigma}}")
+
+
+def get_dataset(dataset: str, split: str, smooth_prediction: Optional[str] = None,
+                root: Optional[str] = None) -> Dataset:
+    """Return the dataset split.
+
+    ``train_t{sigma}`` attaches the smoothed prediction read from
+    ``smooth_prediction`` (default: ``DEFAULT_SMOOTH_PREDICTION``) to the
+    training set; it must have one row per training image and one column per
+    class.
+    """
+    _check_name(dataset)
+    base_split, targeted_sigma = parse_split(split)
+    root = root or dataset_root()
+    if dataset == "imagenet":
+        data = _imagenet(base_split)
+    elif dataset == "cifar10":
+        data = _cifar(datasets.CIFAR10, root, base_split, "cifar-10-batches-py",
+                      "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)")
+    elif dataset == "cifar100":
+        data = _cifar(datasets.CIFAR100, root, base_split, "cifar-100-python",
+                      "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-100 python version)")
+    elif dataset == "mnist":
+        data = _mnist_like(datasets.MNIST, root, base_split)
+    else:
+        data = _mnist_like(datasets.FashionMNIST, root, base_split)
+    if targeted_sigma is None:
+        return data
+    path = smooth_prediction or DEFAULT_SMOOTH_PREDICTION.format(dataset=dataset)
+    return WithSmoothPrediction(data, load_smooth_prediction(path, len(data), NUM_CLASSES[dataset]))
+
+
+class WithSmoothPrediction(Dataset):
+    """Items ``(image, label, pi)``: ``pi`` is row ``index`` of the prediction array.
+
+    Wrapping (rather than subclassing the torchvision class, as the published
+    code did) leaves the folder the images are read from unchanged.
+    """
+
+    def __init__(self, data: Dataset, smooth_prediction: np.ndarray):
+        self.data = data
+        self.smooth_prediction = torch.from_numpy(np.ascontiguousarray(smooth_prediction, dtype=np.float32))
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        image, label = self.data[index]
+        return image, label, self.smooth_prediction[index]
+
+
+def load_smooth_prediction(path: str, num_examples: int, num_classes: int) -> np.ndarray:
+    how = ("produce it with train_cohen.py (sigma 0.25, --id 0) and then smooth_prediction.py "
+           "--split=train (see EXPERIMENTS.md), or pass --smooth-prediction PATH")
+    if not os.path.isfile(path):
+        raise DatasetError(f"smoothed prediction '{path}' not found; {how}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise DatasetError(f"smoothed prediction '{path}' is not a readable .npy file ({exc}); {how}")
+    if array.shape != (num_examples, num_classes):
+        raise DatasetError(f"smoothed prediction '{path}' has shape {tuple(array.shape)} but the training "
+                           f"set needs ({num_examples}, {num_classes}); {how}")
+    return array
+
+
+# --------------------------------------------------------------------------- loaders
+
+def _imagenet(split: str) -> Dataset:
+    if IMAGENET_LOC_ENV not in os.environ:
+        raise DatasetError(f"environment variable {IMAGENET_LOC_ENV} is not set; set it to the folder "
+                           "holding the ImageNet train/ and val/ ImageFolders")
+    subdir = os.path.join(os.environ[IMAGENET_LOC_ENV], "train" if split == "train" else "val")
+    if not os.path.isdir(subdir):
+        raise DatasetError(f"ImageNet folder '{subdir}' not found; ${IMAGENET_LOC_ENV} must hold "
+                           "train/ and val/ ImageFolders (one sub-folder per class)")
+    if split == "train":
+        transform = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                        transforms.ToTensor()])
+    else:
+        transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
+    return datasets.ImageFolder(subdir, transform)
+
+
+def _cifar(cls, root: str, split: str, folder: str, source: str) -> Dataset:
+    if not os.path.isdir(os.path.join(root, folder)):
+        raise DatasetError(f"{cls.__name__} not found: extract the python version into '{os.path.join(root, folder)}' "
+                           f"(from {source}), or set ${DATASET_CACHE_ENV}")
+    if split == "train":
+        transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                        transforms.ToTensor()])
+    else:
+        transform = transforms.ToTensor()
+    try:
+        return cls(root, train=(split == "train"), download=False, transform=transform)
+    except RuntimeError as exc:  # torchvision's integrity check failed
+        raise DatasetError(f"{cls.__name__} in '{os.path.join(root, folder)}' is incomplete or damaged ({exc}); "
+                           "extract the python version there again")
+
+
+def _mnist_like(cls, root: str, split: str) -> Dataset:
+    raw = os.path.join(root, cls.__name__, "raw")
+    missing = [name for name in _IDX_FILES if not os.path.isfile(os.path.join(raw, name))]
+    if missing and cls is datasets.FashionMNIST and os.path.isdir(DEBIAN_FASHION_MNIST):
+        _decompress_idx(DEBIAN_FASHION_MNIST, raw)
+        missing = [name for name in _IDX_FILES if not os.path.isfile(os.path.join(raw, name))]
+    if missing:
+        hint = ("`apt-get install dataset-fashion-mnist`, or " if cls is datasets.FashionMNIST else "")
+        raise DatasetError(f"{cls.__name__} not found: {hint}put the decompressed IDX files "
+                           f"({', '.join(_IDX_FILES)}) into '{raw}'")
+    return cls(root, train=(split == "train"), download=False, transform=transforms.ToTensor())
+
+
+def _decompress_idx(source: str, raw: str):
+    """Decompress the ``*.gz`` IDX files of ``source`` into ``raw`` (atomically per file)."""
+    os.makedirs(raw, exist_ok=True)
+    for name in _IDX_FILES:
+        src, dst = os.path.join(source, name + ".gz"), os.path.join(raw, name)
+        if os.path.isfile(src) and not os.path.isfile(dst):
+            tmp = f"{dst}.tmp{os.getpid()}"
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            os.replace(tmp, dst)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+def get_normalize_layer(dataset: str) -> torch.nn.Module:
+    """The model's first layer: identity for MNIST-like data, per-channel otherwise."""
+    _check_name(dataset)
+    if dataset in ("mnist", "fmnist"):
+        return NormalizeLayer(None, None)
+    if dataset == "cifar10":
+        return NormalizeLayer(_CIFAR10_MEAN, _CIFAR10_STDDEV)
+    if dataset == "cifar100":
+        return NormalizeLayer(_CIFAR100_MEAN, _CIFAR100_STDDEV)
+    return NormalizeLayer(_IMAGENET_MEAN, _IMAGENET_STDDEV)
+
+
+class NormalizeLayer(torch.nn.Module):
+    """(x - mean) / sd per channel, or the identity when ``means`` is None.
+
+    The statistics are non-persistent buffers: they follow ``.to(device)`` but
+    stay out of ``state_dict``, so checkpoints keep the published key layout.
+    """
+
+    def __init__(self, means, sds):
+        super().__init__()
+        self.identity = means is None
+        if not self.identity:
+            self.register_buffer("means", torch.tensor(means).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("sds", torch.tensor(sds).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        if self.identity:
+            return x
+        return (x - self.means.to(x.dtype)) / self.sds.to(x.dtype)

@@ -1,0 +1,28 @@
+"""Shared test set-up: scripts in code/ are importable, paths to the repository and shared/."""
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = os.path.join(REPO, "code")
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+if CODE not in sys.path:
+    sys.path.insert(0, CODE)
+
+# Two cores: keep each test process to one intra-op thread so parallel work does not oversubscribe.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def repo():
+    return REPO
+
+
+def python_env():
+    """Environment for subprocesses that run the scripts: one thread, the shared data cache."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("DATASET_CACHE", os.path.join(REPO, "dataset_cache"))
+    return env
