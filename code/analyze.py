@@ -474,11 +474,15 @@ def _draw_curves(ax, max_radius: float, lines: Sequence[Line], radius_step: floa
     ax.set_xlim((0, max_radius))
 
 
-def _save(fig, outfile: PathLike, suffixes=(".pdf", ".png")) -> List[Path]:
+def _save(fig, outfile: PathLike) -> List[Path]:
+    """Save ``fig`` as ``outfile.pdf`` and ``outfile.png`` (a given .pdf/.png suffix is replaced)."""
+    stem = Path(outfile)
+    if stem.suffix in (".pdf", ".png"):
+        stem = stem.with_suffix("")
     written = []
-    for suffix in suffixes:
-        path = _with_suffix(outfile, suffix) if suffix else Path(outfile)
-        fig.savefig(path, dpi=300 if path.suffix == ".png" else None, bbox_inches="tight")
+    for suffix in (".pdf", ".png"):
+        path = _with_suffix(stem, suffix)
+        fig.savefig(path, dpi=300 if suffix == ".png" else None, bbox_inches="tight")
         written.append(path)
     return written
 

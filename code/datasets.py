@@ -14,11 +14,13 @@ images stay in [0, 1] and Gaussian noise is added in pixel space.
 """
 import gzip
 import os
+import pickle
 import shutil
 from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
@@ -92,12 +94,8 @@ def get_dataset(dataset: str, split: str, smooth_prediction: Optional[str] = Non
     root = root or dataset_root()
     if dataset == "imagenet":
         data = _imagenet(base_split)
-    elif dataset == "cifar10":
-        data = _cifar(datasets.CIFAR10, root, base_split, "cifar-10-batches-py",
-                      "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)")
-    elif dataset == "cifar100":
-        data = _cifar(datasets.CIFAR100, root, base_split, "cifar-100-python",
-                      "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-100 python version)")
+    elif dataset in ("cifar10", "cifar100"):
+        data = _cifar(root, base_split, hundred=(dataset == "cifar100"))
     elif dataset == "mnist":
         data = _mnist_like(datasets.MNIST, root, base_split)
     else:
@@ -160,20 +158,69 @@ def _imagenet(split: str) -> Dataset:
     return datasets.ImageFolder(subdir, transform)
 
 
-def _cifar(cls, root: str, split: str, folder: str, source: str) -> Dataset:
-    if not os.path.isdir(os.path.join(root, folder)):
-        raise DatasetError(f"{cls.__name__} not found: extract the python version into '{os.path.join(root, folder)}' "
-                           f"(from {source}), or set ${DATASET_CACHE_ENV}")
+def _cifar(root: str, split: str, hundred: bool) -> Dataset:
+    folder = os.path.join(root, "cifar-100-python" if hundred else "cifar-10-batches-py")
+    name = "CIFAR-100" if hundred else "CIFAR-10"
+    if not os.path.isdir(folder):
+        raise DatasetError(f"{name} not found: extract the python version from "
+                           f"https://www.cs.toronto.edu/~kriz/cifar.html into '{folder}', or set ${DATASET_CACHE_ENV}")
     if split == "train":
         transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                         transforms.ToTensor()])
     else:
         transform = transforms.ToTensor()
-    try:
-        return cls(root, train=(split == "train"), download=False, transform=transform)
-    except RuntimeError as exc:  # torchvision's integrity check failed
-        raise DatasetError(f"{cls.__name__} in '{os.path.join(root, folder)}' is incomplete or damaged ({exc}); "
-                           "extract the python version there again")
+    return CIFAR(folder, split, hundred, transform)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only: a data file never runs code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+class CIFAR(Dataset):
+    """CIFAR-10/100 read from the python-pickle batches of the official archive.
+
+    CIFAR-10: ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` with ``labels``;
+    CIFAR-100: ``train`` and ``test`` with ``fine_labels``. Each batch holds
+    ``data``, uint8 of shape (n, 3072) in channel-major order.
+    """
+
+    def __init__(self, folder: str, split: str, hundred: bool, transform=None):
+        if hundred:
+            files, key = (["train"] if split == "train" else ["test"]), "fine_labels"
+        else:
+            files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+            key = "labels"
+        images, labels = [], []
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                with open(path, "rb") as handle:
+                    batch = _ArrayUnpickler(handle, encoding="latin1").load()
+                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(int(label) for label in batch[key])
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
+                raise DatasetError(f"CIFAR batch '{path}' is missing or damaged ({type(exc).__name__}); "
+                                   "extract the python version of the archive there again")
+        self.data = np.concatenate(images).transpose(0, 2, 3, 1)  # to HWC, as PIL expects
+        self.targets = labels
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        image = Image.fromarray(self.data[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
 
 
 def _mnist_like(cls, root: str, split: str) -> Dataset:

@@ -10,6 +10,8 @@ CODE = os.path.join(REPO, "code")
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 if CODE not in sys.path:
     sys.path.insert(0, CODE)
+# In-process runs of the scripts read the data cache of the repository, whatever the working folder.
+os.environ.setdefault("DATASET_CACHE", os.path.join(REPO, "dataset_cache"))
 
 # Two cores: keep each test process to one intra-op thread so parallel work does not oversubscribe.
 torch.set_num_threads(1)

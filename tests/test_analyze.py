@@ -14,7 +14,6 @@ Two kinds of checks:
 
 import gzip
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path

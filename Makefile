@@ -1,0 +1,27 @@
+# Two entry points: `make demo` (the main job on Fashion-MNIST) and `make test` (the test suite).
+# Each installs what it needs: a virtual environment in .venv and the Fashion-MNIST files.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+
+.PHONY: demo test install data clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+data: $(STAMP)
+	PY=$(PY) bash scripts/setup_fmnist.sh
+
+test: $(STAMP) data
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q
+
+demo: $(STAMP) data
+	PY=$(PY) bash scripts/demo.sh
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,286 @@
+"""L2 attacks on smoothed classifiers used for adversarial training.
+
+* ``PGD_L2`` and ``DDN``: the attacks of SmoothAdv (Salman, Li, Razenshteyn,
+  Zhang, Zhang, Bubeck and Yang, "Provably Robust Deep Learning via
+  Adversarially Trained Smoothed Classifiers", NeurIPS 2019). DDN is the
+  decoupled direction and norm attack of Rony, Hafemann, Oliveira, Ben Ayed,
+  Sabourin and Granger ("Decoupling Direction and Norm for Efficient
+  Gradient-Based L2 Adversarial Attacks and Defenses", CVPR 2019).
+* ``SmoothAdv_PGD``: the SmoothAdv PGD attack as used with consistency
+  regularisation (Jeong and Shin, "Consistency Regularization for Certified
+  Robustness of Smoothed Classifiers", NeurIPS 2020), taking one noise tensor
+  per copy.
+
+Layouts. ``PGD_L2`` and ``DDN`` take ``inputs`` of shape (b * m, ...) in which
+each of the b examples is repeated m = ``num_noise_vectors`` times with its
+copies adjacent (``x.repeat_interleave(m, 0)``), ``labels`` of shape (b,) and a
+``noise`` tensor shaped like ``inputs``. They return ``inputs + d`` (same shape,
+same layout) with one perturbation d per example shared by its m copies.
+``SmoothAdv_PGD`` takes ``inputs`` (b, ...), ``labels`` (b,) and a list of m
+noise tensors shaped like ``inputs``; its copies are copy-major
+([x + e_1; ...; x + e_m]).
+
+All attacks expect pixels in [0, 1] and a model in eval mode with frozen
+parameters (``train_utils.attack_mode``); logits are read in float32, so the
+forward passes may run under bf16 autocast.
+"""
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PGD_L2", "DDN", "SmoothAdv_PGD", "log_mean_softmax", "smoothed_nll", "normalize_per_example",
+           "project_l2", "warmup_epsilon"]
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Shape a (b,) tensor to broadcast over the examples of ``like``."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def l2_norms(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each example (row of the first dimension)."""
+    return x.reshape(x.shape[0], -1).norm(p=2, dim=1)
+
+
+def normalize_per_example(grad: torch.Tensor, stabilizer: float = 0.0, random_if_zero: bool = False):
+    """Divide each example's gradient by its L2 norm (+ ``stabilizer``).
+
+    With ``random_if_zero`` an all-zero gradient is replaced by a random unit
+    direction (drawn from torch's global generator) instead of 0/0.
+    """
+    norms = l2_norms(grad)
+    out = grad / _per_example(norms + stabilizer, grad)
+    if random_if_zero:
+        zero = norms == 0
+        if zero.any():
+            direction = torch.randn_like(out[zero])
+            out[zero] = direction / _per_example(l2_norms(direction), direction)
+    return out
+
+
+def project_l2(delta: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale each example of ``delta`` whose L2 norm exceeds ``max_norm`` back onto that sphere."""
+    return delta.renorm(p=2, dim=0, maxnorm=max_norm)
+
+
+def log_mean_softmax(logits: torch.Tensor, num_copies: int, copy_major: bool = False) -> torch.Tensor:
+    """log(clamp(mean over the copies of softmax(logits), 1e-20)), shape (b, K).
+
+    ``logits`` has shape (b * m, K), copies adjacent (``copy_major=False``) or
+    stacked copy after copy (``copy_major=True``).
+    """
+    probs = F.softmax(logits.float(), dim=1)
+    num_classes = probs.shape[1]
+    if copy_major:
+        mean = probs.reshape(num_copies, -1, num_classes).mean(0)
+    else:
+        mean = probs.reshape(-1, num_copies, num_classes).mean(1)
+    return torch.log(mean.clamp(min=1e-20))
+
+
+def smoothed_nll(logits: torch.Tensor, labels: torch.Tensor, num_copies: int, copy_major: bool = False):
+    """NLL of the mean softmax over the copies, averaged over the examples (SmoothAdv's attack loss)."""
+    return F.nll_loss(log_mean_softmax(logits, num_copies, copy_major), labels)
+
+
+def warmup_epsilon(epsilon: float, epoch: int, warmup: int) -> float:
+    """The attack radius in epoch ``epoch`` (0-based): min(eps, (epoch + 1) * eps / warmup)."""
+    return min(epsilon, (epoch + 1) * epsilon / warmup)
+
+
+def _shared(delta: torch.Tensor, num_copies: int) -> torch.Tensor:
+    """Repeat each example's perturbation for its adjacent copies."""
+    return delta if num_copies == 1 else delta.repeat_interleave(num_copies, dim=0)
+
+
+def _check_layout(inputs: torch.Tensor, labels: torch.Tensor, num_copies: int):
+    if inputs.shape[0] != labels.shape[0] * num_copies:
+        raise ValueError(f"inputs must hold {num_copies} adjacent copies of each of the {labels.shape[0]} "
+                         f"examples (got {inputs.shape[0]} rows)")
+
+
+# --------------------------------------------------------------------------- SmoothAdv
+
+class PGD_L2:
+    """L2 projected gradient ascent on the smoothed soft classifier (SmoothAdv, SPEC 4.3).
+
+    d = 0; ``steps`` times: normalised gradient of the attack loss w.r.t. d
+    (a random direction where it is zero), d += 2 * max_norm / steps along it,
+    clip x + d to [0, 1], renorm d to L2 <= max_norm. The loss is the summed
+    cross-entropy for one copy and the NLL of the mean softmax over the copies
+    otherwise. ``no_grad`` (m > 1) replaces the gradient by
+    mean_j(-p_y(x + d + e_j) * e_j), which needs no backward pass.
+    ``random_start`` is kept for the published interface; the attack starts
+    from d = 0 as the published one does.
+    """
+
+    def __init__(self, steps: int, random_start: bool = True, max_norm: Optional[float] = None, device=None):
+        self.steps = steps
+        self.random_start = random_start
+        self.max_norm = max_norm
+        self.device = device
+
+    def attack(self, model, inputs: torch.Tensor, labels: torch.Tensor, noise: Optional[torch.Tensor] = None,
+               num_noise_vectors: int = 1, targeted: bool = False, no_grad: bool = False) -> torch.Tensor:
+        m = num_noise_vectors
+        _check_layout(inputs, labels, m)
+        if no_grad and m > 1 and noise is None:
+            raise ValueError("the gradient-free attack needs the noise tensor")
+        inputs = inputs.detach()
+        clean = inputs[::m]
+        noise = torch.zeros_like(inputs) if noise is None else noise.detach()
+        sign = -1.0 if targeted else 1.0
+        step = 2 * self.max_norm / self.steps
+        delta = torch.zeros_like(clean)
+        for _ in range(self.steps):
+            if no_grad and m > 1:
+                direction = self._gradient_free_direction(model, inputs, labels, noise, delta, m)
+            else:
+                direction = self._gradient(model, inputs, labels, noise, delta, m)
+            direction = normalize_per_example(direction, random_if_zero=True)
+            delta = delta + sign * step * direction
+            delta = (clean + delta).clamp(0, 1) - clean
+            delta = project_l2(delta, self.max_norm)
+        return inputs + _shared(delta, m)
+
+    @staticmethod
+    def _gradient(model, inputs, labels, noise, delta, m):
+        delta = delta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(inputs + _shared(delta, m) + noise).float()
+            if m == 1:
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+            else:
+                loss = smoothed_nll(logits, labels, m)
+            grad, = torch.autograd.grad(loss, [delta])
+        return grad
+
+    @staticmethod
+    def _gradient_free_direction(model, inputs, labels, noise, delta, m):
+        with torch.no_grad():
+            logits = model(inputs + _shared(delta, m) + noise).float()
+            p_y = F.softmax(logits, dim=1).gather(1, labels.repeat_interleave(m).unsqueeze(1)).squeeze(1)
+            weighted = -_per_example(p_y, noise) * noise
+            return weighted.reshape(-1, m, *noise.shape[1:]).mean(1)
+
+
+class DDN:
+    """Decoupled direction and norm attack (Rony et al. 2019) on the smoothed soft classifier (SPEC 4.3).
+
+    Each example keeps a norm budget (``init_norm`` at first). Step i of T:
+    record d if the (noisy, majority over copies) prediction is already wrong
+    and d is the smallest such so far; move d along the normalised ascent
+    gradient with learning rate 0.01 + 0.99 * (1 + cos(pi (i + 1) / T)) / 2
+    (cosine annealing towards 0.01, as the reference's scheduler stepped
+    before each update); multiply the budget by 1 - gamma if the example was
+    misclassified, else by 1 + gamma, capped by the largest L2 distance
+    possible inside [0, 1]; rescale d to the budget; round x + d to
+    ``levels`` levels and clip to [0, 1].
+
+    The smallest misclassifying d is returned (zero for an example never
+    misclassified, as in the reference), renormed to L2 <= ``max_norm`` and
+    put on the grid of multiples of 1 / (levels - 1) by rounding each
+    component towards zero, so the result stays inside both the L2 ball and
+    [0, 1] (and x + d stays on the grid when x is on it).
+    """
+
+    def __init__(self, steps: int, gamma: float = 0.05, init_norm: float = 1.0, quantize: bool = True,
+                 levels: int = 256, max_norm: Optional[float] = None, device=None):
+        self.steps = steps
+        self.gamma = gamma
+        self.init_norm = init_norm
+        self.quantize = quantize
+        self.levels = levels
+        self.max_norm = max_norm
+        self.device = device
+
+    def _learning_rate(self, i: int) -> float:
+        return 0.01 + (1.0 - 0.01) * (1 + math.cos(math.pi * (i + 1) / self.steps)) / 2
+
+    def attack(self, model, inputs: torch.Tensor, labels: torch.Tensor, noise: Optional[torch.Tensor] = None,
+               num_noise_vectors: int = 1, targeted: bool = False, no_grad: bool = False) -> torch.Tensor:
+        m = num_noise_vectors
+        _check_layout(inputs, labels, m)
+        if no_grad and m > 1:
+            raise ValueError("DDN has no gradient-free variant; use PGD_L2 with no_grad")
+        inputs = inputs.detach()
+        clean = inputs[::m]
+        noise = torch.zeros_like(inputs) if noise is None else noise.detach()
+        sign = -1.0 if targeted else 1.0
+        scale = self.levels - 1
+
+        delta = torch.zeros_like(clean)
+        budget = torch.full((clean.shape[0],), float(self.init_norm), device=clean.device)
+        worst_norm = l2_norms(torch.max(clean, 1 - clean))
+        best_l2 = worst_norm.clone()
+        best_delta = torch.zeros_like(clean)
+        for i in range(self.steps):
+            delta = delta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(inputs + _shared(delta, m) + noise).float()
+                if m == 1:
+                    loss = F.cross_entropy(logits, labels, reduction="sum")
+                    predictions = logits.argmax(1)
+                else:
+                    loss = smoothed_nll(logits, labels, m)
+                    predictions = logits.argmax(1).reshape(-1, m).mode(1).values
+                grad, = torch.autograd.grad(loss, [delta])
+            delta = delta.detach()
+
+            fooled = predictions == labels if targeted else predictions != labels
+            l2 = l2_norms(delta)
+            better = fooled & (l2 < best_l2)
+            best_l2 = torch.where(better, l2, best_l2)
+            best_delta[better] = delta[better]
+
+            delta = delta + sign * self._learning_rate(i) * normalize_per_example(grad, random_if_zero=True)
+            budget = budget * (1 - (2 * fooled.float() - 1) * self.gamma)
+            budget = torch.min(budget, worst_norm)
+            delta = delta * _per_example(budget / l2_norms(delta).clamp(min=1e-12), delta)
+            adversarial = clean + delta
+            if self.quantize:
+                adversarial = torch.round(adversarial * scale) / scale
+            delta = adversarial.clamp(0, 1) - clean
+
+        if self.max_norm is not None:
+            best_delta = project_l2(best_delta, self.max_norm)
+        if self.quantize:
+            # Round towards zero; the small tolerance keeps values that are already on the grid there.
+            best_delta = torch.sign(best_delta) * torch.floor(best_delta.abs() * scale + 1e-4) / scale
+        return inputs + _shared(best_delta, m)
+
+
+class SmoothAdv_PGD:
+    """SmoothAdv's PGD with one noise tensor per copy (the attack of consistency training, SPEC 4.5).
+
+    ``steps`` times: loss = NLL of the mean softmax of f(adv + e_j) over the
+    copies, adv += 2 * max_norm / steps * g / (|g| + 1e-8), project adv - x onto
+    the L2 ball of radius ``max_norm``, clip adv to [0, 1]. Starts at adv = x.
+    """
+
+    def __init__(self, steps: int, random_start: bool = True, max_norm: float = 1.0, device=None):
+        self.steps = steps
+        self.random_start = random_start
+        self.max_norm = max_norm
+        self.device = device
+
+    def attack(self, model, inputs: torch.Tensor, labels: torch.Tensor,
+               noises: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        inputs = inputs.detach()
+        noises = [torch.zeros_like(inputs)] if not noises else [n.detach() for n in noises]
+        m = len(noises)
+        step = 2 * self.max_norm / self.steps
+        adv = inputs
+        for _ in range(self.steps):
+            adv = adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(torch.cat([adv + noise for noise in noises])).float()
+                loss = smoothed_nll(logits, labels, m, copy_major=True)
+                grad, = torch.autograd.grad(loss, [adv])
+            adv = adv.detach() + step * normalize_per_example(grad, stabilizer=1e-8)
+            adv = (inputs + project_l2(adv - inputs, self.max_norm)).clamp(0, 1)
+        return adv.detach()

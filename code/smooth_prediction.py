@@ -1,0 +1,148 @@
+"""Smoothed prediction of a base classifier: class frequencies under Gaussian noise.
+
+    python code/smooth_prediction.py DATASET CHECKPOINT SIGMA OUTFILE [--N 100000 --split train ...]
+
+For each selected image, the class counts of f on N noisy copies. Writes
+``idx label p1 p2 c1 c2 correct time`` rows (p1, p2: the two most frequent
+classes, lowest class first on ties; c1, c2: their frequencies with 5
+significant digits; correct: p1 == label) and saves
+``model_conf_{sigma}_{split}.npy`` next to OUTFILE: shape (dataset size, K),
+row idx = counts / N for the images done, 1/K for the others. CAT-RS reads it
+as the ``train_t{sigma}`` split's pi.
+
+Resuming keeps the ``.npy`` consistent with the TSV: each image's frequencies
+are appended to a journal (``{tsv}.journal``) before its TSV row is written;
+when a run ends, or when the next one starts, the journals are written into
+the ``.npy`` (atomically) and removed. So every image with a TSV row has its
+frequencies in the journal or the ``.npy``; an image whose row is missing is
+simply done again. A ``.npy`` that exists without the TSV belongs to another
+run and is not touched (``--overwrite`` replaces both).
+"""
+import os
+import tempfile
+
+import numpy as np
+
+from common import ArgumentParser, Distributed, UserError, run_cli
+from datasets import get_num_classes
+from eval_utils import (SMOOTH_PREDICTION_HEADER, Evaluation, RecordStore, ResultFile, add_engine_arguments,
+                        add_image_arguments, add_model_arguments, add_sampling_arguments, check_output_path,
+                        evaluation_dataset, format_time, load_model, make_smooth, run_evaluations, select_indices)
+
+
+def confidence_path(outfile: str, sigma: float, split: str) -> str:
+    return os.path.join(os.path.dirname(outfile), f"model_conf_{sigma}_{split}.npy")
+
+
+class ConfidenceArray(RecordStore):
+    """The ``.npy`` of class frequencies, updated atomically from the rows' records."""
+
+    def __init__(self, path: str, shape, overwrite: bool):
+        self.path = path
+        self.shape = tuple(shape)
+        self.overwrite = overwrite
+
+    def check(self, result: ResultFile):
+        check_output_path(self.path)
+        if self.overwrite:
+            return
+        if os.path.exists(self.path):
+            try:
+                array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            except Exception:
+                raise UserError(f"'{self.path}' exists and is not a readable .npy file; move it away, "
+                                "or pass --overwrite to replace it")
+            if tuple(array.shape) != self.shape:
+                raise UserError(f"'{self.path}' has shape {tuple(array.shape)}, but this run writes {self.shape}; "
+                                "move it away, or pass --overwrite to replace it")
+            if not result.tsv_files():
+                raise UserError(f"'{self.path}' exists but '{result.path}' does not, so it belongs to another run; "
+                                "move it away, choose another output folder, or pass --overwrite to replace it")
+        else:
+            covered = {idx for idx, _ in result.records()}
+            missing = set(result.done_rows()) - covered
+            if missing:
+                raise UserError(f"'{result.path}' has {len(missing)} rows whose frequencies are missing ('{self.path}' "
+                                "not found); restore it, or pass --overwrite to start over")
+
+    def reset(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+        self.overwrite = False
+
+    def save(self, records, final: bool):
+        exists = os.path.exists(self.path)
+        if not records and (exists or not final):
+            return
+        if exists:
+            array = np.load(self.path, allow_pickle=False)
+        else:
+            array = np.full(self.shape, 1.0 / self.shape[1])
+        for idx, values in records:
+            if 0 <= idx < self.shape[0]:
+                array[idx] = values
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npy", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, array)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Smoothed prediction (class frequencies under noise) of many examples")
+    add_model_arguments(parser)
+    add_image_arguments(parser)
+    add_sampling_arguments(parser)
+    add_engine_arguments(parser)
+    return parser
+
+
+def top_two(counts: np.ndarray):
+    order = np.argsort(-counts, kind="stable")
+    return int(order[0]), int(order[1])
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    dataset = evaluation_dataset(args.dataset, args.split)
+    num_classes = get_num_classes(args.dataset)
+    store = ConfidenceArray(confidence_path(args.outfile, args.sigma, args.split), (len(dataset), num_classes),
+                            args.overwrite)
+    output = ResultFile(args.outfile, SMOOTH_PREDICTION_HEADER, overwrite=args.overwrite, record_width=num_classes,
+                        store=store)
+    output.check()
+    dist = Distributed()
+    model = load_model(args.base_classifier, args.dataset, dist.device)
+    smooth = make_smooth(model, num_classes, args.sigma, args)
+
+    def format_row(idx, label, counts, seconds):
+        p1, p2 = top_two(counts)
+        c1, c2 = counts[p1] / args.N, counts[p2] / args.N
+        return "{}\t{}\t{}\t{}\t{:.5}\t{:.5}\t{}\t{}".format(idx, label, p1, p2, float(c1), float(c2),
+                                                             int(p1 == label), format_time(seconds))
+
+    evaluation = Evaluation(
+        output=output,
+        indices=select_indices(len(dataset), args.skip, args.max, args.start),
+        load=lambda idx: dataset[idx],
+        evaluate=lambda xs, generators: list(smooth.sample_counts_many(xs, args.N, args.batch, generators)),
+        format_row=format_row,
+        record=lambda counts: counts / args.N,
+        description="smooth prediction")
+    run_evaluations([evaluation], args, dist)
+    dist.close()
+
+
+def main(argv=None):
+    run_cli(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""CAT-RS: confidence-aware training of smoothed classifiers (Jeong, Kim and Shin,
+"Confidence-aware Training of Smoothed Classifiers for Certified Robustness", AAAI 2023).
+
+Chunked: each loader batch of the ``train_t{sigma}`` split, whose items carry
+pi (the smoothed prediction of a pretrained Gaussian model, see
+smooth_prediction.py), is split into m = --num-noise-vec mini-batches of B // m
+examples, one SGD step each. Per mini-batch, with m noises e_j:
+
+* logits0_j = f(x + e_j) in train mode; t = (1/m) sum_j onehot(argmax logits0_j);
+* K ~ Binomial(m, w), clamped to >= 1, with w = t[y] (pi[y] with
+  --confidence_mask); L_low = (1/m) * the sum of the K smallest CE(logits0_j, y);
+* ``KL_PGD`` moves the noises (each copy within L2 eps of where it started,
+  keeping the pixel mean and root mean square of each noise sample) to raise
+  (1/m) sum_j KL(pi || p(x + e_j)); L_high = max_j KL(pi || p(x + e'_j));
+* loss = mean(L_low + lbd * [K == m] * L_high).
+
+From epoch --warmup on the attack radius doubles; from epoch --lr_drop on the
+learning rate is gamma times the step schedule's. The train loss logged is
+mean L_low; the train accuracy is measured on the attacked copies.
+Run folder: logs/{dataset}/catrs/adv_{epsilon}_{num_steps}/lbd_{lbd}/num_{m}/noise_{sigma}/{arch}/{id}/.
+"""
+import time
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from common import nonnegative_float, nonnegative_int, positive_int
+from train_smoothmix import add_noises, chunk_minibatches, clip_l2, normalize_per_example, per_example
+from train_utils import AverageMeter, Method, accuracy, attack_mode, kl_div_per_example, train_main
+
+Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+# --------------------------------------------------------------------------- the attack
+
+def pixel_mean(noise: torch.Tensor) -> torch.Tensor:
+    """Mean over the pixels of each sample: [n] -> broadcastable [n x 1 x ...]."""
+    return per_example(noise.flatten(1).mean(1), noise)
+
+
+def pixel_rms(noise: torch.Tensor) -> torch.Tensor:
+    """Root mean square (not centred) over the pixels of each sample, broadcastable."""
+    return per_example(noise.flatten(1).pow(2).mean(1).sqrt(), noise)
+
+
+def restandardize(noise: torch.Tensor, mean0: torch.Tensor, rms0: torch.Tensor) -> torch.Tensor:
+    """e <- mean0 + rms0 * (e - mu) / r, mu and r the current pixel mean and root mean square.
+
+    The pixel mean becomes exactly ``mean0``; since r is not centred, the root
+    mean square becomes sqrt(mean0^2 + rms0^2 (1 - mu^2 / r^2)), which differs
+    from ``rms0`` only by terms of order (mean / rms)^2 (about 1/d for Gaussian
+    noise over d pixels).
+    """
+    return mean0 + rms0 * (noise - pixel_mean(noise)) / pixel_rms(noise).clamp_min(1e-12)
+
+
+class KL_PGD:
+    """The CAT-RS adversary on the noise: PGD on (1/m) sum_j KL(pi || p(x + e_j)).
+
+    ``attack(model, inputs, labels, noises)`` takes the m noise tensors and
+    returns the m attacked ones; ``labels`` are the soft targets pi [b x K].
+    Each step: normalised gradient ascent (step 2 * max_norm / steps), the
+    change from the starting noise clipped to L2 <= max_norm per sample, then
+    each sample re-standardised to its starting pixel mean and root mean square.
+    ``random_start`` and ``device`` are kept for the published signature (the
+    attack starts from the given noise). Run it with the model in eval mode and
+    its parameters frozen.
+    """
+
+    def __init__(self, steps: int, random_start: bool = True, max_norm: Optional[float] = None,
+                 device: torch.device = torch.device("cpu")):
+        self.steps = steps
+        self.random_start = random_start
+        self.max_norm = max_norm
+        self.device = device
+
+    def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+               noises: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        if inputs.min() < 0 or inputs.max() > 1:
+            raise ValueError("KL_PGD: input values must lie in [0, 1]")
+        if noises is None:
+            raise ValueError("KL_PGD attacks noise samples: pass noises=[e_1, ..., e_m]")
+        if self.steps == 0:
+            return list(noises)
+        if self.max_norm is None:
+            raise ValueError("KL_PGD needs max_norm (the L2 radius of the attack)")
+        m = len(noises)
+        repeated = inputs.detach().repeat(m, *([1] * (inputs.dim() - 1)))
+        targets = labels.detach().repeat(m, 1)
+        start = torch.cat(noises, dim=0).detach()
+        mean0, rms0 = pixel_mean(start), pixel_rms(start)
+        step_size = 2 * self.max_norm / self.steps
+        noise = start
+        for _ in range(self.steps):
+            noise = noise.detach().requires_grad_()
+            kl = kl_div_per_example(model(repeated + noise), targets)
+            loss = kl.view(m, -1).mean(0).sum()
+            grad = torch.autograd.grad(loss, [noise])[0]
+            noise = noise.detach() + step_size * normalize_per_example(grad)
+            noise = start + clip_l2(noise - start, self.max_norm)
+            noise = restandardize(noise, mean0, rms0)
+        return list(noise.detach().chunk(m, dim=0))
+
+
+# --------------------------------------------------------------------------- the loss
+
+def _stack(logits: Logits) -> torch.Tensor:
+    """m copies as one [m x b x K] tensor (from a list of [b x K] or a stacked tensor)."""
+    if isinstance(logits, torch.Tensor):
+        return logits.float()
+    return torch.stack(list(logits)).float()
+
+
+def acceptance_probability(logits_clean: Logits, targets: torch.Tensor, pi: torch.Tensor,
+                           confidence_mask: bool = False) -> torch.Tensor:
+    """w = t[y], t = (1/m) sum_j onehot(argmax logits0_j); or pi[y] with ``confidence_mask``."""
+    if confidence_mask:
+        return pi.float().gather(1, targets.view(-1, 1)).squeeze(1)
+    logits = _stack(logits_clean)
+    votes = F.one_hot(logits.argmax(2), logits.shape[2]).float().mean(0)
+    return votes.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def sample_num_accepted(w: torch.Tensor, m: int) -> torch.Tensor:
+    """K ~ Binomial(m, w) per example, clamped to >= 1 (a long tensor [b])."""
+    draws = torch.distributions.Binomial(total_count=m, probs=w.detach().float().clamp(0, 1)).sample()
+    return draws.long().clamp(min=1)
+
+
+def catrs_loss(logits_clean: Logits, logits_adv: Logits, targets: torch.Tensor, pi: torch.Tensor,
+               num_accepted: torch.Tensor, lbd: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The CAT-RS loss of one mini-batch and its low-confidence part per example.
+
+    ``logits_clean`` (on the Gaussian noises) and ``logits_adv`` (on the attacked
+    ones): m copies, [m x b x K] or a list of m [b x K]; ``num_accepted``: K per
+    example. Returns (mean(L_low + lbd * [K == m] * L_high), L_low [b]).
+    """
+    clean, adv = _stack(logits_clean), _stack(logits_adv)
+    m, b, k = clean.shape
+    cross_entropy = F.cross_entropy(clean.reshape(m * b, k), targets.repeat(m), reduction="none").view(m, b).t()
+    smallest_first, _ = cross_entropy.sort(dim=1)
+    kept = torch.arange(m, device=clean.device).view(1, m) < num_accepted.view(b, 1)
+    loss_low = (smallest_first * kept).sum(1) / m
+    kl = kl_div_per_example(adv.reshape(m * b, k), pi.repeat(m, 1)).view(m, b)
+    loss_high = kl.max(0).values
+    all_accepted = (num_accepted == m).float()
+    return (loss_low + lbd * all_accepted * loss_high).mean(), loss_low
+
+
+# --------------------------------------------------------------------------- the method
+
+def attack_radius(args, epoch: int) -> float:
+    """The L2 radius of the noise attack in epoch ``epoch``: epsilon / 256, doubled from --warmup on."""
+    radius = args.epsilon / 256.0
+    return 2.0 * radius if epoch >= args.warmup else radius
+
+
+def lr_multiplier(args, epoch: int) -> float:
+    """gamma from epoch --lr_drop on (on top of the step schedule)."""
+    return args.gamma if epoch >= args.lr_drop else 1.0
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("CAT-RS")
+    group.add_argument("--num-noise-vec", "--num_noise_vec", dest="num_noise_vec", default=4, type=positive_int,
+                       help="number of noise samples per example (m)")
+    # the published default is the int 256, so the default run folder reads adv_256_...
+    group.add_argument("--epsilon", default=256, type=nonnegative_float,
+                       help="L2 radius of the noise attack in 1/256 units (--eps works too)")
+    group.add_argument("--num-steps", dest="num_steps", default=4, type=nonnegative_int,
+                       help="number of attack steps (T)")
+    group.add_argument("--lbd", default=1.0, type=nonnegative_float, help="weight of L_high")
+    group.add_argument("--confidence_mask", action="store_true",
+                       help="sample K with pi[y] (the Gaussian model's confidence) instead of t[y]")
+    group.add_argument("--lr_drop", default=10000, type=nonnegative_int,
+                       help="from this epoch on, multiply the learning rate by gamma")
+    group.add_argument("--warmup", default=10000, type=nonnegative_int,
+                       help="from this epoch on, double the attack radius")
+
+
+def method_path(args) -> str:
+    return (f"catrs/adv_{args.epsilon}_{args.num_steps}/lbd_{args.lbd}/num_{args.num_noise_vec}/"
+            f"noise_{args.noise_sd}")
+
+
+def train_split(args) -> str:
+    return f"train_t{args.noise_sd}"
+
+
+def train(ctx, loader, epoch: int):
+    args = ctx.args
+    m = args.num_noise_vec
+    attacker = KL_PGD(steps=args.num_steps, max_norm=attack_radius(args, epoch), device=ctx.device)
+    losses, top1 = AverageMeter(), AverageMeter()
+    started = time.time()
+    for i, batch in enumerate(loader):
+        batch_inputs, batch_targets, batch_pi = ctx.to_device(batch[0], batch[1], batch[2])
+        for inputs, targets, pi in chunk_minibatches((batch_inputs, batch_targets, batch_pi.float()), m):
+            b = inputs.shape[0]
+            noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
+            with ctx.autocast():
+                logits_clean = ctx.model(add_noises(inputs, noises))
+            logits_clean = logits_clean.view(m, b, -1)
+            num_accepted = sample_num_accepted(
+                acceptance_probability(logits_clean, targets, pi, args.confidence_mask), m)
+            with attack_mode(ctx.base_model) as model, ctx.autocast():
+                attacked = attacker.attack(model, inputs, pi, noises)
+            with ctx.autocast():
+                logits_adv = ctx.model(add_noises(inputs, attacked))
+            loss, loss_low = catrs_loss(logits_clean, logits_adv.view(m, b, -1), targets, pi, num_accepted,
+                                        args.lbd)
+            ctx.step(loss)
+            losses.update(loss_low.mean().item(), b)
+            top1.update(accuracy(logits_adv, targets.repeat(m)), b)
+        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
+    return losses.avg, top1.avg
+
+
+METHOD = Method(description="CAT-RS: confidence-aware training of smoothed classifiers (Jeong et al., AAAI 2023)",
+                method_path=method_path, train=train, add_arguments=add_arguments, train_split=train_split,
+                lr_multiplier=lr_multiplier)
+
+
+def main(argv=None):
+    train_main(METHOD, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""MACER: certified-radius maximisation (Zhai et al., ICLR 2020).
+
+R. Zhai, C. Dan, D. He, H. Zhang, B. Gong, P. Ravikumar, C.-J. Hsieh and
+L. Wang, "MACER: Attack-free and Scalable Robust Training via Maximizing
+Certified Radius".
+
+One SGD step per loader batch of B examples (SPEC 4.4), each with m noisy
+copies (adjacent). ``macer_loss`` gives (cl + lbd * rl) / B: cl the summed
+NLL of the mean softmax over the copies, rl the hinge on the soft certified
+radius of the examples whose soft smoothed prediction (softmax of beta * z)
+is correct. With ``--deferred`` the robustness term is off (lbd = 0) while
+epoch <= lr_step_size. The log's train accuracy column holds 0.0.
+
+Run folder: logs/{dataset}/macer[_deferred{lr_step_size}]/num_{m}/lbd_{lbd}/gamma_{margin}/beta_{beta}/noise_{s}/{arch}/{id}/.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import nonnegative_float, positive_float, positive_int
+from train_utils import AverageMeter, Method, train_main
+
+
+def _standard_normal_quantile(p: torch.Tensor) -> torch.Tensor:
+    return torch.special.ndtri(p)
+
+
+def macer_loss(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float, margin: float, sigma: float,
+               lbd: float) -> torch.Tensor:
+    """MACER's objective (cl + lbd * rl) / B.
+
+    ``logits``: shape (B * m, K), the m copies of each example adjacent (row
+    i * m + j is copy j of example i); ``targets``: shape (B,).
+    cl = sum_i -log(mean_j softmax(z_ij)[y_i] + 1e-10).
+    q_i = mean_j softmax(beta * z_ij); q1 >= q2 its two largest values; only
+    examples whose top class is y_i count; d = PhiInv(q2) - PhiInv(q1) is kept
+    where finite with |d| <= margin; rl = (sigma / 2) * sum(d + margin).
+    """
+    batch = targets.shape[0]
+    z = logits.float().reshape(batch, m, -1)
+    mean_probs = F.softmax(z, dim=2).mean(1)
+    classification = F.nll_loss(torch.log(mean_probs + 1e-10), targets, reduction="sum")
+
+    soft = F.softmax(beta * z, dim=2).mean(1)
+    top2, top2_index = soft.topk(2, dim=1)
+    correct = top2_index[:, 0] == targets
+    q1, q2 = top2[correct, 0], top2[correct, 1]
+    with torch.no_grad():
+        gap = _standard_normal_quantile(q2) - _standard_normal_quantile(q1)
+        keep = torch.isfinite(gap) & (gap.abs() <= margin)
+    # Recomputed on the kept entries only, so that no infinite quantile enters the backward pass.
+    kept_gap = _standard_normal_quantile(q2[keep]) - _standard_normal_quantile(q1[keep])
+    robustness = (kept_gap + margin).sum() * sigma / 2
+    return (classification + lbd * robustness) / batch
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("MACER")
+    group.add_argument("--num-noise-vec", default=16, type=positive_int, help="noise copies per example (m)")
+    group.add_argument("--beta", default=16.0, type=positive_float, help="inverse temperature of the soft classifier")
+    group.add_argument("--lbd", default=16.0, type=nonnegative_float, help="weight of the robustness loss")
+    group.add_argument("--margin", default=8.0, type=positive_float, help="hinge margin (gamma) on the radius gap")
+    group.add_argument("--deferred", action="store_true",
+                       help="no robustness loss while epoch <= --lr_step_size")
+
+
+def method_path(args) -> str:
+    prefix = f"macer_deferred{args.lr_step_size}" if args.deferred else "macer"
+    return (f"{prefix}/num_{args.num_noise_vec}/lbd_{args.lbd}/gamma_{args.margin}/beta_{args.beta}"
+            f"/noise_{args.noise_sd}")
+
+
+def train(ctx, loader, epoch: int):
+    args = ctx.args
+    m = args.num_noise_vec
+    lbd = 0.0 if args.deferred and epoch <= args.lr_step_size else args.lbd
+    losses = AverageMeter()
+    started = time.time()
+    for i, batch in enumerate(loader):
+        inputs, targets = ctx.to_device(batch[0], batch[1])
+        copies, = ctx.to_device(inputs.repeat_interleave(m, dim=0))
+        noisy = copies + torch.randn_like(copies) * args.noise_sd
+        with ctx.autocast():
+            outputs = ctx.model(noisy)
+        loss = macer_loss(outputs, targets, m, args.beta, args.margin, args.noise_sd, lbd)
+        ctx.step(loss)
+        losses.update(loss.item(), inputs.size(0))
+        ctx.log_batch(epoch, i, len(loader), losses, AverageMeter(), started)
+    return losses.avg, 0.0
+
+
+METHOD = Method(description="MACER: maximising the certified radius (Zhai et al. 2020)",
+                method_path=method_path, train=train, add_arguments=add_arguments)
+
+
+def main(argv=None):
+    train_main(METHOD, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""SmoothMix (Jeong, Park, Kim, Lee, Kim and Shin, "SmoothMix: Training
+Confidence-calibrated Smoothed Classifiers for Certified Robustness", NeurIPS 2021).
+
+Chunked: each loader batch is split into m = --num-noise-vec mini-batches of
+B // m examples, one SGD step each. Per mini-batch, with m noises e_j:
+
+* ``SmoothMix_PGD`` walks adv from x with T raw L2 steps of length alpha up the
+  smoothed cross-entropy -log(mean_j p(adv + e_j)[y]); ``init`` is the point
+  reached after ``mix_step`` steps, projected onto the L2 ball of radius
+  maxnorm_s (default alpha * mix_step, times the warmup factor) around x;
+* loss = mean_j CE(f(init + e_j), y)
+  + eta * w_e * mean_j [argmax pbar = y] * KL(y_mix || p(x_mix + e_j)),
+  pbar = mean_j p(init + e_j), x_mix = (1 - lam) init + lam adv,
+  y_mix = (1 - lam) pbar + lam / K, lam ~ U(0, 1/2) per example,
+  w_e = min(1, (epoch + 1) / warmup).
+
+The train-accuracy column of log.txt is 0.0, as in the published log.
+Run folder: logs/{dataset}/smix_{alpha}_{steps}_m{mix_step}[_ms{maxnorm_s}][_max{maxnorm}]/
+eta_{eta}/num_{m}/noise_{sigma}/{arch}/{id}/.
+"""
+import time
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from common import nonnegative_float, nonnegative_int, positive_float, positive_int
+from train_utils import AverageMeter, Method, attack_mode, kl_div_per_example, train_main
+
+
+# --------------------------------------------------------------------------- pieces shared with CAT-RS
+
+def l2_norms(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each example of a batch: a tensor [batch]."""
+    return x.flatten(1).norm(dim=1)
+
+
+def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape per-example values [batch] to broadcast against ``like`` [batch x ...]."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def normalize_per_example(grad: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each example's gradient divided by its L2 norm plus ``eps``."""
+    return grad / per_example(l2_norms(grad) + eps, grad)
+
+
+def clip_l2(delta: torch.Tensor, maxnorm: float) -> torch.Tensor:
+    """Scale down each example of ``delta`` whose L2 norm exceeds ``maxnorm`` onto that sphere."""
+    norms = l2_norms(delta)
+    factor = torch.where(norms > maxnorm, maxnorm / norms.clamp_min(1e-12), torch.ones_like(norms))
+    return delta * per_example(factor, delta)
+
+
+def chunk_minibatches(tensors: Sequence[torch.Tensor], num: int) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """Split a loader batch into ``num`` consecutive mini-batches of ``len // num`` examples.
+
+    The remainder of the division is dropped, as in the published code; a batch
+    smaller than ``num`` yields nothing.
+    """
+    size = tensors[0].shape[0] // num
+    if size == 0:
+        return
+    for i in range(num):
+        yield tuple(t[i * size:(i + 1) * size] for t in tensors)
+
+
+def add_noises(inputs: torch.Tensor, noises: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The noisy copies [x + e_1; ...; x + e_m] concatenated copy-major."""
+    return torch.cat([inputs + noise for noise in noises], dim=0)
+
+
+# --------------------------------------------------------------------------- the attack
+
+class SmoothMix_PGD:
+    """The SmoothMix adversary: raw L2 steps of length ``alpha`` on the smoothed cross-entropy.
+
+    ``attack`` returns ``(init, adv)``: ``adv`` after ``steps`` steps (each
+    projected onto the L2 ball ``maxnorm`` around x when given, then clipped to
+    [0, 1]); ``init`` the iterate before step ``mix_step`` (x itself when
+    ``mix_step`` is 0 or at least ``steps``), projected onto the ball
+    ``maxnorm_s`` (default ``alpha * mix_step``) around x and clipped.
+    Run it with the model in eval mode and its parameters frozen.
+    """
+
+    def __init__(self, steps: int, mix_step: int, alpha: Optional[float] = None,
+                 maxnorm_s: Optional[float] = None, maxnorm: Optional[float] = None):
+        self.steps = steps
+        self.mix_step = mix_step
+        self.alpha = alpha
+        self.maxnorm = maxnorm
+        self.maxnorm_s = alpha * mix_step if maxnorm_s is None else maxnorm_s
+
+    @staticmethod
+    def _project(x: torch.Tensor, center: torch.Tensor, maxnorm: Optional[float]) -> torch.Tensor:
+        if maxnorm is not None:
+            x = center + clip_l2(x - center, maxnorm)
+        return x.clamp(0, 1).detach()
+
+    def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+               noises: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        if inputs.min() < 0 or inputs.max() > 1:
+            raise ValueError("SmoothMix_PGD: input values must lie in [0, 1]")
+        if noises is None:
+            noises = [torch.zeros_like(inputs)]
+        m = len(noises)
+        inputs = inputs.detach()
+        adv, init = inputs, inputs
+        for step in range(self.steps):
+            if step == self.mix_step:
+                init = adv
+            adv = adv.detach().requires_grad_()
+            logits = model(add_noises(adv, noises)).float()
+            mean_probs = F.softmax(logits, dim=1).view(m, -1, logits.shape[1]).mean(0)
+            loss = F.nll_loss(torch.log(mean_probs.clamp(min=1e-20)), labels, reduction="sum")
+            grad = torch.autograd.grad(loss, [adv])[0]
+            adv = self._project(adv.detach() + self.alpha * normalize_per_example(grad), inputs, self.maxnorm)
+        return self._project(init, inputs, self.maxnorm_s), adv.detach()
+
+
+# --------------------------------------------------------------------------- the loss
+
+def mix(init: torch.Tensor, adv: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """x_mix = (1 - lam) init + lam adv, one lam per example."""
+    lam = per_example(lam, init)
+    return (1 - lam) * init + lam * adv
+
+
+def smoothmix_loss(logits_clean: torch.Tensor, logits_mix: torch.Tensor, targets: torch.Tensor,
+                   lam: torch.Tensor, weight: float) -> torch.Tensor:
+    """The SmoothMix loss of one mini-batch.
+
+    ``logits_clean``, ``logits_mix``: [m x b x K] (copy j of example i at [j, i]);
+    ``lam``: [b]; ``weight`` = eta * w_e. pbar is not detached, so the mixed
+    target also carries gradient, as in the published code.
+    """
+    m, b, k = logits_clean.shape
+    logits_clean, logits_mix = logits_clean.float(), logits_mix.float()
+    cross_entropy = F.cross_entropy(logits_clean.reshape(m * b, k), targets.repeat(m))
+    mean_probs = F.softmax(logits_clean, dim=2).mean(0)
+    lam = lam.view(-1, 1)
+    mixed_targets = (1 - lam) * mean_probs + lam / k
+    kl = kl_div_per_example(logits_mix.reshape(m * b, k), mixed_targets.repeat(m, 1)).view(m, b)
+    correct = (mean_probs.argmax(1) == targets).float()
+    return cross_entropy + weight * (correct * kl).mean()
+
+
+# --------------------------------------------------------------------------- the method
+
+def warmup_factor(epoch: int, warmup: int) -> float:
+    """w_e = min(1, (epoch + 1) / warmup) for the 0-based ``epoch``."""
+    return min(1.0, (epoch + 1) / warmup)
+
+
+def base_maxnorm_s(args) -> float:
+    return args.alpha * args.mix_step if args.maxnorm_s is None else args.maxnorm_s
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("SmoothMix")
+    group.add_argument("--num-noise-vec", dest="num_noise_vec", default=1, type=positive_int,
+                       help="number of noise samples per example (m)")
+    group.add_argument("--alpha", default=1.0, type=positive_float,
+                       help="L2 length of each attack step (raw, not in 1/256 units)")
+    group.add_argument("--num-steps", dest="num_steps", default=8, type=nonnegative_int,
+                       help="number of attack steps (T)")
+    group.add_argument("--eta", default=1.0, type=nonnegative_float, help="weight of the mixup loss")
+    group.add_argument("--mix_step", default=0, type=nonnegative_int,
+                       help="which attack iterate is the clean end of the mixup (1: the one-step adversary)")
+    group.add_argument("--maxnorm_s", default=None, type=nonnegative_float,
+                       help="L2 radius around x for the clean end (default alpha * mix_step)")
+    group.add_argument("--maxnorm", default=None, type=nonnegative_float,
+                       help="L2 radius around x for the adversary (default: none)")
+    group.add_argument("--warmup", default=10, type=positive_int,
+                       help="epochs over which maxnorm_s and the mixup weight grow linearly")
+
+
+def method_path(args) -> str:
+    mode = f"smix_{args.alpha}_{args.num_steps}_m{args.mix_step}"
+    if args.maxnorm_s is not None:
+        mode += f"_ms{args.maxnorm_s}"
+    if args.maxnorm is not None:
+        mode += f"_max{args.maxnorm}"
+    return f"{mode}/eta_{args.eta}/num_{args.num_noise_vec}/noise_{args.noise_sd}"
+
+
+def train(ctx, loader, epoch: int):
+    args = ctx.args
+    m = args.num_noise_vec
+    w_e = warmup_factor(epoch, args.warmup)
+    attacker = SmoothMix_PGD(steps=args.num_steps, mix_step=args.mix_step, alpha=args.alpha,
+                             maxnorm_s=w_e * base_maxnorm_s(args), maxnorm=args.maxnorm)
+    losses, top1 = AverageMeter(), AverageMeter()
+    started = time.time()
+    for i, batch in enumerate(loader):
+        batch_inputs, batch_targets = ctx.to_device(batch[0], batch[1])
+        for inputs, targets in chunk_minibatches((batch_inputs, batch_targets), m):
+            b = inputs.shape[0]
+            noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
+            with attack_mode(ctx.base_model) as model, ctx.autocast():
+                init, adv = attacker.attack(model, inputs, targets, noises)
+            with ctx.autocast():
+                logits_clean = ctx.model(add_noises(init, noises))
+            lam = torch.rand(b, device=inputs.device) / 2
+            with ctx.autocast():
+                logits_mix = ctx.model(add_noises(mix(init, adv, lam), noises))
+            loss = smoothmix_loss(logits_clean.view(m, b, -1), logits_mix.view(m, b, -1), targets, lam,
+                                  args.eta * w_e)
+            ctx.step(loss)
+            losses.update(loss.item(), b)
+        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
+    return losses.avg, 0.0
+
+
+METHOD = Method(description="SmoothMix (Jeong et al., NeurIPS 2021)", method_path=method_path, train=train,
+                add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50})
+
+
+def main(argv=None):
+    train_main(METHOD, argv)
+
+
+if __name__ == "__main__":
+    main()

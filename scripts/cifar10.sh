@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# CIFAR-10 with cifar_resnet110: every method at every sigma with the published hyperparameters, the smoothed
+# prediction CAT-RS needs, and certification of every run (N = 100,000).
+# Usage: bash scripts/cifar10.sh   (DRY_RUN=1 prints the commands; STAGES="pretrain train certify" picks stages)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/_sweep_lib.sh
+D=cifar10; A=cifar_resnet110
+BASE="--lr 0.1 --lr_step_size 50 --epochs 150 --id 0"
+CATRS="--lr 0.1 --lr_step_size 50 --epochs 150 --id 0"
+if stage pretrain; then pretrain $D $A "$BASE"; fi
+if stage train; then train_all $D $A "$BASE" "$CATRS"; fi
+if stage certify; then bash scripts/certify_all.sh $D; fi
