@@ -259,7 +259,8 @@ class SmoothAdv_PGD:
 
     ``steps`` times: loss = NLL of the mean softmax of f(adv + e_j) over the
     copies, adv += 2 * max_norm / steps * g / (|g| + 1e-8), project adv - x onto
-    the L2 ball of radius ``max_norm``, clip adv to [0, 1]. Starts at adv = x.
+    the L2 ball of radius ``max_norm``, clip adv to [0, 1]. Starts at adv = x
+    (``random_start`` is kept for the published interface only).
     """
 
     def __init__(self, steps: int, random_start: bool = True, max_norm: float = 1.0, device=None):

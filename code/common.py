@@ -150,6 +150,14 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def mean(self, *values: float):
+        """The mean of each value over the processes (the values themselves without torchrun)."""
+        if not self.enabled:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tuple((tensor / self.world_size).tolist())
+
     def barrier(self):
         if self.enabled:
             torch.distributed.barrier()

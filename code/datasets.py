@@ -92,6 +92,9 @@ def get_dataset(dataset: str, split: str, smooth_prediction: Optional[str] = Non
     _check_name(dataset)
     base_split, targeted_sigma = parse_split(split)
     root = root or dataset_root()
+    path = smooth_prediction or DEFAULT_SMOOTH_PREDICTION.format(dataset=dataset)
+    if targeted_sigma is not None and not os.path.isfile(path):
+        load_smooth_prediction(path, 0, 0)  # fail before reading a (possibly large) data set
     if dataset == "imagenet":
         data = _imagenet(base_split)
     elif dataset in ("cifar10", "cifar100"):
@@ -102,7 +105,6 @@ def get_dataset(dataset: str, split: str, smooth_prediction: Optional[str] = Non
         data = _mnist_like(datasets.FashionMNIST, root, base_split)
     if targeted_sigma is None:
         return data
-    path = smooth_prediction or DEFAULT_SMOOTH_PREDICTION.format(dataset=dataset)
     return WithSmoothPrediction(data, load_smooth_prediction(path, len(data), NUM_CLASSES[dataset]))
 
 

@@ -25,9 +25,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from attacks import normalize_per_example, project_l2
 from common import nonnegative_float, nonnegative_int, positive_int
-from train_smoothmix import add_noises, chunk_minibatches, clip_l2, normalize_per_example, per_example
-from train_utils import AverageMeter, Method, accuracy, attack_mode, kl_div_per_example, train_main
+from train_smoothmix import add_noises, per_example
+from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, kl_div_per_example, train_main
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -97,8 +98,8 @@ class KL_PGD:
             kl = kl_div_per_example(model(repeated + noise), targets)
             loss = kl.view(m, -1).mean(0).sum()
             grad = torch.autograd.grad(loss, [noise])[0]
-            noise = noise.detach() + step_size * normalize_per_example(grad)
-            noise = start + clip_l2(noise - start, self.max_norm)
+            noise = noise.detach() + step_size * normalize_per_example(grad, 1e-8)
+            noise = start + project_l2(noise - start, self.max_norm)
             noise = restandardize(noise, mean0, rms0)
         return list(noise.detach().chunk(m, dim=0))
 

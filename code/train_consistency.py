@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from attacks import SmoothAdv_PGD, warmup_epsilon
 from common import UserError, nonnegative_float, positive_float, positive_int
 from consistency import consistency_loss
-from train_salman import minibatches
-from train_utils import AverageMeter, Method, accuracy, attack_mode, train_main
+from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, train_main
 
 __all__ = ["SmoothAdv_PGD", "METHOD", "main"]
 
@@ -61,7 +60,7 @@ def train(ctx, loader, epoch: int):
     started = time.time()
     for i, batch in enumerate(loader):
         inputs, targets = ctx.to_device(batch[0], batch[1])
-        for x, y in minibatches(inputs, targets, m):
+        for x, y in chunk_minibatches((inputs, targets), m):
             noises = [torch.randn_like(x) * args.noise_sd for _ in range(m)]
             if attacker is not None:
                 with attack_mode(ctx.base_model), ctx.autocast():

@@ -91,7 +91,7 @@ def train(ctx, loader, epoch: int):
 
 
 METHOD = Method(description="MACER: maximising the certified radius (Zhai et al. 2020)",
-                method_path=method_path, train=train, add_arguments=add_arguments)
+                method_path=method_path, train=train, add_arguments=add_arguments, defaults={"batch": 64})
 
 
 def main(argv=None):

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from attacks import DDN, PGD_L2, warmup_epsilon
 from common import UserError, positive_float, positive_int, probability
-from train_utils import AverageMeter, Method, accuracy, attack_mode, train_main
+from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, train_main
 
-__all__ = ["PGD_L2", "DDN", "METHOD", "main", "minibatches", "str_to_bool"]
+__all__ = ["PGD_L2", "DDN", "METHOD", "main", "str_to_bool"]
 
 
 def str_to_bool(text: str) -> bool:
@@ -37,15 +37,6 @@ def str_to_bool(text: str) -> bool:
     if value in ("false", "no", "0"):
         return False
     raise argparse.ArgumentTypeError(f"'{text}' is not a boolean: write True or False")
-
-
-def minibatches(inputs: torch.Tensor, targets: torch.Tensor, num_chunks: int):
-    """The ``num_chunks`` consecutive mini-batches of len(inputs) // num_chunks examples (SPEC 4)."""
-    size = inputs.shape[0] // num_chunks
-    if size == 0:
-        return
-    for i in range(num_chunks):
-        yield inputs[i * size:(i + 1) * size], targets[i * size:(i + 1) * size]
 
 
 def add_arguments(parser):
@@ -100,19 +91,19 @@ def train(ctx, loader, epoch: int):
     started = time.time()
     for i, batch in enumerate(loader):
         inputs, targets = ctx.to_device(batch[0], batch[1])
-        for x, y in minibatches(inputs, targets, m):
-            x, = ctx.to_device(x.repeat_interleave(m, dim=0))
-            y = y.repeat_interleave(m)
-            noise = torch.randn_like(x) * args.noise_sd
+        for x, y in chunk_minibatches((inputs, targets), m):
+            copies, = ctx.to_device(x.repeat_interleave(m, dim=0))
+            noise = torch.randn_like(copies) * args.noise_sd
             with attack_mode(ctx.base_model), ctx.autocast():
-                x = attacker.attack(ctx.base_model, x, y[::m], noise=noise, num_noise_vectors=m,
-                                    no_grad=args.no_grad_attack)
+                copies = attacker.attack(ctx.base_model, copies, y, noise=noise, num_noise_vectors=m,
+                                         no_grad=args.no_grad_attack)
+            y_copies = y.repeat_interleave(m)
             with ctx.autocast():
-                outputs = ctx.model(x + noise)
-            loss = F.cross_entropy(outputs.float(), y)
+                outputs = ctx.model(copies + noise)
+            loss = F.cross_entropy(outputs.float(), y_copies)
             ctx.step(loss)
-            losses.update(loss.item(), x.shape[0])
-            top1.update(accuracy(outputs, y), x.shape[0])
+            losses.update(loss.item(), copies.shape[0])
+            top1.update(accuracy(outputs, y_copies), copies.shape[0])
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg
 

@@ -19,50 +19,21 @@ Run folder: logs/{dataset}/smix_{alpha}_{steps}_m{mix_step}[_ms{maxnorm_s}][_max
 eta_{eta}/num_{m}/noise_{sigma}/{arch}/{id}/.
 """
 import time
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from attacks import log_mean_softmax, normalize_per_example, project_l2
 from common import nonnegative_float, nonnegative_int, positive_float, positive_int
-from train_utils import AverageMeter, Method, attack_mode, kl_div_per_example, train_main
+from train_utils import AverageMeter, Method, attack_mode, chunk_minibatches, kl_div_per_example, train_main
 
 
 # --------------------------------------------------------------------------- pieces shared with CAT-RS
 
-def l2_norms(x: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of each example of a batch: a tensor [batch]."""
-    return x.flatten(1).norm(dim=1)
-
-
 def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape per-example values [batch] to broadcast against ``like`` [batch x ...]."""
     return values.view(-1, *([1] * (like.dim() - 1)))
-
-
-def normalize_per_example(grad: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Each example's gradient divided by its L2 norm plus ``eps``."""
-    return grad / per_example(l2_norms(grad) + eps, grad)
-
-
-def clip_l2(delta: torch.Tensor, maxnorm: float) -> torch.Tensor:
-    """Scale down each example of ``delta`` whose L2 norm exceeds ``maxnorm`` onto that sphere."""
-    norms = l2_norms(delta)
-    factor = torch.where(norms > maxnorm, maxnorm / norms.clamp_min(1e-12), torch.ones_like(norms))
-    return delta * per_example(factor, delta)
-
-
-def chunk_minibatches(tensors: Sequence[torch.Tensor], num: int) -> Iterator[Tuple[torch.Tensor, ...]]:
-    """Split a loader batch into ``num`` consecutive mini-batches of ``len // num`` examples.
-
-    The remainder of the division is dropped, as in the published code; a batch
-    smaller than ``num`` yields nothing.
-    """
-    size = tensors[0].shape[0] // num
-    if size == 0:
-        return
-    for i in range(num):
-        yield tuple(t[i * size:(i + 1) * size] for t in tensors)
 
 
 def add_noises(inputs: torch.Tensor, noises: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -94,7 +65,7 @@ class SmoothMix_PGD:
     @staticmethod
     def _project(x: torch.Tensor, center: torch.Tensor, maxnorm: Optional[float]) -> torch.Tensor:
         if maxnorm is not None:
-            x = center + clip_l2(x - center, maxnorm)
+            x = center + project_l2(x - center, maxnorm)
         return x.clamp(0, 1).detach()
 
     def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
@@ -110,11 +81,11 @@ class SmoothMix_PGD:
             if step == self.mix_step:
                 init = adv
             adv = adv.detach().requires_grad_()
-            logits = model(add_noises(adv, noises)).float()
-            mean_probs = F.softmax(logits, dim=1).view(m, -1, logits.shape[1]).mean(0)
-            loss = F.nll_loss(torch.log(mean_probs.clamp(min=1e-20)), labels, reduction="sum")
+            log_probs = log_mean_softmax(model(add_noises(adv, noises)), m, copy_major=True)
+            loss = F.nll_loss(log_probs, labels, reduction="sum")
             grad = torch.autograd.grad(loss, [adv])[0]
-            adv = self._project(adv.detach() + self.alpha * normalize_per_example(grad), inputs, self.maxnorm)
+            adv = self._project(adv.detach() + self.alpha * normalize_per_example(grad, 1e-8), inputs,
+                                self.maxnorm)
         return self._project(init, inputs, self.maxnorm_s), adv.detach()
 
 

@@ -414,7 +414,7 @@ def _train(method: Method, args):
     if dist.is_main:
         os.makedirs(folder, exist_ok=True)
         shutil.copytree(CODE_DIR, os.path.join(folder, "code"), dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+                        ignore=shutil.ignore_patterns("__pycache__", "dataset_cache"))
         write_log(log_path, log_rows)
         writer = _summary_writer(folder, start_epoch)
     ctx = TrainingContext(args=args, model=ddp_model, optimizer=optimizer, device=device,
@@ -427,6 +427,7 @@ def _train(method: Method, args):
         before = time.time()
         ddp_model.train()
         train_loss, train_acc = method.train(ctx, train_loader, epoch)
+        train_loss, train_acc = dist.mean(train_loss, train_acc)
         test_loss, test_acc = test(ctx, test_loader, args.noise_sd)
         after = time.time()
         scheduler.step()
@@ -470,3 +471,17 @@ def _summary_writer(folder: str, start_epoch: int):
 def kl_div_per_example(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """KL(target || softmax(logits)) for each row, with 0 log 0 = 0: a tensor [batch]."""
     return F.kl_div(F.log_softmax(logits.float(), dim=1), target_probs.float(), reduction="none").sum(1)
+
+
+def chunk_minibatches(tensors, num: int):
+    """Split a loader batch (a sequence of tensors) into ``num`` consecutive mini-batches of len // num examples.
+
+    The chunked methods take one SGD step per mini-batch (SPEC 4). The remainder
+    of the division is dropped, as in the published code; a batch smaller than
+    ``num`` yields nothing.
+    """
+    size = tensors[0].shape[0] // num
+    if size == 0:
+        return
+    for i in range(num):
+        yield tuple(t[i * size:(i + 1) * size] for t in tensors)

@@ -133,3 +133,20 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
         train_cohen.main(args)
     assert exit_info.value.code == 2 and "--resume" in capsys.readouterr().err
     assert checkpoint.read_bytes() == before
+
+
+def test_torchrun_two_processes_train_with_ddp(tmp_path):
+    """torchrun with gloo on CPU: one run folder, checkpoint keys as without DDP, one RNG state per process."""
+    args = ["fmnist", "lenet", "--lr", "0.01", "--epochs", "1", "--noise", "0.25", "--id", "0", "--seed", "1",
+            "--logdir", str(tmp_path)] + SMALL
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(REPO, "code", "train_cohen.py")] + args,
+                            cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = tmp_path / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "0"
+    rows = (folder / "log.txt").read_text().splitlines()
+    assert len(rows) == 2
+    checkpoint = torch.load(folder / "checkpoint.pth.tar", weights_only=True)
+    assert list(checkpoint["state_dict"]) == ["1.conv1.weight", "1.conv1.bias", "1.conv2.weight", "1.conv2.bias",
+                                              "1.fc1.weight", "1.fc1.bias", "1.fc2.weight", "1.fc2.bias"]
+    assert len(checkpoint["rng"]) == 2
