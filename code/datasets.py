@@ -81,8 +81,11 @@ def parse_split(split: str):
 
 
 def get_dataset(dataset: str, split: str, smooth_prediction: Optional[str] = None,
-                root: Optional[str] = None) -> Dataset:
+                root: Optional[str] = None, augment: bool = True) -> Dataset:
     """Return the dataset split.
+
+    ``augment=False`` reads training images with the test transform (no random
+    crop or flip), so that index i is the same image on every read.
 
     ``train_t{sigma}`` attaches the smoothed prediction read from
     ``smooth_prediction`` (default: ``DEFAULT_SMOOTH_PREDICTION``) to the
@@ -96,9 +99,9 @@ def get_dataset(dataset: str, split: str, smooth_prediction: Optional[str] = Non
     if targeted_sigma is not None and not os.path.isfile(path):
         load_smooth_prediction(path, 0, 0)  # fail before reading a (possibly large) data set
     if dataset == "imagenet":
-        data = _imagenet(base_split)
+        data = _imagenet(base_split, augment)
     elif dataset in ("cifar10", "cifar100"):
-        data = _cifar(root, base_split, hundred=(dataset == "cifar100"))
+        data = _cifar(root, base_split, augment, hundred=(dataset == "cifar100"))
     elif dataset == "mnist":
         data = _mnist_like(datasets.MNIST, root, base_split)
     else:
@@ -144,7 +147,7 @@ def load_smooth_prediction(path: str, num_examples: int, num_classes: int) -> np
 
 # --------------------------------------------------------------------------- loaders
 
-def _imagenet(split: str) -> Dataset:
+def _imagenet(split: str, augment: bool) -> Dataset:
     if IMAGENET_LOC_ENV not in os.environ:
         raise DatasetError(f"environment variable {IMAGENET_LOC_ENV} is not set; set it to the folder "
                            "holding the ImageNet train/ and val/ ImageFolders")
@@ -152,7 +155,7 @@ def _imagenet(split: str) -> Dataset:
     if not os.path.isdir(subdir):
         raise DatasetError(f"ImageNet folder '{subdir}' not found; ${IMAGENET_LOC_ENV} must hold "
                            "train/ and val/ ImageFolders (one sub-folder per class)")
-    if split == "train":
+    if split == "train" and augment:
         transform = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                         transforms.ToTensor()])
     else:
@@ -160,13 +163,13 @@ def _imagenet(split: str) -> Dataset:
     return datasets.ImageFolder(subdir, transform)
 
 
-def _cifar(root: str, split: str, hundred: bool) -> Dataset:
+def _cifar(root: str, split: str, augment: bool, hundred: bool) -> Dataset:
     folder = os.path.join(root, "cifar-100-python" if hundred else "cifar-10-batches-py")
     name = "CIFAR-100" if hundred else "CIFAR-10"
     if not os.path.isdir(folder):
         raise DatasetError(f"{name} not found: extract the python version from "
                            f"https://www.cs.toronto.edu/~kriz/cifar.html into '{folder}', or set ${DATASET_CACHE_ENV}")
-    if split == "train":
+    if split == "train" and augment:
         transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                         transforms.ToTensor()])
     else:

@@ -145,10 +145,7 @@ def check_output_path(path: str):
 
 def evaluation_dataset(dataset: str, split: str):
     """The split without training augmentation: image idx is the same image on every run."""
-    data = get_dataset(dataset, split)
-    if split == "train" and dataset not in ("mnist", "fmnist") and hasattr(data, "transform"):
-        data.transform = get_dataset(dataset, "test").transform
-    return data
+    return get_dataset(dataset, split, augment=False)
 
 
 def load_model(path: str, dataset: str, device) -> torch.nn.Module:
@@ -205,15 +202,20 @@ def read_tsv(path: str, header: str, what: str = "result file") -> TsvContent:
     return TsvContent(rows, clean)
 
 
-def write_tsv_atomic(path: str, header: str, lines: Sequence[str]):
-    """Write header and rows to a temporary file, then rename it over ``path``."""
+def replace_atomic(path: str, write: Callable, binary: bool = False):
+    """Call ``write(handle)`` on a temporary file next to ``path``, fsync, then rename it over ``path``.
+
+    A crash leaves either the old file or the new one. The new file gets the
+    usual permissions (those of a file created with ``open``).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".tsv", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(header + "\n")
-            for line in lines:
-                handle.write(line + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -221,6 +223,15 @@ def write_tsv_atomic(path: str, header: str, lines: Sequence[str]):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_tsv_atomic(path: str, header: str, lines: Sequence[str]):
+    """Write header and rows to a temporary file, then rename it over ``path``."""
+    def write(handle):
+        handle.write(header + "\n")
+        for line in lines:
+            handle.write(line + "\n")
+    replace_atomic(path, write)
 
 
 def read_journal(path: str, width: int) -> List[Tuple[int, np.ndarray]]:

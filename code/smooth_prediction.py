@@ -19,7 +19,6 @@ simply done again. A ``.npy`` that exists without the TSV belongs to another
 run and is not touched (``--overwrite`` replaces both).
 """
 import os
-import tempfile
 
 import numpy as np
 
@@ -27,7 +26,8 @@ from common import ArgumentParser, Distributed, UserError, run_cli
 from datasets import get_num_classes
 from eval_utils import (SMOOTH_PREDICTION_HEADER, Evaluation, RecordStore, ResultFile, add_engine_arguments,
                         add_image_arguments, add_model_arguments, add_sampling_arguments, check_output_path,
-                        evaluation_dataset, format_time, load_model, make_smooth, run_evaluations, select_indices)
+                        evaluation_dataset, format_time, load_model, make_smooth, replace_atomic, run_evaluations,
+                        select_indices)
 
 
 def confidence_path(outfile: str, sigma: float, split: str) -> str:
@@ -81,18 +81,7 @@ class ConfidenceArray(RecordStore):
         for idx, values in records:
             if 0 <= idx < self.shape[0]:
                 array[idx] = values
-        folder = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npy", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, array)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        replace_atomic(self.path, lambda handle: np.save(handle, array), binary=True)
 
 
 def build_parser() -> ArgumentParser:

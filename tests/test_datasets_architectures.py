@@ -75,6 +75,14 @@ def test_cifar10_reads_python_batches(tmp_path):
     assert label == contents["data_batch_2"][1][3]
 
 
+def test_cifar_train_without_augmentation_is_the_stored_image(tmp_path):
+    contents = write_cifar10(tmp_path)
+    train = datasets.get_dataset("cifar10", "train", root=str(tmp_path), augment=False)
+    data, _ = contents["data_batch_3"]
+    expected = torch.from_numpy(data[1].reshape(3, 32, 32)).float() / 255
+    assert torch.allclose(train[9][0], expected) and torch.equal(train[9][0], train[9][0])
+
+
 def test_cifar100_reads_fine_labels(tmp_path):
     contents = write_cifar100(tmp_path)
     test = datasets.get_dataset("cifar100", "test", root=str(tmp_path))

@@ -1,0 +1,567 @@
+"""The evaluation scripts: certify.py, predict.py, smooth_prediction.py, certify_c.py.
+
+A LeNet with random weights, saved in the published checkpoint format, is
+evaluated on a few Fashion-MNIST test images with small N. Most runs call the
+scripts' ``main(argv)`` in this process (the same code path as the command
+line, without paying for a fresh interpreter each time); one run goes through
+a subprocess and one through torchrun with two processes.
+
+Checked: headers, formats (radius with 3 significant digits, time as a
+timedelta), skip/max/start selection, values against hand computations (the
+largest radius N samples can certify, labels, top-two classes of the .npy),
+resuming after an interruption, refusing foreign files, every kind of bad
+input, sharding with torchrun, --batch-images, and certify_c on synthetic
+MNIST-C and CIFAR-10-C folders.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from conftest import REPO, python_env
+
+import certify  # noqa: E402
+import certify_c  # noqa: E402
+import predict  # noqa: E402
+import smooth_prediction  # noqa: E402
+from architectures import get_architecture  # noqa: E402
+from datasets import get_dataset  # noqa: E402
+
+CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
+SMOOTH_HEADER = "idx\tlabel\tp1\tp2\tc1\tc2\tcorrect\ttime"
+TIME = re.compile(r"^\d+:\d\d:\d\d(\.\d{6})?$")
+SIGMA = 0.25
+N, N0, ALPHA = 200, 20, 0.001
+FAST = ["--N", str(N), "--batch", "100", "--seed", "0"]
+CERTIFY_FAST = FAST + ["--N0", str(N0)]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def call(module, argv):
+    """Run ``module.main(argv)`` in this process; the exit status (0 when it returns)."""
+    try:
+        module.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def rows(path):
+    with open(path) as handle:
+        lines = handle.read().split("\n")
+    assert lines[-1] == "", "the file must end with a newline"
+    return lines[0], [line.split("\t") for line in lines[1:-1]]
+
+
+def without_time(path):
+    header, body = rows(path)
+    return header, [row[:-1] for row in body]
+
+
+def save_lenet(path):
+    torch.manual_seed(0)
+    model = get_architecture("lenet", "fmnist", "cpu")
+    torch.save({"epoch": 1, "arch": "lenet", "state_dict": model.state_dict(), "optimizer": {}}, path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def data_cache(monkeypatch):
+    monkeypatch.setenv("DATASET_CACHE", os.environ.get("DATASET_CACHE", os.path.join(REPO, "dataset_cache")))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_lenet(tmp_path_factory.mktemp("model") / "checkpoint.pth.tar")
+
+
+@pytest.fixture(scope="module")
+def labels():
+    data = get_dataset("fmnist", "test")
+    return [int(data[i][1]) for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, tmp_path_factory):
+    """Uninterrupted single-process runs on images 0..5 with --seed 0."""
+    folder = tmp_path_factory.mktemp("reference")
+    paths = {"certify": folder / "certify.tsv", "predict": folder / "predict.tsv",
+             "smooth": folder / "smooth" / "noise_test.tsv"}
+    assert call(certify, ["fmnist", checkpoint, SIGMA, paths["certify"], "--max", 6] + CERTIFY_FAST) == 0
+    assert call(predict, ["fmnist", checkpoint, SIGMA, paths["predict"], "--max", 6] + FAST) == 0
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, paths["smooth"], "--max", 6] + FAST) == 0
+    paths["npy"] = folder / "smooth" / "model_conf_0.25_test.npy"
+    return paths
+
+
+# --------------------------------------------------------------------------- formats and selection
+
+def test_certify_rows_and_formats(reference, labels):
+    header, body = rows(reference["certify"])
+    assert header == CERTIFY_HEADER
+    assert [int(r[0]) for r in body] == list(range(6))
+    # all N samples in class cA give the largest lower bound alpha^(1/N), hence the largest radius
+    largest = SIGMA * norm.ppf(ALPHA ** (1 / N))
+    for idx, label, prediction, radius, correct, elapsed in body:
+        assert int(label) == labels[int(idx)]
+        assert f"{float(radius):.3}" == radius, "radius with 3 significant digits"
+        assert TIME.match(elapsed)
+        assert int(correct) == int(int(prediction) == int(label))
+        if int(prediction) == -1:
+            assert radius == "0.0"
+        else:
+            assert 0 <= int(prediction) < 10
+            assert 0 <= float(radius) <= largest * 1.005
+
+
+def test_skip_max_start_select_images(checkpoint, tmp_path, reference):
+    out = tmp_path / "deep" / "folder" / "c.tsv"   # the folder is created
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--skip", 2, "--max", 7, "--start", 1] + CERTIFY_FAST) == 0
+    _, body = without_time(out)
+    assert [r[0] for r in body] == ["2", "4", "6"]
+    # with --seed an image's row does not depend on which other images are done
+    _, full = without_time(reference["certify"])
+    assert body[:2] == [full[2], full[4]]
+    out2 = tmp_path / "c2.tsv"
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out2, "--skip", 3, "--max", 0] + CERTIFY_FAST) == 0
+    assert rows(out2) == (CERTIFY_HEADER, [])
+
+
+def test_predict_rows(reference, labels):
+    header, body = rows(reference["predict"])
+    assert header == PREDICT_HEADER
+    assert [int(r[0]) for r in body] == list(range(6))
+    _, certified = rows(reference["certify"])
+    for (idx, label, prediction, correct, elapsed), cert in zip(body, certified):
+        assert int(label) == labels[int(idx)]
+        assert -1 <= int(prediction) < 10
+        assert int(correct) == int(int(prediction) == int(label))
+        assert TIME.match(elapsed)
+        if int(prediction) != -1 and int(cert[2]) != -1:
+            assert prediction == cert[2], "with nothing abstaining, predict and certify agree on these images"
+
+
+def test_smooth_prediction_rows_and_npy(reference, labels):
+    header, body = rows(reference["smooth"])
+    assert header == SMOOTH_HEADER
+    assert [int(r[0]) for r in body] == list(range(6))
+    conf = np.load(reference["npy"])
+    assert conf.shape == (10000, 10)
+    np.testing.assert_array_equal(conf[6:], np.full((9994, 10), 0.1))
+    for idx, label, p1, p2, c1, c2, correct, elapsed in body:
+        row = conf[int(idx)]
+        assert int(label) == labels[int(idx)]
+        assert abs(row.sum() - 1) < 1e-12
+        np.testing.assert_allclose(row * N, np.round(row * N), atol=1e-9)   # counts / N
+        order = np.argsort(-row, kind="stable")
+        assert (int(p1), int(p2)) == (order[0], order[1])
+        for c, p in ((c1, p1), (c2, p2)):
+            assert f"{float(c):.5}" == c, "frequencies with 5 significant digits"
+            assert float(c) == pytest.approx(row[int(p)], abs=1e-12)
+        assert float(c1) >= float(c2)
+        assert int(correct) == int(int(p1) == int(label))
+        assert TIME.match(elapsed)
+
+
+def test_published_option_forms_in_a_subprocess(checkpoint, tmp_path, reference):
+    out = tmp_path / "published.tsv"
+    command = [sys.executable, "code/certify.py", "fmnist", checkpoint, "0.25", str(out), "--N=200", "--skip=1",
+               "--N0=20", "--batch=100", "--max=3", "--seed=0", "--alpha=0.001"]
+    done = subprocess.run(command, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert without_time(out)[1] == without_time(reference["certify"])[1][:3]
+
+
+# --------------------------------------------------------------------------- resuming
+
+def torn_copy(source, target, keep, tail):
+    with open(source) as handle:
+        lines = handle.read().split("\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    kept = "\n".join(lines[:1 + keep]) + "\n"
+    target.write_text(kept + tail)
+    return kept
+
+
+@pytest.mark.parametrize("tail", ["3\t1\t-1\t0.", "3\t1\n", ""])
+def test_certify_resumes_after_interruption(checkpoint, tmp_path, reference, tail):
+    out = tmp_path / "c.tsv"
+    kept = torn_copy(reference["certify"], out, keep=2, tail=tail)
+    # the kept rows have other times than the reference: they must stay byte for byte
+    kept = kept.replace("0:00:00", "1:23:45")
+    out.write_text(kept + tail)
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + CERTIFY_FAST) == 0
+    text = out.read_text()
+    assert text.startswith(kept)
+    assert without_time(out) == without_time(reference["certify"])
+    assert not list(tmp_path.glob("c.tsv.*")), "no leftover files"
+
+
+def test_rerun_of_finished_file_changes_nothing(checkpoint, tmp_path, reference):
+    out = tmp_path / "c.tsv"
+    out.write_bytes(reference["certify"].read_bytes())
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + CERTIFY_FAST) == 0
+    assert out.read_bytes() == reference["certify"].read_bytes()
+
+
+def test_empty_file_is_started(checkpoint, tmp_path, reference):
+    out = tmp_path / "c.tsv"
+    out.write_text("idx\tla")   # the header itself was cut short
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + CERTIFY_FAST) == 0
+    assert without_time(out) == without_time(reference["certify"])
+
+
+def test_resume_merges_parts_of_an_interrupted_torchrun(checkpoint, tmp_path, reference):
+    header, _ = rows(reference["certify"])
+    lines = reference["certify"].read_text().split("\n")[1:-1]
+    out = tmp_path / "c.tsv"
+    out.write_text(header + "\n" + lines[0] + "\n" + lines[1] + "\n")
+    (tmp_path / "c.tsv.part0").write_text(header + "\n" + lines[2] + "\n4\t6\t2")
+    (tmp_path / "c.tsv.part1").write_text(header + "\n" + lines[3] + "\n")
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + CERTIFY_FAST) == 0
+    assert out.read_text().startswith(header + "\n" + "\n".join(lines[:4]) + "\n")
+    assert without_time(out) == without_time(reference["certify"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tsv"]
+
+
+def test_smooth_prediction_resumes_with_consistent_npy(checkpoint, tmp_path, reference):
+    out = tmp_path / "s.tsv"
+    torn_copy(reference["smooth"], out, keep=2, tail="2\t1\t1\t2\t0.9")
+    np.save(tmp_path / "model_conf_0.25_test.npy", np.load(reference["npy"]))
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 0
+    assert without_time(out) == without_time(reference["smooth"])
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.npy"), np.load(reference["npy"]))
+
+
+def test_smooth_prediction_resumes_from_journal(checkpoint, tmp_path, reference):
+    """Killed before the .npy was written: the rows' frequencies are in the journal (idx, K values as float64)."""
+    out = tmp_path / "s.tsv"
+    torn_copy(reference["smooth"], out, keep=3, tail="")
+    conf = np.load(reference["npy"])
+    records = np.concatenate([np.arange(4, dtype=np.float64)[:, None], conf[:4]], axis=1).reshape(-1)
+    records[-3:] = 0.0   # row 3 has no TSV row and its record is torn
+    records[:-3].tofile(tmp_path / "s.tsv.journal")
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 0
+    assert without_time(out) == without_time(reference["smooth"])
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.npy"), conf)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_conf_0.25_test.npy", "s.tsv"]
+
+
+def test_smooth_prediction_refuses_rows_without_frequencies(checkpoint, tmp_path, reference, capsys):
+    out = tmp_path / "s.tsv"
+    torn_copy(reference["smooth"], out, keep=2, tail="")
+    before = out.read_bytes()
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing" in err and len(err.splitlines()) == 1
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tsv"]
+
+
+def test_smooth_prediction_refuses_npy_of_another_run(checkpoint, tmp_path, capsys):
+    npy = tmp_path / "model_conf_0.25_test.npy"
+    np.save(npy, np.zeros((10000, 10)))
+    before = npy.read_bytes()
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, tmp_path / "s.tsv", "--max", 2] + FAST) == 2
+    assert "another run" in capsys.readouterr().err
+    assert npy.read_bytes() == before and not (tmp_path / "s.tsv").exists()
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, tmp_path / "s.tsv", "--max", 2, "--overwrite"]
+                + FAST) == 0
+    conf = np.load(npy)
+    assert np.all(conf[2:] == 0.1) and np.allclose(conf[:2].sum(1), 1)
+
+
+# --------------------------------------------------------------------------- foreign files
+
+@pytest.mark.parametrize("content", ["hello\tworld\n1\t2\n", PREDICT_HEADER + "\n0\t9\t2\t0\t0:00:01\n", "\x00\xff"])
+def test_other_header_is_refused_and_overwrite_starts_over(checkpoint, tmp_path, capsys, content):
+    out = tmp_path / "c.tsv"
+    out.write_bytes(content.encode("latin-1"))
+    before = out.read_bytes()
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 2] + CERTIFY_FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "not a result file" in err and "--overwrite" in err
+    assert len(err.splitlines()) == 1
+    assert out.read_bytes() == before
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 2, "--overwrite"] + CERTIFY_FAST) == 0
+    header, body = rows(out)
+    assert header == CERTIFY_HEADER and [r[0] for r in body] == ["0", "1"]
+
+
+def test_damaged_middle_row_is_refused(checkpoint, tmp_path, reference, capsys):
+    out = tmp_path / "c.tsv"
+    lines = reference["certify"].read_text().split("\n")
+    lines[2] = "garbage"
+    out.write_text("\n".join(lines))
+    before = out.read_bytes()
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + CERTIFY_FAST) == 2
+    assert "line 3" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _unsafe_checkpoint(path):
+    torch.save({"arch": "lenet", "state_dict": {}, "epoch": 0, "optimizer": {}, "extra": np.random.default_rng(0)},
+               path)
+
+
+def _bad_cases():
+    # (name, script, argv builder, word expected in the message, environment changes)
+    def standard(tmp, default_ckpt, default_out, **kw):
+        argv = [kw.get("dataset", "fmnist"), kw.get("ckpt", default_ckpt), kw.get("sigma", SIGMA),
+                kw.get("out", default_out),
+                "--max", 1] + CERTIFY_FAST
+        return argv + kw.get("extra", [])
+
+    def truncated(tmp, ckpt):
+        data = open(ckpt, "rb").read()
+        path = tmp / "truncated.pth.tar"
+        path.write_bytes(data[:len(data) // 2])
+        return str(path)
+
+    def empty(tmp, ckpt):
+        path = tmp / "empty.pth.tar"
+        path.write_bytes(b"")
+        return str(path)
+
+    def not_checkpoint(tmp, ckpt):
+        path = tmp / "tensor.pth.tar"
+        torch.save([torch.zeros(3)], path)
+        return str(path)
+
+    def unsafe(tmp, ckpt):
+        path = tmp / "unsafe.pth.tar"
+        _unsafe_checkpoint(path)
+        return str(path)
+
+    def cifar_model(tmp, ckpt):
+        path = tmp / "resnet.pth.tar"
+        model = get_architecture("cifar_resnet20", "cifar10", "cpu")
+        torch.save({"epoch": 1, "arch": "cifar_resnet20", "state_dict": model.state_dict(), "optimizer": {}}, path)
+        return str(path)
+
+    def text_file(tmp, ckpt):
+        path = tmp / "notes.txt"
+        path.write_text("not a checkpoint")
+        return str(path)
+
+    return [
+        ("sigma zero", lambda t, c, o: standard(t, c, o, sigma=0), "sigma", {}),
+        ("sigma negative", lambda t, c, o: standard(t, c, o, sigma=-0.5), "sigma", {}),
+        ("N zero", lambda t, c, o: standard(t, c, o, extra=["--N", 0]), "--N", {}),
+        ("N0 zero", lambda t, c, o: standard(t, c, o, extra=["--N0", 0]), "--N0", {}),
+        ("batch zero", lambda t, c, o: standard(t, c, o, extra=["--batch", 0]), "--batch", {}),
+        ("skip zero", lambda t, c, o: standard(t, c, o, extra=["--skip", -1]), "--skip", {}),
+        ("alpha zero", lambda t, c, o: standard(t, c, o, extra=["--alpha", 0]), "alpha", {}),
+        ("alpha one", lambda t, c, o: standard(t, c, o, extra=["--alpha", 1.5]), "alpha", {}),
+        ("not a number", lambda t, c, o: standard(t, c, o, extra=["--N", "many"]), "--N", {}),
+        ("unknown dataset", lambda t, c, o: standard(t, c, o, dataset="svhn"), "svhn", {}),
+        ("missing checkpoint", lambda t, c, o: standard(t, c, o, ckpt=str(t / "nope.pth.tar")), "not found", {}),
+        ("truncated checkpoint", lambda t, c, o: standard(t, c, o, ckpt=truncated(t, c)), "truncated", {}),
+        ("empty checkpoint", lambda t, c, o: standard(t, c, o, ckpt=empty(t, c)), "empty", {}),
+        ("text file checkpoint", lambda t, c, o: standard(t, c, o, ckpt=text_file(t, c)), "checkpoint", {}),
+        ("not a checkpoint", lambda t, c, o: standard(t, c, o, ckpt=not_checkpoint(t, c)), "not a training", {}),
+        ("unsafe checkpoint", lambda t, c, o: standard(t, c, o, ckpt=unsafe(t, c)), "unsafe", {}),
+        ("architecture mismatch", lambda t, c, o: standard(t, c, o, ckpt=cifar_model(t, c)), "does not fit", {}),
+        ("missing dataset", lambda t, c, o: standard(t, c, o, dataset="mnist"), "MNIST not found",
+         {"DATASET_CACHE": "EMPTY"}),
+        ("imagenet unset", lambda t, c, o: standard(t, c, o, dataset="imagenet"), "IMAGENET_DIR",
+         {"IMAGENET_DIR": None}),
+        ("output under a file", lambda t, c, o: standard(t, c, o, out=str(t / "afile" / "sub" / "c.tsv")),
+         "is a file", {}),
+        ("output is a folder", lambda t, c, o: standard(t, c, o, out=str(t)), "folder", {}),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda case: case[0])
+def test_bad_input_stops_before_any_work(case, checkpoint, tmp_path, monkeypatch, capsys):
+    name, build, word, env = case
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    for key, value in env.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            empty = tmp_path / "empty_cache"
+            empty.mkdir()
+            monkeypatch.setenv(key, str(empty))
+    out = tmp_path / "out" / "c.tsv"
+    argv = build(tmp_path, checkpoint, str(out))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert call(certify, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error:") and word in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "nothing created"
+
+
+@pytest.mark.parametrize("module,extra,word", [
+    (predict, ["--alpha", 2], "alpha"),
+    (predict, ["--N", 0], "--N"),
+    (smooth_prediction, ["--N", -3], "--N"),
+    (smooth_prediction, ["--batch", 0], "--batch"),
+    (smooth_prediction, ["--split", "val"], "split"),
+])
+def test_bad_input_other_scripts(module, extra, word, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out" / "x.tsv"
+    assert call(module, ["fmnist", checkpoint, SIGMA, out, "--max", 1, "--N", 10] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and word in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_in_a_subprocess(checkpoint, tmp_path):
+    data = open(checkpoint, "rb").read()
+    broken = tmp_path / "broken.pth.tar"
+    broken.write_bytes(data[:1000])
+    out = tmp_path / "out" / "p.tsv"
+    done = subprocess.run([sys.executable, "code/predict.py", "fmnist", str(broken), "0.25", str(out)], cwd=REPO,
+                          env=python_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "truncated" in lines[0], done.stderr
+    assert not out.parent.exists()
+
+
+# --------------------------------------------------------------------------- batching and torchrun
+
+def test_batch_images_gives_the_same_rows(checkpoint, tmp_path, reference):
+    out = tmp_path / "c.tsv"
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6, "--batch-images", 3] + CERTIFY_FAST) == 0
+    assert without_time(out) == without_time(reference["certify"])
+    out = tmp_path / "s" / "s.tsv"
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6, "--batch-images", 4] + FAST) == 0
+    assert without_time(out) == without_time(reference["smooth"])
+    np.testing.assert_array_equal(np.load(tmp_path / "s" / "model_conf_0.25_test.npy"), np.load(reference["npy"]))
+
+
+TORCHRUN_WORKER = """
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "code"))
+import common
+common.Distributed.close = lambda self: None   # keep one process group for the three runs
+import certify, predict, smooth_prediction
+ckpt, folder = sys.argv[1], sys.argv[2]
+fast = ["--N=200", "--skip=1", "--batch=100", "--max=6", "--seed=0"]
+certify.main(["fmnist", ckpt, "0.25", folder + "/certify.tsv", "--N0=20"] + fast)
+predict.main(["fmnist", ckpt, "0.25", folder + "/predict.tsv"] + fast)
+smooth_prediction.main(["fmnist", ckpt, "0.25", folder + "/smooth/noise_test.tsv"] + fast)
+"""
+
+
+def test_torchrun_two_processes_give_the_rows_of_one(checkpoint, tmp_path, reference):
+    worker = tmp_path / "worker.py"
+    worker.write_text(TORCHRUN_WORKER)
+    folder = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               str(worker), checkpoint, str(folder)]
+    done = subprocess.run(command, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("certify", "predict", "smooth"):
+        path = folder / "smooth" / "noise_test.tsv" if name == "smooth" else folder / f"{name}.tsv"
+        assert without_time(path) == without_time(reference[name]), name
+    np.testing.assert_array_equal(np.load(folder / "smooth" / "model_conf_0.25_test.npy"), np.load(reference["npy"]))
+    leftovers = [p.name for p in folder.rglob("*") if ".part" in p.name or p.name.endswith(".journal")]
+    assert leftovers == []
+
+
+# --------------------------------------------------------------------------- certify_c
+
+def make_mnist_c(folder, names, images_per_corruption=3, flat=()):
+    data = get_dataset("fmnist", "test")
+    images = np.stack([(data[i][0][0].numpy() * 255).round().astype(np.uint8) for i in range(images_per_corruption)])
+    labels = np.array([data[i][1] for i in range(images_per_corruption)], dtype=np.int64)
+    for k, name in enumerate(names):
+        sub = folder / name
+        sub.mkdir(parents=True)
+        corrupted = images if name == "identity" else (255 - images) // (k + 1)
+        np.save(sub / "test_images.npy", corrupted if name in flat else corrupted[..., None])
+        np.save(sub / "test_labels.npy", labels)
+    return labels
+
+
+def test_certify_c_on_mnist_c(checkpoint, tmp_path, reference, capsys):
+    base = tmp_path / "mnist_c"
+    labels = make_mnist_c(base, ["identity", "fog"], flat=("fog",))
+    prefix = str(tmp_path / "results" / "catrs") + "/"
+    argv = [checkpoint, prefix, "--base_c_path", base, "--max", 3] + CERTIFY_FAST
+    # by default all 16 published corruptions are needed
+    assert call(certify_c, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "brightness" in err and "--corruptions" in err
+    assert not (tmp_path / "results").exists()
+    assert call(certify_c, argv + ["--corruptions", "identity,fog"]) == 0
+    for name in ("identity", "fog"):
+        header, body = rows(prefix + name + ".tsv")
+        assert header == CERTIFY_HEADER
+        assert [int(r[0]) for r in body] == [0, 1, 2]
+        assert [int(r[1]) for r in body] == list(labels)
+    # identity images are the Fashion-MNIST test images: same seed, same rows as certify.py
+    assert without_time(prefix + "identity.tsv")[1] == without_time(reference["certify"])[1][:3]
+
+
+def test_certify_c_published_invocation(checkpoint, tmp_path):
+    base = tmp_path / "mnist_c"
+    make_mnist_c(base, certify_c.MNIST_C_CORRUPTIONS, images_per_corruption=1)
+    published = ("python code/certify_c.py logs/mnist/catrs/adv_256.0_4/lbd_1.0/num_4/noise_0.25/lenet/0/"
+                 "checkpoint.pth.tar test/certify/mnistc/0.25/catrs/ --N=100000 --skip=1 --base_c_path=PATH_TO_MNIST-C")
+    argv = shlex.split(published)[2:]
+    argv[0] = checkpoint
+    argv[1] = str(tmp_path) + "/" + argv[1]
+    argv = [a.replace("PATH_TO_MNIST-C", str(base)) for a in argv]
+    args = certify_c.build_parser().parse_args(argv)
+    assert (args.N, args.skip, args.N0, args.alpha, args.batch, args.sigma, args.max) == \
+        (100000, 1, 100, 0.001, 1000, 0.25, -1)
+    assert args.base_c_path == str(base)
+    # the same command with fewer samples runs through all 16 corruptions
+    assert call(certify_c, argv + ["--N=40", "--N0=8", "--batch=40", "--seed=1"]) == 0
+    for name in certify_c.MNIST_C_CORRUPTIONS:
+        header, body = rows(str(tmp_path / "test/certify/mnistc/0.25/catrs") + f"/{name}.tsv")
+        assert header == CERTIFY_HEADER and len(body) == 1
+
+
+def test_certify_c_on_cifar10_c(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = get_architecture("cifar_resnet20", "cifar10", "cpu")
+    ckpt = tmp_path / "resnet.pth.tar"
+    torch.save({"epoch": 1, "arch": "cifar_resnet20", "state_dict": model.state_dict(), "optimizer": {}}, ckpt)
+    base = tmp_path / "CIFAR-10-C"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(base / "gaussian_noise.npy", rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    np.save(base / "fog.npy", rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    np.save(base / "labels.npy", np.array([3, 8, 8, 0]))
+    prefix = str(tmp_path / "res") + "/"
+    argv = [ckpt, prefix, "--base-c-path", base, "--N", 16, "--N0", 8, "--batch", 16, "--seed", 0, "--skip", 2]
+    assert call(certify_c, argv) == 0
+    for name in ("fog", "gaussian_noise"):
+        header, body = rows(prefix + name + ".tsv")
+        assert header == CERTIFY_HEADER
+        assert [(r[0], r[1]) for r in body] == [("0", "3"), ("2", "8")]
+    # a LeNet does not fit CIFAR-10-C; a missing folder is named
+    lenet = save_lenet(tmp_path / "lenet.pth.tar")
+    assert call(certify_c, [lenet, prefix + "x", "--base_c_path", base]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert call(certify_c, [ckpt, prefix + "y", "--base_c_path", tmp_path / "missing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not found" in err
+    assert sorted(os.listdir(prefix)) == ["fog.tsv", "gaussian_noise.tsv"]
+
+
+def test_bf16_and_memory_format_options_run(checkpoint, tmp_path, labels):
+    out = tmp_path / "c.tsv"
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 2, "--bf16", "--no-channels-last"]
+                + CERTIFY_FAST) == 0
+    header, body = rows(out)
+    assert header == CERTIFY_HEADER
+    assert [(int(r[0]), int(r[1])) for r in body] == [(0, labels[0]), (1, labels[1])]
