@@ -10,11 +10,9 @@ sigma * PhiInv(pA). Writes ``idx label predict radius correct time`` rows
 interrupted run; ``torchrun --nproc_per_node K`` shares the images among K
 processes and leaves one file (see eval_utils).
 """
-from common import ArgumentParser, Distributed, run_cli
-from datasets import get_num_classes
-from eval_utils import (CERTIFY_HEADER, Evaluation, ResultFile, add_engine_arguments, add_image_arguments,
-                        add_model_arguments, add_sampling_arguments, evaluation_dataset, format_time, load_model,
-                        make_smooth, run_evaluations, select_indices)
+from common import ArgumentParser, run_cli
+from eval_utils import (CERTIFY_HEADER, ResultFile, add_engine_arguments, add_image_arguments, add_model_arguments,
+                        add_sampling_arguments, evaluation_dataset, format_time, run_on_image_sets)
 
 
 def build_parser() -> ArgumentParser:
@@ -36,19 +34,10 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     dataset = evaluation_dataset(args.dataset, args.split)
     output = ResultFile(args.outfile, CERTIFY_HEADER, overwrite=args.overwrite)
-    output.check()
-    dist = Distributed()
-    model = load_model(args.base_classifier, args.dataset, dist.device)
-    smooth = make_smooth(model, get_num_classes(args.dataset), args.sigma, args)
-    evaluation = Evaluation(
-        output=output,
-        indices=select_indices(len(dataset), args.skip, args.max, args.start),
-        load=lambda idx: dataset[idx],
-        evaluate=lambda xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch, generators),
-        format_row=format_row,
-        description="certify")
-    run_evaluations([evaluation], args, dist)
-    dist.close()
+    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output],
+                      lambda smooth, xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch,
+                                                                         generators),
+                      format_row)
 
 
 def main(argv=None):

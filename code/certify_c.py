@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from certify import format_row
-from common import ArgumentParser, Distributed, UserError, positive_float, run_cli
-from datasets import get_input_shape, get_num_classes
-from eval_utils import (CERTIFY_HEADER, Evaluation, ResultFile, add_engine_arguments, add_image_arguments,
-                        add_sampling_arguments, load_model, make_smooth, run_evaluations, select_indices)
+from common import ArgumentParser, UserError, positive_float, run_cli
+from datasets import get_input_shape
+from eval_utils import (CERTIFY_HEADER, ResultFile, add_engine_arguments, add_image_arguments, add_sampling_arguments,
+                        run_on_image_sets)
 
 MNIST_C_CORRUPTIONS = ["identity", "brightness", "dotted_line", "glass_blur", "impulse_noise", "rotate", "shear",
                        "spatter", "translate", "canny_edges", "fog", "motion_blur", "scale", "shot_noise", "stripe",
@@ -125,20 +125,10 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     dataset, sets = find_corrupted_sets(args.base_c_path, _corruption_list(args.corruptions))
     outputs = [ResultFile(f"{args.outfile}{s.name}.tsv", CERTIFY_HEADER, overwrite=args.overwrite) for s in sets]
-    for output in outputs:
-        output.check()
-    dist = Distributed()
-    model = load_model(args.base_classifier, dataset, dist.device)
-    smooth = make_smooth(model, get_num_classes(dataset), args.sigma, args)
-
-    def evaluate(xs, generators):
-        return smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch, generators)
-
-    evaluations = [Evaluation(output=output, indices=select_indices(len(s), args.skip, args.max, args.start),
-                              load=s.__getitem__, evaluate=evaluate, format_row=format_row, description=s.name)
-                   for s, output in zip(sets, outputs)]
-    run_evaluations(evaluations, args, dist)
-    dist.close()
+    run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs,
+                      lambda smooth, xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch,
+                                                                         generators),
+                      format_row)
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ output is written.
 """
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from typing import Callable
@@ -62,14 +63,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------- checkpoints
 
-def atomic_save(obj, path: str):
-    """``torch.save`` to a temporary file, fsync, then rename: a crash leaves the old file intact."""
+def replace_atomic(path: str, write: Callable, binary: bool = False):
+    """Call ``write(handle)`` on a temporary file next to ``path``, fsync, then rename it over ``path``.
+
+    A crash leaves either the old file or the new one. The new file gets the
+    usual permissions (those of a file created with ``open``).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -77,7 +84,14 @@ def atomic_save(obj, path: str):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
+
+
+def atomic_save(obj, path: str):
+    """``torch.save`` through ``replace_atomic``: a crash during a save leaves the old checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_atomic(path, lambda handle: torch.save(obj, handle), binary=True)
+    # make the rename itself durable
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -123,6 +137,20 @@ def load_base_classifier(path: str, dataset: str, device) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- torchrun
 
+def select_free_gpu():
+    """Let setGPU pick a free GPU (through nvidia-smi), as the published scripts did.
+
+    Only for a single process on a GPU machine whose CUDA_VISIBLE_DEVICES is
+    unset, and before CUDA is initialised; a no-op everywhere else.
+    """
+    if "CUDA_VISIBLE_DEVICES" in os.environ or shutil.which("nvidia-smi") is None:
+        return
+    try:
+        import setGPU  # noqa: F401
+    except Exception:  # not installed, or nvidia-smi found no GPU: keep the default device
+        pass
+
+
 class Distributed:
     """The process group set up by ``torchrun`` (world size 1 without it).
 
@@ -131,6 +159,8 @@ class Distributed:
 
     def __init__(self):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world_size == 1:
+            select_free_gpu()
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():

@@ -47,7 +47,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -57,9 +56,9 @@ import torch
 from tqdm import tqdm
 
 from common import (ArgumentParser, Distributed, UserError, load_base_classifier, nonnegative_int,
-                    positive_float, positive_int, probability)
+                    positive_float, positive_int, probability, replace_atomic)
 from core import Smooth, noise_generator
-from datasets import DATASETS, get_dataset
+from datasets import DATASETS, get_dataset, get_num_classes
 
 CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
@@ -200,29 +199,6 @@ def read_tsv(path: str, header: str, what: str = "result file") -> TsvContent:
                             "fields); repair or remove it, or pass --overwrite to start over")
         rows.append((int(fields[0]), line))
     return TsvContent(rows, clean)
-
-
-def replace_atomic(path: str, write: Callable, binary: bool = False):
-    """Call ``write(handle)`` on a temporary file next to ``path``, fsync, then rename it over ``path``.
-
-    A crash leaves either the old file or the new one. The new file gets the
-    usual permissions (those of a file created with ``open``).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb" if binary else "w") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_tsv_atomic(path: str, header: str, lines: Sequence[str]):
@@ -439,3 +415,24 @@ def run_evaluations(evaluations: Sequence[Evaluation], args, dist: Distributed):
         if dist.is_main:
             output.merge(final=True)
     barrier()
+
+
+def run_on_image_sets(args, dataset: str, image_sets: Sequence[Tuple[str, object]], outputs: Sequence["ResultFile"],
+                      evaluate: Callable, format_row: Callable, record: Optional[Callable] = None):
+    """The run of every evaluation script: check the outputs, load the smoothed classifier, fill each output.
+
+    ``image_sets``: (description, indexable of (image, label)) per output;
+    ``evaluate(smooth, xs, generators)`` returns one result per image.
+    """
+    for output in outputs:
+        output.check()
+    dist = Distributed()
+    model = load_model(args.base_classifier, dataset, dist.device)
+    smooth = make_smooth(model, get_num_classes(dataset), args.sigma, args)
+    evaluations = [Evaluation(output=output, indices=select_indices(len(images), args.skip, args.max, args.start),
+                              load=images.__getitem__,
+                              evaluate=lambda xs, generators: evaluate(smooth, xs, generators),
+                              format_row=format_row, record=record, description=description)
+                   for (description, images), output in zip(image_sets, outputs)]
+    run_evaluations(evaluations, args, dist)
+    dist.close()

@@ -8,11 +8,9 @@ nA successes in nA + nB trials at p = 1/2 has p-value > alpha. Writes
 ``idx label predict correct time`` rows. Resumable and shardable with torchrun
 like certify.py (see eval_utils).
 """
-from common import ArgumentParser, Distributed, run_cli
-from datasets import get_num_classes
-from eval_utils import (PREDICT_HEADER, Evaluation, ResultFile, add_engine_arguments, add_image_arguments,
-                        add_model_arguments, add_sampling_arguments, evaluation_dataset, format_time, load_model,
-                        make_smooth, run_evaluations, select_indices)
+from common import ArgumentParser, run_cli
+from eval_utils import (PREDICT_HEADER, ResultFile, add_engine_arguments, add_image_arguments, add_model_arguments,
+                        add_sampling_arguments, evaluation_dataset, format_time, run_on_image_sets)
 
 
 def build_parser() -> ArgumentParser:
@@ -33,19 +31,9 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     dataset = evaluation_dataset(args.dataset, args.split)
     output = ResultFile(args.outfile, PREDICT_HEADER, overwrite=args.overwrite)
-    output.check()
-    dist = Distributed()
-    model = load_model(args.base_classifier, args.dataset, dist.device)
-    smooth = make_smooth(model, get_num_classes(args.dataset), args.sigma, args)
-    evaluation = Evaluation(
-        output=output,
-        indices=select_indices(len(dataset), args.skip, args.max, args.start),
-        load=lambda idx: dataset[idx],
-        evaluate=lambda xs, generators: smooth.predict_many(xs, args.N, args.alpha, args.batch, generators),
-        format_row=format_row,
-        description="predict")
-    run_evaluations([evaluation], args, dist)
-    dist.close()
+    run_on_image_sets(args, args.dataset, [("predict", dataset)], [output],
+                      lambda smooth, xs, generators: smooth.predict_many(xs, args.N, args.alpha, args.batch, generators),
+                      format_row)
 
 
 def main(argv=None):

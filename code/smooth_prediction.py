@@ -22,12 +22,11 @@ import os
 
 import numpy as np
 
-from common import ArgumentParser, Distributed, UserError, run_cli
+from common import ArgumentParser, UserError, replace_atomic, run_cli
 from datasets import get_num_classes
-from eval_utils import (SMOOTH_PREDICTION_HEADER, Evaluation, RecordStore, ResultFile, add_engine_arguments,
-                        add_image_arguments, add_model_arguments, add_sampling_arguments, check_output_path,
-                        evaluation_dataset, format_time, load_model, make_smooth, replace_atomic, run_evaluations,
-                        select_indices)
+from eval_utils import (SMOOTH_PREDICTION_HEADER, RecordStore, ResultFile, add_engine_arguments, add_image_arguments,
+                        add_model_arguments, add_sampling_arguments, check_output_path, evaluation_dataset,
+                        format_time, run_on_image_sets)
 
 
 def confidence_path(outfile: str, sigma: float, split: str) -> str:
@@ -106,10 +105,6 @@ def run(argv=None):
                             args.overwrite)
     output = ResultFile(args.outfile, SMOOTH_PREDICTION_HEADER, overwrite=args.overwrite, record_width=num_classes,
                         store=store)
-    output.check()
-    dist = Distributed()
-    model = load_model(args.base_classifier, args.dataset, dist.device)
-    smooth = make_smooth(model, num_classes, args.sigma, args)
 
     def format_row(idx, label, counts, seconds):
         p1, p2 = top_two(counts)
@@ -117,16 +112,9 @@ def run(argv=None):
         return "{}\t{}\t{}\t{}\t{:.5}\t{:.5}\t{}\t{}".format(idx, label, p1, p2, float(c1), float(c2),
                                                              int(p1 == label), format_time(seconds))
 
-    evaluation = Evaluation(
-        output=output,
-        indices=select_indices(len(dataset), args.skip, args.max, args.start),
-        load=lambda idx: dataset[idx],
-        evaluate=lambda xs, generators: list(smooth.sample_counts_many(xs, args.N, args.batch, generators)),
-        format_row=format_row,
-        record=lambda counts: counts / args.N,
-        description="smooth prediction")
-    run_evaluations([evaluation], args, dist)
-    dist.close()
+    run_on_image_sets(args, args.dataset, [("smooth prediction", dataset)], [output],
+                      lambda smooth, xs, generators: list(smooth.sample_counts_many(xs, args.N, args.batch, generators)),
+                      format_row, record=lambda counts: counts / args.N)
 
 
 def main(argv=None):

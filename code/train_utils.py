@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from architectures import ARCHITECTURES, check_architecture, get_architecture
-from common import (ArgumentParser, Distributed, UserError, atomic_save, load_checkpoint,
+from common import (ArgumentParser, Distributed, UserError, atomic_save, load_checkpoint, replace_atomic,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli)
 from datasets import DATASETS, get_dataset, get_num_classes
 
@@ -311,14 +311,7 @@ def gather_rng_states(dist: Distributed, loader_generator: torch.Generator) -> L
 
 def write_log(path: str, rows: List[str]):
     """Rewrite ``log.txt`` atomically from the header and the rows of completed epochs."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(LOG_HEADER + "\n")
-        for row in rows:
-            handle.write(row + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    replace_atomic(path, lambda handle: handle.write("".join(line + "\n" for line in [LOG_HEADER] + rows)))
 
 
 def format_log_row(epoch, seconds, lr, train_loss, train_acc, test_loss, test_acc) -> str:
@@ -327,16 +320,6 @@ def format_log_row(epoch, seconds, lr, train_loss, train_acc, test_loss, test_ac
 
 
 # --------------------------------------------------------------------------- the loop
-
-def select_gpu(dist: Distributed):
-    """Let setGPU pick a free GPU, as the published scripts did, when one process runs on a GPU machine."""
-    if dist.enabled or not torch.cuda.is_available() or "CUDA_VISIBLE_DEVICES" in os.environ:
-        return
-    try:
-        import setGPU  # noqa: F401  (needs nvidia-smi)
-    except Exception:
-        pass
-
 
 def parse_args(method: Method, argv=None):
     parser = build_parser(method)
@@ -357,7 +340,6 @@ def train_main(method: Method, argv=None):
 
 def _train(method: Method, args):
     dist = Distributed()
-    select_gpu(dist)
     device = dist.device
     folder = run_folder(args, method.method_path(args))
     checkpoint_path = os.path.join(folder, CHECKPOINT_NAME)

@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=demo
 SIGMA=0.25
-TRAIN=${DEMO_TRAIN:-6000}       # training images
-EPOCHS=${DEMO_EPOCHS:-8}
+TRAIN=${DEMO_TRAIN:-4000}       # training images
+EPOCHS=${DEMO_EPOCHS:-10}       # Gaussian training
+CATRS_EPOCHS=${DEMO_CATRS_EPOCHS:-3}  # CAT-RS, starting from the Gaussian model
 CERT_SKIP=${DEMO_SKIP:-20}      # certify every 20th test image (500 images)
 N=${DEMO_N:-1000}
 COMMON="--lr 0.01 --batch 128 --noise $SIGMA --id 0 --seed 0 --train-subset $TRAIN --test-subset 1000 --logdir $OUT/logs --print-freq 1000 --resume"
@@ -27,9 +28,11 @@ step "2/5 smoothed prediction of the Gaussian model on the training subset (N = 
 $PY code/smooth_prediction.py fmnist $GAUSS/checkpoint.pth.tar $SIGMA $SP/noise_train_$SIGMA.tsv \
     --N=64 --skip=1 --split=train --max $TRAIN --seed 0 --batch 1000 --batch-images 16
 
-step "3/5 CAT-RS training (Jeong, Kim and Shin 2023): same budget"
-$PY code/train_catrs.py fmnist lenet $COMMON --epochs $EPOCHS --lr_step_size $EPOCHS --num-noise-vec 4 \
-    --eps 256.0 --num-steps 4 --lbd 0.5 --smooth-prediction $SP/model_conf_${SIGMA}_train.npy
+# At demo scale CAT-RS starts from the Gaussian model (the paper trains it from scratch for 150 epochs).
+step "3/5 CAT-RS training (Jeong, Kim and Shin 2023): $CATRS_EPOCHS epochs from the Gaussian model"
+$PY code/train_catrs.py fmnist lenet $COMMON --epochs $CATRS_EPOCHS --lr_step_size $CATRS_EPOCHS --num-noise-vec 4 \
+    --eps 256.0 --num-steps 4 --lbd 0.5 --smooth-prediction $SP/model_conf_${SIGMA}_train.npy \
+    --pretrained-model $GAUSS/checkpoint.pth.tar
 
 step "4/5 certification of both smoothed classifiers (every ${CERT_SKIP}th test image, N0 = 100, N = $N, alpha = 0.001)"
 $PY code/certify.py fmnist $GAUSS/checkpoint.pth.tar $SIGMA $CERT/cohen/0/noise_$SIGMA.tsv \
