@@ -395,7 +395,9 @@ def run_evaluations(evaluations: Sequence[Evaluation], args, dist: Distributed):
         done = set(output.done_rows())
         todo = [idx for idx in evaluation.indices if idx not in done]
         mine = todo[dist.rank::dist.world_size]
+        # in a log file (not a terminal) a line every 30 s is enough
         bar = tqdm(total=len(mine), file=sys.stderr, disable=not dist.is_main, dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0,
                    desc=evaluation.description or os.path.basename(output.path))
         with output.writer(dist.rank, dist.world_size) as writer:
             for start in range(0, len(mine), args.batch_images):
