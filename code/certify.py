@@ -30,14 +30,16 @@ def format_row(idx: int, label: int, result, seconds: float) -> str:
     return "{}\t{}\t{}\t{:.3}\t{}\t{}".format(idx, label, prediction, radius, correct, format_time(seconds))
 
 
+def certify_images(args):
+    """``evaluate(smooth, xs, generators)`` for ``run_on_image_sets``: CERTIFY with the options of ``args``."""
+    return lambda smooth, xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch, generators)
+
+
 def run(argv=None):
     args = build_parser().parse_args(argv)
     dataset = evaluation_dataset(args.dataset, args.split)
     output = ResultFile(args.outfile, CERTIFY_HEADER, overwrite=args.overwrite)
-    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output],
-                      lambda smooth, xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch,
-                                                                         generators),
-                      format_row)
+    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output], certify_images(args), format_row)
 
 
 def main(argv=None):

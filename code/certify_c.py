@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from certify import format_row
+from certify import certify_images, format_row
 from common import ArgumentParser, UserError, positive_float, run_cli
 from datasets import get_input_shape
 from eval_utils import (CERTIFY_HEADER, ResultFile, add_engine_arguments, add_image_arguments, add_sampling_arguments,
@@ -125,10 +125,7 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     dataset, sets = find_corrupted_sets(args.base_c_path, _corruption_list(args.corruptions))
     outputs = [ResultFile(f"{args.outfile}{s.name}.tsv", CERTIFY_HEADER, overwrite=args.overwrite) for s in sets]
-    run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs,
-                      lambda smooth, xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch,
-                                                                         generators),
-                      format_row)
+    run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs, certify_images(args), format_row)
 
 
 def main(argv=None):
