@@ -36,7 +36,7 @@ __all__ = ["PGD_L2", "DDN", "SmoothAdv_PGD", "log_mean_softmax", "smoothed_nll",
 
 # --------------------------------------------------------------------------- shared pieces
 
-def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Shape a (b,) tensor to broadcast over the examples of ``like``."""
     return values.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -53,12 +53,12 @@ def normalize_per_example(grad: torch.Tensor, stabilizer: float = 0.0, random_if
     direction (drawn from torch's global generator) instead of 0/0.
     """
     norms = l2_norms(grad)
-    out = grad / _per_example(norms + stabilizer, grad)
+    out = grad / per_example(norms + stabilizer, grad)
     if random_if_zero:
         zero = norms == 0
         if zero.any():
             direction = torch.randn_like(out[zero])
-            out[zero] = direction / _per_example(l2_norms(direction), direction)
+            out[zero] = direction / per_example(l2_norms(direction), direction)
     return out
 
 
@@ -164,7 +164,7 @@ class PGD_L2:
         with torch.no_grad():
             logits = model(inputs + _shared(delta, m) + noise).float()
             p_y = F.softmax(logits, dim=1).gather(1, labels.repeat_interleave(m).unsqueeze(1)).squeeze(1)
-            weighted = -_per_example(p_y, noise) * noise
+            weighted = -per_example(p_y, noise) * noise
             return weighted.reshape(-1, m, *noise.shape[1:]).mean(1)
 
 
@@ -240,7 +240,7 @@ class DDN:
             delta = delta + sign * self._learning_rate(i) * normalize_per_example(grad, random_if_zero=True)
             budget = budget * (1 - (2 * fooled.float() - 1) * self.gamma)
             budget = torch.min(budget, worst_norm)
-            delta = delta * _per_example(budget / l2_norms(delta).clamp(min=1e-12), delta)
+            delta = delta * per_example(budget / l2_norms(delta).clamp(min=1e-12), delta)
             adversarial = clean + delta
             if self.quantize:
                 adversarial = torch.round(adversarial * scale) / scale

@@ -147,10 +147,6 @@ def evaluation_dataset(dataset: str, split: str):
     return get_dataset(dataset, split, augment=False)
 
 
-def load_model(path: str, dataset: str, device) -> torch.nn.Module:
-    return load_base_classifier(path, dataset, device)
-
-
 def make_smooth(model: torch.nn.Module, num_classes: int, sigma: float, args) -> Smooth:
     return Smooth(model, num_classes, sigma, images_per_batch=args.batch_images, channels_last=args.channels_last,
                   bf16=args.bf16, compile=args.compile)
@@ -429,7 +425,7 @@ def run_on_image_sets(args, dataset: str, image_sets: Sequence[Tuple[str, object
     for output in outputs:
         output.check()
     dist = Distributed()
-    model = load_model(args.base_classifier, dataset, dist.device)
+    model = load_base_classifier(args.base_classifier, dataset, dist.device)
     smooth = make_smooth(model, get_num_classes(dataset), args.sigma, args)
     evaluations = [Evaluation(output=output, indices=select_indices(len(images), args.skip, args.max, args.start),
                               load=images.__getitem__,

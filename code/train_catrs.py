@@ -25,9 +25,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from attacks import normalize_per_example, project_l2
+from attacks import normalize_per_example, per_example, project_l2
 from common import nonnegative_float, nonnegative_int, positive_int
-from train_smoothmix import add_noises, per_example
+from train_smoothmix import add_noises
 from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, kl_div_per_example, train_main
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]

@@ -24,17 +24,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from attacks import log_mean_softmax, normalize_per_example, project_l2
+from attacks import log_mean_softmax, normalize_per_example, per_example, project_l2
 from common import nonnegative_float, nonnegative_int, positive_float, positive_int
 from train_utils import AverageMeter, Method, attack_mode, chunk_minibatches, kl_div_per_example, train_main
 
 
-# --------------------------------------------------------------------------- pieces shared with CAT-RS
-
-def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape per-example values [batch] to broadcast against ``like`` [batch x ...]."""
-    return values.view(-1, *([1] * (like.dim() - 1)))
-
+# --------------------------------------------------------------------------- shared with CAT-RS
 
 def add_noises(inputs: torch.Tensor, noises: Sequence[torch.Tensor]) -> torch.Tensor:
     """The noisy copies [x + e_1; ...; x + e_m] concatenated copy-major."""

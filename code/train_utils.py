@@ -303,7 +303,7 @@ def gather_rng_states(dist: Distributed, loader_generator: torch.Generator) -> L
     if not dist.enabled:
         return [mine]
     states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, {k: v for k, v in mine.items()})
+    torch.distributed.all_gather_object(states, mine)
     return states
 
 
