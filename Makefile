@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: demo test install data clean-demo
+.PHONY: demo test test-slow install data clean-demo
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ data: $(STAMP)
 
 test: $(STAMP) data
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q
+
+# The slow tier: stress tests of sharded runs and other long checks (marker `slow`).
+test-slow: $(STAMP) data
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -m slow
 
 demo: $(STAMP) data
 	PY=$(PY) bash scripts/demo.sh
