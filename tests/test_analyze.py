@@ -185,9 +185,27 @@ def test_gzip_and_plain_agree(tmp_path, file_a):
     assert plain.acr() == zipped.acr()
 
 
+def test_high_prob_accuracy_published_bound_by_default(file_a):
+    """The published formula, unclipped, is the default."""
+    alpha, rho, n = 0.001, 0.01, 8
+    log_term = math.log(1 / rho)
+    correction = alpha + math.sqrt(alpha * (1 - alpha) * log_term / n) + log_term / (3 * n)
+    got = analyze.HighProbAccuracy(file_a, alpha, rho).at_radii([0.0, 0.75])
+    assert got[0] == pytest.approx(5 / 8 - correction)
+    assert got[1] == pytest.approx(1 / 8 - correction) and got[1] < 0  # not clipped, as published
+
+
+def test_high_prob_accuracy_gives_the_published_number():
+    """CIFAR-10, sigma 0.25, the published Gaussian model, alpha = rho = 0.001, r = 0: 0.7644."""
+    path = REFERENCE / "cifar10" / "noise_0.25" / "cohen" / "noise_0.25.tsv.gz"
+    if not path.is_file():
+        pytest.skip(f"reference results not found at {REFERENCE}")
+    assert round(float(analyze.HighProbAccuracy(path, 0.001, 0.001).at_radii([0.0])[0]), 4) == 0.7644
+
+
 def test_high_prob_accuracy(file_a):
     alpha, rho, n = 0.001, 0.01, 8
-    hoeffding = analyze.HighProbAccuracy(file_a, alpha, rho)
+    hoeffding = analyze.HighProbAccuracy(file_a, alpha, rho, bound="hoeffding")
     correction = alpha + math.sqrt(math.log(1 / rho) / (2 * n))  # = 0.5375...
     got = hoeffding.at_radii([0.0, 0.75])
     assert got[0] == pytest.approx(5 / 8 - correction)
