@@ -1,7 +1,24 @@
-# Shared by the per-dataset sweeps: run a command, or only print it with DRY_RUN=1.
-# Stage selection: STAGES="pretrain train certify" (default all).
-STAGES=${STAGES:-"pretrain train certify"}
-PY=${PY:-python}
+# Shared by the per-dataset sweeps (sourced from the repository root): run a command, or only print
+# it with DRY_RUN=1.
+# Stage selection: STAGES="pretrain train certify" (default all); an unknown stage is refused.
+# Interpreter: PY, by default the project's .venv/bin/python (made by `make install`) when present;
+# it must import torch.
+VALID_STAGES="pretrain train certify"
+STAGES=${STAGES:-$VALID_STAGES}
+[ -n "${STAGES// /}" ] || { echo "error: STAGES names no stage; valid stages: $VALID_STAGES" >&2; exit 2; }
+for _stage in $STAGES; do
+  case " $VALID_STAGES " in
+    *" $_stage "*) ;;
+    *) echo "error: unknown stage '$_stage' in STAGES; valid stages: $VALID_STAGES" >&2; exit 2;;
+  esac
+done
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [ "${DRY_RUN:-0}" != 1 ] && ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "error: the Python interpreter '$PY' cannot import torch; run 'make install' (it creates .venv) or set PY to a python with requirements.txt installed" >&2
+  exit 2
+fi
 run() { echo "+ $*"; if [ "${DRY_RUN:-0}" != 1 ]; then "$@"; fi; }
 stage() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
 
