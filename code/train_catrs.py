@@ -15,7 +15,10 @@ examples, one SGD step each. Per mini-batch, with m noises e_j:
 * loss = mean(L_low + lbd * [K == m] * L_high).
 
 From epoch --warmup on the attack radius doubles; from epoch --lr_drop on the
-learning rate is gamma times the step schedule's. The train loss logged is
+learning rate is gamma times the step schedule's (``train_utils.lr_factor``, the
+rate the published runs used in each epoch). The published code multiplied the
+rate by gamma at the start of epoch --lr_drop only, and its scheduler undid that
+after one epoch; this is the intent (SPEC 4.7). The train loss logged is
 mean L_low; the train accuracy is measured on the attacked copies.
 Run folder: logs/{dataset}/catrs/adv_{epsilon}_{num_steps}/lbd_{lbd}/num_{m}/noise_{sigma}/{arch}/{id}/.
 """

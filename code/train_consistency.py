@@ -11,6 +11,8 @@ cross-entropy over all copies plus ``consistency.consistency_loss``. With
 (Salman et al., NeurIPS 2019) against the same noises, its radius growing
 linearly over the first ``--warmup`` epochs.
 
+The train loss logged is the mean cross-entropy term alone, as published.
+
 Run folder: logs/{dataset}/consistency/cohen/num_{m}/lbd_{lbd}/eta_{eta}/noise_{s}/{arch}/{id}/
 or .../consistency/salman_{eps}_{steps}_{warmup}/..., eps as typed (1/256 units).
 """
@@ -70,9 +72,10 @@ def train(ctx, loader, epoch: int):
             with ctx.autocast():
                 logits = ctx.model(noisy)
             logits = logits.float()
-            loss = F.cross_entropy(logits, y_all) + consistency_loss(logits.chunk(m), args.lbd, args.eta)
+            cross_entropy = F.cross_entropy(logits, y_all)
+            loss = cross_entropy + consistency_loss(logits.chunk(m), args.lbd, args.eta)
             ctx.step(loss)
-            losses.update(loss.item(), x.shape[0])
+            losses.update(cross_entropy.item(), x.shape[0])  # the published log's train loss
             top1.update(accuracy(logits, y_all), x.shape[0])
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg

@@ -9,7 +9,10 @@ copies (adjacent). ``macer_loss`` gives (cl + lbd * rl) / B: cl the summed
 NLL of the mean softmax over the copies, rl the hinge on the soft certified
 radius of the examples whose soft smoothed prediction (softmax of beta * z)
 is correct. With ``--deferred`` the robustness term is off (lbd = 0) while
-epoch <= lr_step_size. The log's train accuracy column holds 0.0.
+epoch <= lr_step_size, as published: the robustness loss starts in epoch
+lr_step_size + 1, the first epoch at the decayed learning rate. The train loss
+logged is the classification loss per example (cl / B), as published; the
+train accuracy is not measured (the log's column holds 0.0).
 
 Run folder: logs/{dataset}/macer[_deferred{lr_step_size}]/num_{m}/lbd_{lbd}/gamma_{margin}/beta_{beta}/noise_{s}/{arch}/{id}/.
 """
@@ -28,7 +31,14 @@ def _standard_normal_quantile(p: torch.Tensor) -> torch.Tensor:
 
 def macer_loss(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float, margin: float, sigma: float,
                lbd: float) -> torch.Tensor:
-    """MACER's objective (cl + lbd * rl) / B.
+    """MACER's objective (cl + lbd * rl) / B (see ``macer_loss_parts``)."""
+    classification, robustness = macer_loss_parts(logits, targets, m, beta, margin, sigma)
+    return (classification + lbd * robustness) / targets.shape[0]
+
+
+def macer_loss_parts(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float, margin: float,
+                     sigma: float):
+    """MACER's summed classification loss cl and robustness loss rl (both scalars).
 
     ``logits``: shape (B * m, K), the m copies of each example adjacent (row
     i * m + j is copy j of example i); ``targets``: shape (B,).
@@ -52,7 +62,7 @@ def macer_loss(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float,
     # Recomputed on the kept entries only, so that no infinite quantile enters the backward pass.
     kept_gap = _standard_normal_quantile(q2[keep]) - _standard_normal_quantile(q1[keep])
     robustness = (kept_gap + margin).sum() * sigma / 2
-    return (classification + lbd * robustness) / batch
+    return classification, robustness
 
 
 def add_arguments(parser):
@@ -71,10 +81,15 @@ def method_path(args) -> str:
             f"/noise_{args.noise_sd}")
 
 
+def robustness_weight(args, epoch: int) -> float:
+    """lbd, or 0 with --deferred while epoch <= lr_step_size (the published condition)."""
+    return 0.0 if args.deferred and epoch <= args.lr_step_size else args.lbd
+
+
 def train(ctx, loader, epoch: int):
     args = ctx.args
     m = args.num_noise_vec
-    lbd = 0.0 if args.deferred and epoch <= args.lr_step_size else args.lbd
+    lbd = robustness_weight(args, epoch)
     losses = AverageMeter()
     started = time.time()
     for i, batch in enumerate(loader):
@@ -83,15 +98,18 @@ def train(ctx, loader, epoch: int):
         noisy = copies + torch.randn_like(copies) * args.noise_sd
         with ctx.autocast():
             outputs = ctx.model(noisy)
-        loss = macer_loss(outputs, targets, m, args.beta, args.margin, args.noise_sd, lbd)
+        classification, robustness = macer_loss_parts(outputs, targets, m, args.beta, args.margin, args.noise_sd)
+        loss = (classification + lbd * robustness) / inputs.size(0)
         ctx.step(loss)
-        losses.update(loss.item(), inputs.size(0))
+        # the published log's train loss: the classification loss per example
+        losses.update(classification.item() / inputs.size(0), inputs.size(0))
         ctx.log_batch(epoch, i, len(loader), losses, AverageMeter(), started)
     return losses.avg, 0.0
 
 
 METHOD = Method(description="MACER: maximising the certified radius (Zhai et al. 2020)",
-                method_path=method_path, train=train, add_arguments=add_arguments, defaults={"batch": 64})
+                method_path=method_path, train=train, add_arguments=add_arguments, defaults={"batch": 64},
+                measures_train_accuracy=False)
 
 
 def main(argv=None):

@@ -16,7 +16,8 @@ B // m examples, one SGD step each. Per mini-batch, with m noises e_j:
 
 The train-accuracy column of log.txt is 0.0, as in the published log.
 Run folder: logs/{dataset}/smix_{alpha}_{steps}_m{mix_step}[_ms{maxnorm_s}][_max{maxnorm}]/
-eta_{eta}/num_{m}/noise_{sigma}/{arch}/{id}/.
+eta_{eta}/num_{m}/noise_{sigma}/{arch}/{id}/; as published, a part is present only when its
+value is given and non-zero.
 """
 import time
 from typing import List, Optional, Sequence, Tuple
@@ -143,9 +144,10 @@ def add_arguments(parser):
 
 def method_path(args) -> str:
     mode = f"smix_{args.alpha}_{args.num_steps}_m{args.mix_step}"
-    if args.maxnorm_s is not None:
+    # the published code tests truthiness: a value of 0 leaves its part out, as absence does
+    if args.maxnorm_s:
         mode += f"_ms{args.maxnorm_s}"
-    if args.maxnorm is not None:
+    if args.maxnorm:
         mode += f"_max{args.maxnorm}"
     return f"{mode}/eta_{args.eta}/num_{args.num_noise_vec}/noise_{args.noise_sd}"
 
@@ -179,7 +181,8 @@ def train(ctx, loader, epoch: int):
 
 
 METHOD = Method(description="SmoothMix (Jeong et al., NeurIPS 2021)", method_path=method_path, train=train,
-                add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50})
+                add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50},
+                measures_train_accuracy=False)
 
 
 def main(argv=None):

@@ -6,7 +6,9 @@ Additive Noise" (stability training as the base-classifier objective).
 One SGD step per batch (SPEC 4.2) on
     CE(f(x), y) + lbd * mean_i [ -sum_c softmax(f(x_i))_c * log_softmax(f(x_i + s e_i))_c ],
 e ~ N(0, I). The clean logits are not detached, so the consistency term also
-moves the clean prediction. Train accuracy is measured on the noisy logits.
+moves the clean prediction. As published, the train loss logged is the
+cross-entropy term CE(f(x), y) alone, and the train accuracy is measured on the
+noisy logits.
 Run folder: logs/{dataset}/stab/lbd_{lbd}/noise_{s}/{arch}/{id}/.
 """
 import time
@@ -46,7 +48,8 @@ def train(ctx, loader, epoch: int):
             noisy = ctx.model(inputs + noise)
         loss = stability_loss(clean, noisy, targets, ctx.args.lbd)
         ctx.step(loss)
-        losses.update(loss.item(), inputs.size(0))
+        # the published log's train loss is the cross-entropy term alone
+        losses.update(F.cross_entropy(clean.detach().float(), targets).item(), inputs.size(0))
         top1.update(accuracy(noisy, targets), inputs.size(0))
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg

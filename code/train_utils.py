@@ -12,6 +12,10 @@ number generator state (Python, NumPy, torch CPU and CUDA, the data order)
 of every process, the arguments and the rows of ``log.txt``. They are
 written atomically. ``--resume`` continues from the last completed epoch;
 on CPU with ``--seed`` the final weights equal those of an uninterrupted run.
+Before any work, ``--resume`` compares the arguments with those stored in the
+checkpoint (``check_resume_arguments``): only ``RESUME_FREE_ARGUMENTS`` may
+differ, unless ``--resume-changed-args`` is given, which is then recorded in
+the run folder's ``resume_overrides.txt``.
 
 Under ``torchrun --nproc_per_node K`` the model is wrapped in
 DistributedDataParallel, each process takes ``--batch / K`` examples of
@@ -25,7 +29,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -51,7 +55,9 @@ class Method:
     ``train(ctx, loader, epoch) -> (mean train loss, train accuracy in %)`` runs one epoch.
     ``defaults`` overrides common defaults (e.g. ``{"epochs": 150}``);
     ``train_split(args)`` names the training split; ``lr_multiplier(args, epoch)``
-    scales the step schedule's learning rate.
+    scales the step schedule's learning rate. ``measures_train_accuracy=False``
+    marks a method that, as published, does not measure its train accuracy: its
+    ``train`` returns 0.0, which log.txt keeps, and the console says "n/a".
     """
     description: str
     method_path: Callable
@@ -60,6 +66,7 @@ class Method:
     defaults: Dict = field(default_factory=dict)
     train_split: Callable = lambda args: "train"
     lr_multiplier: Callable = lambda args, epoch: 1.0
+    measures_train_accuracy: bool = True
 
 
 # --------------------------------------------------------------------------- options
@@ -85,7 +92,11 @@ def build_parser(method: Method) -> ArgumentParser:
     parser.add_argument("--print-freq", default=10, type=positive_int, help="print every N batches")
     parser.add_argument("--id", default=None, type=int, help="experiment id (random below 10000 if absent)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in the run folder from its last completed epoch")
+                        help="continue the run in the run folder from its last completed epoch; the arguments "
+                             "must equal those stored in its checkpoint (a larger --epochs is fine)")
+    parser.add_argument("--resume-changed-args", action="store_true",
+                        help="with --resume: continue even though arguments that change the training differ "
+                             "from the checkpoint's (recorded in the run folder's resume_overrides.txt)")
     parser.add_argument("--pretrained-model", type=str, default="", help="start from this checkpoint's weights")
     parser.add_argument("--seed", type=int, default=None, help="random seed (reproducible runs)")
     parser.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
@@ -99,7 +110,8 @@ def build_parser(method: Method) -> ArgumentParser:
     fast.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes")
     fast.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     fast.add_argument("--data-on-device", choices=["auto", "yes", "no"], default="auto",
-                      help="keep the whole (MNIST-sized) data set on the device; auto: for mnist and fmnist")
+                      help="keep the whole data set on the device (CIFAR: random crop and flip drawn on the "
+                           "device every epoch; not for imagenet); auto: for mnist and fmnist")
     method.add_arguments(parser)
     parser.set_defaults(**method.defaults)
     return parser
@@ -116,15 +128,28 @@ class TensorLoader:
 
     Shuffling draws ``torch.randperm`` from its own generator, whose state goes
     into checkpoints; under torchrun each process takes every K-th example.
+
+    ``augment="crop_flip"`` (CIFAR training) gives each image of every epoch a
+    fresh random crop and flip, as torchvision's ``RandomCrop(32, padding=4)``
+    then ``RandomHorizontalFlip()``: a shift drawn uniformly from [-4, 4]^2
+    (zero padding) and a flip with probability 1/2, per image. The draws come
+    from the same checkpointed generator, right after the epoch's order, so a
+    resumed run sees the same crops; they are applied on the device, batch by
+    batch.
     """
 
+    PAD = 4
+
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, device, generator: torch.Generator,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, augment: Optional[str] = None):
+        if augment not in (None, "crop_flip"):
+            raise ValueError(f"unknown augmentation {augment!r}")
         items = [dataset[i] for i in range(len(dataset))]
         self.tensors = [torch.stack([torch.as_tensor(item[j]) for item in items]).to(device)
                         for j in range(len(items[0]))]
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
         self.rank, self.world_size = rank, world_size
+        self.augment = augment
 
     def _indices(self):
         n = self.tensors[0].shape[0]
@@ -135,25 +160,68 @@ class TensorLoader:
         n = len(range(self.rank, self.tensors[0].shape[0], self.world_size))
         return (n + self.batch_size - 1) // self.batch_size
 
+    def _draw_crop_flip(self):
+        """Per position of the epoch's order (all processes): row and column shift in [-4, 4], flip or not."""
+        n = self.tensors[0].shape[0]
+        shifts = torch.randint(-self.PAD, self.PAD + 1, (n, 2), generator=self.generator)
+        flips = torch.rand(n, generator=self.generator) < 0.5
+        return shifts[self.rank::self.world_size], flips[self.rank::self.world_size]
+
     def __iter__(self):
-        order = self._indices().to(self.tensors[0].device)
+        device = self.tensors[0].device
+        order = self._indices().to(device)
+        if self.augment:
+            shifts, flips = (t.to(device) for t in self._draw_crop_flip())
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
-            yield tuple(t[index] for t in self.tensors)
+            batch = tuple(t[index] for t in self.tensors)
+            if self.augment:
+                chunk = slice(start, start + self.batch_size)
+                batch = (crop_flip(batch[0], shifts[chunk], flips[chunk], self.PAD),) + batch[1:]
+            yield batch
+
+
+def crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each image [n, C, H, W] zero-padded by ``pad``, cropped back to H x W at offset ``pad + shift``, then
+    mirrored left-right where ``flips``: torchvision's RandomCrop(padding=pad) and RandomHorizontalFlip with
+    the random choices given. ``shifts`` [n, 2] holds (row, column) shifts in [-pad, pad]."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    rows = (pad + shifts[:, 0]).view(n, 1) + torch.arange(height, device=images.device).view(1, height)
+    columns = torch.arange(width, device=images.device).view(1, width)
+    columns = torch.where(flips.view(n, 1), width - 1 - columns, columns)
+    columns = (pad + shifts[:, 1]).view(n, 1) + columns
+    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+    channels = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+    return padded[batch, channels, rows.view(n, 1, height, 1), columns.view(n, 1, 1, width)]
+
+
+ON_DEVICE_AUGMENTED = ("cifar10", "cifar100")
+
+
+def check_data_on_device(args):
+    """``--data-on-device yes`` works where the training augmentation can run on the device."""
+    if args.data_on_device == "yes" and args.dataset == "imagenet":
+        raise UserError("--data-on-device yes is not available for imagenet (its random resized crop runs "
+                        "in the loader, and the data set does not fit a device); use --data-on-device no or auto")
 
 
 def make_loaders(args, method: Method, device, dist: Distributed, generator: torch.Generator):
     train_split = method.train_split(args)
-    train_data = get_dataset(args.dataset, train_split, smooth_prediction=args.smooth_prediction)
+    on_device = args.data_on_device == "yes" or (args.data_on_device == "auto" and args.dataset in ("mnist", "fmnist"))
+    # On the device, CIFAR images are stored unaugmented and cropped and flipped there, fresh every epoch.
+    augment_on_device = on_device and args.dataset in ON_DEVICE_AUGMENTED
+    train_data = get_dataset(args.dataset, train_split, smooth_prediction=args.smooth_prediction,
+                             augment=not augment_on_device)
     test_data = get_dataset(args.dataset, "test")
     if args.train_subset:
         train_data = Subset(train_data, range(min(args.train_subset, len(train_data))))
     if args.test_subset:
         test_data = Subset(test_data, range(min(args.test_subset, len(test_data))))
     per_process = max(1, args.batch // dist.world_size)
-    on_device = args.data_on_device == "yes" or (args.data_on_device == "auto" and args.dataset in ("mnist", "fmnist"))
     if on_device:
-        train_loader = TensorLoader(train_data, per_process, True, device, generator, dist.rank, dist.world_size)
+        train_loader = TensorLoader(train_data, per_process, True, device, generator, dist.rank, dist.world_size,
+                                    augment="crop_flip" if augment_on_device else None)
         test_loader = TensorLoader(test_data, per_process, False, device, generator)
         return train_loader, test_loader
     pin = device.type == "cuda"
@@ -226,8 +294,10 @@ class TrainingContext:
     def log_batch(self, epoch: int, i: int, num_batches: int, loss: AverageMeter, acc: AverageMeter,
                   started: float):
         if self.dist.is_main and (i % self.args.print_freq == 0 or i == num_batches - 1):
+            # a method that does not measure its train accuracy leaves ``acc`` empty
+            acc_text = f"{acc.avg:.3f}" if acc.count else "n/a"
             print(f"Epoch: [{epoch}][{i}/{num_batches}]\tTime {time.time() - started:.1f}s\t"
-                  f"Loss {loss.avg:.4f}\tAcc@1 {acc.avg:.3f}", flush=True)
+                  f"Loss {loss.avg:.4f}\tAcc@1 {acc_text}", flush=True)
 
 
 @contextlib.contextmanager
@@ -319,11 +389,109 @@ def format_log_row(epoch, seconds, lr, train_loss, train_acc, test_loss, test_ac
         epoch, seconds, lr, train_loss, train_acc, test_loss, test_acc)
 
 
+# --------------------------------------------------------------------------- learning-rate schedule
+
+def lr_factor(epoch: int, step_size: int, gamma: float) -> float:
+    """The step schedule's factor on the initial rate in the 0-based ``epoch``, as the published runs used it.
+
+    The published scripts call ``StepLR.step(epoch)`` after epoch ``epoch``, which sets the rate of the
+    next epoch to lr0 * gamma^(epoch // step_size). So epoch 0 runs at lr0 and epoch e >= 1 at
+    lr0 * gamma^((e - 1) // step_size): with step 50, lr0 for epochs 0..50, lr0 * gamma for 51..100, ...
+    """
+    if epoch <= 0:
+        return 1.0
+    return gamma ** ((epoch - 1) // step_size)
+
+
+def lr_schedule(method: Method, args) -> Callable[[int], float]:
+    """epoch -> the factor on ``--lr`` in that epoch: the step schedule times the method's multiplier."""
+    return lambda epoch: lr_factor(epoch, args.lr_step_size, args.gamma) * method.lr_multiplier(args, epoch)
+
+
+# --------------------------------------------------------------------------- resume: same arguments
+
+# Options that do not change what is computed, so a resumed run may change them: the total number of
+# epochs (the schedule does not depend on it), where the run folder is and what it is called, the
+# console output, and the resume switches themselves. ``workers`` changes which loader worker (and so
+# which random stream) crops a given CIFAR image, not the distribution of the crops.
+RESUME_FREE_ARGUMENTS = frozenset({"epochs", "workers", "print_freq", "logdir", "id", "resume",
+                                   "resume_changed_args"})
+OVERRIDES_NAME = "resume_overrides.txt"
+_ABSENT = "<absent>"
+
+
+def changed_arguments(stored: dict, current: dict, defaults: dict) -> List[str]:
+    """``'key: old -> new'`` for each argument outside ``RESUME_FREE_ARGUMENTS`` whose value differs.
+
+    A key the stored arguments lack (an option added after the checkpoint was written) counts as
+    stored at its default, i.e. the behaviour the run had; a stored key the current options lack is
+    listed (the code no longer knows it).
+    """
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        if key in RESUME_FREE_ARGUMENTS:
+            continue
+        old = stored.get(key, defaults.get(key, _ABSENT))
+        new = current.get(key, _ABSENT)
+        if old != new:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
+
+
+def check_resume_arguments(checkpoint: dict, args, defaults: dict, checkpoint_path: str) -> List[str]:
+    """Refuse a resume whose arguments differ from the checkpoint's (beyond the free ones).
+
+    Returns the differences that ``--resume-changed-args`` accepted (empty when there are none); a
+    checkpoint that stores no arguments (written by the published code) counts as one difference,
+    since nothing about it can be checked.
+    """
+    flag = "--resume-changed-args"
+    stored = checkpoint.get("args")
+    if not isinstance(stored, dict):
+        changes = ["the checkpoint stores no arguments (written by the published code or an older version), "
+                   "so they cannot be compared"]
+        if not args.resume_changed_args:
+            raise UserError(f"checkpoint '{checkpoint_path}' stores no arguments to compare with; add {flag} "
+                            "to continue it with the arguments given now")
+        return changes
+    changes = changed_arguments(stored, vars(args), defaults)
+    if changes and not args.resume_changed_args:
+        raise UserError(f"--resume with arguments that differ from checkpoint '{checkpoint_path}': "
+                        f"{'; '.join(changes)}; give the original arguments, or add {flag} to continue with "
+                        "these (recorded in the run folder)")
+    return changes
+
+
+def apply_optimizer_arguments(optimizer: torch.optim.Optimizer, scheduler, args):
+    """Make a resumed optimizer use the arguments given now (its loaded state holds the stored ones).
+
+    Only for a resume with ``--resume-changed-args``: the rate of the next epoch becomes
+    ``--lr`` times the schedule's factor, and momentum and weight decay those given.
+    """
+    scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = args.lr
+        group["lr"] = args.lr * factor(scheduler.last_epoch)
+        group["momentum"] = args.momentum
+        group["weight_decay"] = args.weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def record_overrides(folder: str, start_epoch: int, changes: List[str]):
+    """Append the accepted differences of a resume to the run folder's ``resume_overrides.txt``."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    with open(os.path.join(folder, OVERRIDES_NAME), "a") as handle:
+        handle.write(f"{stamp}\tresumed after epoch {start_epoch - 1} with --resume-changed-args\t"
+                     f"{'; '.join(changes)}\n")
+
+
 # --------------------------------------------------------------------------- the loop
 
 def parse_args(method: Method, argv=None):
     parser = build_parser(method)
     args = parser.parse_args(argv)
+    if args.epochs == 0:
+        parser.error("--epochs 0 trains nothing and writes no checkpoint; give the total number of epochs (1 or more)")
     if args.id is None:
         args.id = random.randint(0, 9999)
     try:
@@ -339,22 +507,35 @@ def train_main(method: Method, argv=None):
 
 
 def _train(method: Method, args):
+    check_data_on_device(args)
     dist = Distributed()
     device = dist.device
     folder = run_folder(args, method.method_path(args))
     checkpoint_path = os.path.join(folder, CHECKPOINT_NAME)
     log_path = os.path.join(folder, "log.txt")
 
-    checkpoint = None
+    checkpoint, overrides = None, []
     if os.path.exists(checkpoint_path):
         if not args.resume:
             raise UserError(f"run folder '{folder}' already holds a checkpoint; add --resume to continue it, "
                             "or choose another --id")
         checkpoint = load_checkpoint(checkpoint_path)
+        stored = checkpoint.get("args")
+        if args.seed is None and isinstance(stored, dict) and stored.get("seed") is not None:
+            args.seed = stored["seed"]
+        parser = build_parser(method)
+        defaults = {key: parser.get_default(key) for key in vars(args)}
+        overrides = check_resume_arguments(checkpoint, args, defaults, checkpoint_path)
+        done = int(checkpoint["epoch"])
+        if done >= args.epochs:
+            if dist.is_main:
+                print(f"already complete: {done} epochs, {checkpoint_path}", flush=True)
+            dist.close()
+            return
     elif args.resume and dist.is_main:
         print(f"--resume: no checkpoint in '{folder}', starting a fresh run", flush=True)
     if args.seed is None:
-        args.seed = checkpoint["args"]["seed"] if checkpoint and "args" in checkpoint else random.randint(0, 2 ** 31)
+        args.seed = random.randint(0, 2 ** 31)
     seed_everything(args.seed + dist.rank)
     loader_generator = torch.Generator()
     loader_generator.manual_seed(args.seed)
@@ -370,8 +551,8 @@ def _train(method: Method, args):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: args.gamma ** (epoch // args.lr_step_size) * method.lr_multiplier(args, epoch))
+    # LambdaLR's factor for epoch e is the rate used in epoch e (the scheduler steps after each epoch).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(method, args))
 
     start_epoch, log_rows = 0, []
     if checkpoint is not None:
@@ -384,8 +565,13 @@ def _train(method: Method, args):
         states = checkpoint.get("rng")
         if states:
             set_rng_state(states[dist.rank] if dist.rank < len(states) else states[0], loader_generator)
+        if overrides:
+            apply_optimizer_arguments(optimizer, scheduler, args)
         if dist.is_main:
             print(f"resuming '{folder}' after epoch {start_epoch - 1}", flush=True)
+            if overrides:
+                print(f"warning: resuming with changed arguments ({'; '.join(overrides)}); recorded in "
+                      f"{os.path.join(folder, OVERRIDES_NAME)}", file=sys.stderr, flush=True)
 
     if dist.enabled:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -398,7 +584,12 @@ def _train(method: Method, args):
         shutil.copytree(CODE_DIR, os.path.join(folder, "code"), dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "dataset_cache"))
         write_log(log_path, log_rows)
+        if overrides:
+            record_overrides(folder, start_epoch, overrides)
         writer = _summary_writer(folder, start_epoch)
+        if not method.measures_train_accuracy:
+            print("note: this method does not measure its train accuracy (as published): log.txt's train acc "
+                  "column holds 0.0 and the console shows n/a", flush=True)
     ctx = TrainingContext(args=args, model=ddp_model, optimizer=optimizer, device=device,
                           num_classes=get_num_classes(args.dataset), dist=dist, writer=writer)
 
@@ -419,6 +610,10 @@ def _train(method: Method, args):
         if not np.isfinite(train_loss):
             print(f"warning: train loss is {train_loss} in epoch {epoch}", file=sys.stderr)
         log_rows.append(format_log_row(epoch, after - before, lr, train_loss, train_acc, test_loss, test_acc))
+        train_acc_text = f"{train_acc:.2f}" if method.measures_train_accuracy else "n/a"
+        print(f"epoch {epoch}/{args.epochs - 1}: lr {lr:.3g}  train loss {train_loss:.4f}  train acc "
+              f"{train_acc_text}  noisy test loss {test_loss:.4f}  noisy test acc {test_acc:.2f}  "
+              f"({after - before:.1f}s)", flush=True)
         atomic_save({"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": rngs, "args": vars(args), "log": log_rows}, checkpoint_path)

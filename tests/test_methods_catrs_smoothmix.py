@@ -279,7 +279,7 @@ def test_warmup_factor():
 
 # --------------------------------------------------------------------------- command lines and run folders
 
-FAST = ["--epochs", "0", "--train-subset", "64", "--test-subset", "64", "--workers", "0"]
+FAST = ["--epochs", "1", "--train-subset", "64", "--test-subset", "64", "--workers", "0"]
 SMOOTHMIX_CIFAR = ("cifar10 cifar_resnet110 --lr 0.1 --lr_step_size 50 --epochs 150 --noise 0.5 --num-noise-vec 2 "
                    "--num-steps 4 --alpha 1.0 --mix_step 1 --eta 5.0 --id 0")
 CATRS_CIFAR = ("cifar10 cifar_resnet110 --lr 0.1 --lr_step_size 50 --epochs 150 --num-noise-vec 4 --noise 0.25 "

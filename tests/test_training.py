@@ -30,10 +30,10 @@ def test_published_gaussian_command_names_its_run_folder(tmp_path):
     args = published("cifar10 cifar_resnet110 --lr 0.1 --lr_step_size 50 --epochs 150 --noise 0.25 --id 0")
     parsed = build_parser(train_cohen.METHOD).parse_args(args)
     assert (parsed.noise_sd, parsed.lr, parsed.lr_step_size, parsed.epochs, parsed.id) == (0.25, 0.1, 50, 150, 0)
-    result = run_script("train_cohen.py", args + ["--epochs", "0", "--logdir", str(tmp_path)] + SMALL)
+    result = run_script("train_cohen.py", args + ["--epochs", "1", "--logdir", str(tmp_path)] + SMALL)
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "0"
-    assert (folder / "log.txt").read_text() == LOG_HEADER + "\n"
+    assert (folder / "log.txt").read_text().splitlines()[0] == LOG_HEADER
     assert (folder / "code" / "train_cohen.py").is_file()
 
 
@@ -47,19 +47,33 @@ def test_common_defaults_match_published():
 
 
 def test_one_epoch_writes_log_checkpoint_and_schedule(tmp_path):
-    args = ["fmnist", "lenet", "--lr", "0.01", "--epochs", "3", "--lr_step_size", "2", "--gamma", "0.5",
+    args = ["fmnist", "lenet", "--lr", "0.01", "--epochs", "3", "--lr_step_size", "1", "--gamma", "0.5",
             "--noise", "0.5", "--id", "7", "--seed", "3", "--logdir", str(tmp_path)] + SMALL
     result = run_script("train_cohen.py", args)
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "fmnist" / "cohen" / "noise_0.5" / "lenet" / "7"
     rows = (folder / "log.txt").read_text().splitlines()
     assert rows[0] == LOG_HEADER and [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2"]
-    assert [float(r.split("\t")[2]) for r in rows[1:]] == [0.01, 0.01, 0.005]  # StepLR(2, 0.5)
+    # the published StepLR(1, 0.5) stepped with step(epoch) after each epoch: the first drop is before epoch 2
+    assert [float(r.split("\t")[2]) for r in rows[1:]] == [0.01, 0.01, 0.005]
     checkpoint = torch.load(folder / "checkpoint.pth.tar", weights_only=True)
     assert checkpoint["epoch"] == 3 and checkpoint["arch"] == "lenet"
     assert set(checkpoint) >= {"epoch", "arch", "state_dict", "optimizer"}
     assert all(k.startswith("1.") for k in checkpoint["state_dict"])
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(folder))
+    # one console line per epoch with the noisy test accuracy and loss, as in log.txt
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3
+    for line, row in zip(epoch_lines, rows[1:]):
+        test_loss, test_acc = (float(v) for v in row.split("\t")[5:7])
+        assert "noisy test acc" in line and "noisy test loss" in line
+        assert float(line.split("noisy test acc ")[1].split()[0]) == pytest.approx(test_acc, abs=0.06)
+        assert float(line.split("noisy test loss ")[1].split()[0]) == pytest.approx(test_loss, rel=0.01)
+    # TensorBoard (a requirement) reads the run folder
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert [e.step for e in events.Scalars("accuracy/test")] == [0, 1, 2]
 
 
 def _weights(path):
@@ -67,7 +81,8 @@ def _weights(path):
 
 
 def test_sigkill_and_resume_gives_identical_weights(tmp_path):
-    common = ["fmnist", "lenet", "--lr", "0.01", "--epochs", "4", "--noise", "0.25", "--seed", "11",
+    # step 1: the learning rate drops twice within the run, so the resume must restore the schedule too
+    common = ["fmnist", "lenet", "--lr", "0.01", "--epochs", "4", "--lr_step_size", "1", "--noise", "0.25", "--seed", "11",
               "--logdir", str(tmp_path)] + SMALL
     reference = run_script("train_cohen.py", common + ["--id", "1"])
     assert reference.returncode == 0, reference.stderr
@@ -101,7 +116,7 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path):
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
-    train_cohen.main(["fmnist", "lenet", "--epochs", "0", "--id", "3", "--resume", "--logdir", str(tmp_path)] + SMALL)
+    train_cohen.main(["fmnist", "lenet", "--epochs", "1", "--id", "3", "--resume", "--logdir", str(tmp_path)] + SMALL)
     out = capsys.readouterr().out
     assert "no checkpoint" in out and "starting a fresh run" in out
 
@@ -114,10 +129,12 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     (["fmnist", "vgg16"], "invalid choice"),
     (["fmnist", "cifar_resnet110"], "does not fit dataset"),
     (["fmnist", "lenet", "--pretrained-model", "/nonexistent/checkpoint.pth.tar"], "not found"),
+    (["fmnist", "lenet", "--epochs", "0"], "--epochs 0 trains nothing"),
+    (["imagenet", "resnet50", "--data-on-device", "yes"], "--data-on-device yes is not available for imagenet"),
 ])
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words):
     with pytest.raises(SystemExit) as exit_info:
-        train_cohen.main(args + ["--epochs", "1", "--id", "0", "--logdir", str(tmp_path)] + SMALL)
+        train_cohen.main(["--epochs", "1"] + args + ["--id", "0", "--logdir", str(tmp_path)] + SMALL)
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
@@ -150,3 +167,137 @@ def test_torchrun_two_processes_train_with_ddp(tmp_path):
     assert list(checkpoint["state_dict"]) == ["1.conv1.weight", "1.conv1.bias", "1.conv2.weight", "1.conv2.bias",
                                               "1.fc1.weight", "1.fc1.bias", "1.fc2.weight", "1.fc2.bias"]
     assert len(checkpoint["rng"]) == 2
+
+
+# --------------------------------------------------------------------------- learning-rate schedule
+
+@pytest.mark.parametrize("step,gamma", [(1, 0.5), (2, 0.1), (3, 0.5), (50, 0.1)])
+def test_schedule_is_the_rate_the_published_runs_used(step, gamma):
+    """The published loop: StepLR(step, gamma), train epoch e, then scheduler.step(e)."""
+    from train_utils import lr_factor
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=gamma)
+    used = []
+    with pytest.warns(UserWarning):  # the epoch argument of step() is deprecated, but it is what was run
+        for epoch in range(160):
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step(epoch)
+    assert [0.1 * lr_factor(e, step, gamma) for e in range(160)] == pytest.approx(used, rel=1e-12)
+    first_drop = next(e for e in range(160) if used[e] < 0.1)
+    assert first_drop == step + 1
+
+
+def test_macer_deferred_robustness_starts_with_the_first_drop():
+    import train_macer
+    from train_utils import lr_schedule
+    for step in (1, 2, 30, 50):
+        args = build_parser(train_macer.METHOD).parse_args(
+            ["fmnist", "lenet", "--deferred", "--lbd", "6", "--lr_step_size", str(step)])
+        schedule = lr_schedule(train_macer.METHOD, args)
+        first_drop = next(e for e in range(200) if schedule(e) < 1)
+        first_robust = next(e for e in range(200) if train_macer.robustness_weight(args, e) > 0)
+        assert first_robust == first_drop == step + 1
+        assert train_macer.robustness_weight(args, first_robust) == 6.0
+
+
+def test_catrs_lr_drop_multiplies_the_schedule_from_that_epoch_on():
+    import train_catrs
+    from train_utils import lr_schedule
+    args = build_parser(train_catrs.METHOD).parse_args(
+        ["fmnist", "lenet", "--lr_step_size", "2", "--gamma", "0.5", "--lr_drop", "2"])
+    schedule = lr_schedule(train_catrs.METHOD, args)
+    # step schedule 1, 1, 1, 0.5, 0.5, 0.25; times gamma from epoch 2 on (published: at epoch 2 only)
+    assert [schedule(e) for e in range(6)] == [1, 1, 0.5, 0.25, 0.25, 0.125]
+
+
+# --------------------------------------------------------------------------- resume checks its arguments
+
+def _train_args(tmp_path, *extra):
+    return (["fmnist", "lenet", "--lr", "0.01", "--noise", "0.25", "--id", "5", "--seed", "2",
+             "--logdir", str(tmp_path)] + SMALL + list(extra))
+
+
+def test_resume_with_changed_arguments_stops_before_any_work(tmp_path, capsys):
+    train_cohen.main(_train_args(tmp_path, "--epochs", "1"))
+    folder = tmp_path / "fmnist/cohen/noise_0.25/lenet/5"
+    checkpoint, log = folder / "checkpoint.pth.tar", folder / "log.txt"
+    before = (checkpoint.read_bytes(), log.read_text(), sorted(os.listdir(folder)))
+    capsys.readouterr()
+
+    # the case of the report: a changed learning rate and training subset must not continue silently
+    with pytest.raises(SystemExit) as exit_info:
+        train_cohen.main(_train_args(tmp_path, "--epochs", "2", "--resume", "--lr", "0.05", "--train-subset", "400"))
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert "lr: 0.01 -> 0.05" in lines[0] and "train_subset: 512 -> 400" in lines[0]
+    assert "--resume-changed-args" in lines[0] and "epochs:" not in lines[0]
+    assert "resuming" not in captured.out
+    assert (checkpoint.read_bytes(), log.read_text(), sorted(os.listdir(folder))) == before
+
+    # the free options (--epochs, --workers, --print-freq) may change without a word
+    train_cohen.main(_train_args(tmp_path, "--epochs", "2", "--resume", "--print-freq", "3"))
+    assert "resuming" in capsys.readouterr().out
+    assert not (folder / "resume_overrides.txt").exists()
+
+    # with the flag the run continues with the new values, and the override is recorded in the run folder
+    train_cohen.main(_train_args(tmp_path, "--epochs", "3", "--resume", "--lr", "0.05", "--resume-changed-args"))
+    captured = capsys.readouterr()
+    assert "lr: 0.01 -> 0.05" in captured.err
+    overrides = (folder / "resume_overrides.txt").read_text().splitlines()
+    assert len(overrides) == 1 and "after epoch 1" in overrides[0] and "lr: 0.01 -> 0.05" in overrides[0]
+    rows = log.read_text().splitlines()
+    assert rows[0] == LOG_HEADER and [float(r.split("\t")[2]) for r in rows[1:]] == [0.01, 0.01, 0.05]
+    assert torch.load(checkpoint, weights_only=True)["args"]["lr"] == 0.05
+
+
+def test_resume_of_a_checkpoint_without_arguments_needs_the_flag(tmp_path, capsys):
+    train_cohen.main(_train_args(tmp_path, "--epochs", "1"))
+    path = tmp_path / "fmnist/cohen/noise_0.25/lenet/5/checkpoint.pth.tar"
+    published_style = {k: v for k, v in torch.load(path, weights_only=True).items()
+                       if k in ("epoch", "arch", "state_dict", "optimizer")}
+    torch.save(published_style, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_cohen.main(_train_args(tmp_path, "--epochs", "2", "--resume"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stores no arguments" in err[0] and "--resume-changed-args" in err[0]
+    train_cohen.main(_train_args(tmp_path, "--epochs", "2", "--resume", "--resume-changed-args"))
+    assert "stores no arguments" in (path.parent / "resume_overrides.txt").read_text()
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+
+
+def test_resume_of_a_complete_run_says_so(tmp_path, capsys):
+    train_cohen.main(_train_args(tmp_path, "--epochs", "1"))
+    folder = tmp_path / "fmnist/cohen/noise_0.25/lenet/5"
+    before = ((folder / "checkpoint.pth.tar").read_bytes(), (folder / "log.txt").read_text())
+    capsys.readouterr()
+    train_cohen.main(_train_args(tmp_path, "--epochs", "1", "--resume"))  # returns: exit status 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"already complete: 1 epochs, {folder / 'checkpoint.pth.tar'}"]
+    assert ((folder / "checkpoint.pth.tar").read_bytes(), (folder / "log.txt").read_text()) == before
+
+
+# --------------------------------------------------------------------------- console of methods without train accuracy
+
+@pytest.mark.parametrize("script,options", [
+    ("train_macer.py", ["--num-noise-vec", "2"]),
+    ("train_smoothmix.py", ["--num-noise-vec", "2", "--num-steps", "1"]),
+])
+def test_methods_without_train_accuracy_say_n_a(tmp_path, script, options):
+    args = ["fmnist", "lenet", "--epochs", "1", "--noise", "0.25", "--id", "0", "--seed", "0",
+            "--logdir", str(tmp_path), "--train-subset", "128", "--test-subset", "64", "--batch", "64",
+            "--workers", "0", "--print-freq", "1"] + options
+    result = run_script(script, args)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sum("does not measure its train accuracy" in line for line in lines) == 1
+    assert all("Acc@1 n/a" in line for line in lines if line.startswith("Epoch: ["))
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 1 and "train acc n/a" in epoch_lines[0] and "noisy test acc" in epoch_lines[0]
+    log = next(tmp_path.rglob("log.txt")).read_text().splitlines()
+    assert float(log[1].split("\t")[4]) == 0.0  # the published column
