@@ -39,7 +39,8 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     dataset = evaluation_dataset(args.dataset, args.split)
     output = ResultFile(args.outfile, CERTIFY_HEADER, overwrite=args.overwrite)
-    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output], certify_images(args), format_row)
+    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output], certify_images(args), format_row,
+                      script="certify.py")
 
 
 def main(argv=None):

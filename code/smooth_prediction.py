@@ -64,6 +64,9 @@ class ConfidenceArray(RecordStore):
                 raise UserError(f"'{result.path}' has {len(missing)} rows whose frequencies are missing ('{self.path}' "
                                 "not found); restore it, or pass --overwrite to start over")
 
+    def files(self):
+        return [self.path]
+
     def reset(self):
         if os.path.exists(self.path):
             os.remove(self.path)
@@ -114,7 +117,8 @@ def run(argv=None):
 
     run_on_image_sets(args, args.dataset, [("smooth prediction", dataset)], [output],
                       lambda smooth, xs, generators: list(smooth.sample_counts_many(xs, args.N, args.batch, generators)),
-                      format_row, record=lambda counts: counts / args.N)
+                      format_row, record=lambda counts: counts / args.N,
+                      script="smooth_prediction.py")
 
 
 def main(argv=None):
