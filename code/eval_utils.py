@@ -428,9 +428,9 @@ class ResultFile:
     def check_settings(self):
         """Raise ``UserError`` when an existing output was made with other settings, or has rows but no record.
 
-        A differing code or torch version only prints a warning: rows of the
-        same settings agree in distribution, and with ``--seed`` a change of
-        the code that changes them is a bug the tests are there to catch.
+        A differing code or torch version only prints a warning (once, from
+        rank 0): the settings define what each row computes, and refusing
+        every resume after an upgrade would only push users to ``--overwrite``.
         """
         if self.provenance is None:
             return
@@ -449,7 +449,8 @@ class ResultFile:
                 raise UserError(f"'{path}' was made with other settings ({', '.join(differences)}); run with its "
                                 "settings to continue it, choose another output, or pass --overwrite to start over")
             old, new = record.get("environment", {}), self.provenance.environment
-            if old.get("code_sha256") != new.get("code_sha256") or old.get("torch") != new.get("torch"):
+            software_changed = old.get("code_sha256") != new.get("code_sha256") or old.get("torch") != new.get("torch")
+            if software_changed and os.environ.get("RANK", "0") == "0":
                 keys = ("git_commit", "code_sha256", "torch")
                 changed = settings_differences({k: old.get(k) for k in keys}, {k: new.get(k) for k in keys})
                 print(f"warning: '{path}' was started with other software ({', '.join(changed)}); continuing it "

@@ -16,7 +16,8 @@ when a run ends, or when the next one starts, the journals are written into
 the ``.npy`` (atomically) and removed. So every image with a TSV row has its
 frequencies in the journal or the ``.npy``; an image whose row is missing is
 simply done again. A ``.npy`` that exists without the TSV belongs to another
-run and is not touched (``--overwrite`` replaces both).
+run and is not touched (``--overwrite`` replaces both). Both files get a
+settings record (``.meta.json``, see eval_utils), checked when a run resumes.
 """
 import os
 
