@@ -63,7 +63,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # provenance.py, also when imported from elsewhere
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:   # provenance.py, when imported from elsewhere
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import read_sidecar, settings_differences  # noqa: E402
 
 PathLike = Union[str, Path]
