@@ -23,14 +23,23 @@ The library keeps the names of the published analysis module
 (`ApproximateAccuracy`, `HighProbAccuracy`, `Line`, `plot_certified_accuracy`,
 `smallplot_certified_accuracy`, `latex_table_certified_accuracy`,
 `markdown_table_certified_accuracy`) so scripts written against it keep
-working.  Files may be plain or gzipped TSVs: pandas infers the compression
-from a ``.gz`` suffix.  Malformed inputs raise `ResultsFileError` (a
-`ValueError`) with one line that names the file and what is wrong, so that a
-long sweep fails early and legibly instead of producing NaNs or a traceback.
+working.  Files may be plain or gzipped TSVs (a ``.gz`` suffix means gzip).
+Malformed inputs raise `ResultsFileError` (a `ValueError`) with one line that
+names the file and what is wrong, so that a long sweep fails early and legibly
+instead of producing NaNs or a traceback.
+
+One line (a table row, a curve) may gather several result files that together
+make one run, e.g. the image ranges (``--start``/``--max``) certified on
+different machines: give `ApproximateAccuracy` a list of paths, or join them
+with ``+`` on the command line.  Their rows are combined only when they can be
+one run: no image twice, and the settings records the evaluation scripts write
+next to their outputs (``OUT.meta.json``: sigma, N, alpha, checkpoint hash, ...;
+see provenance.py) all agree, or no file has one (published results).
+Otherwise `ResultsFileError` names the differing settings.
 
 Command line (run from the repository root)::
 
-    python code/analyze.py RESULT.tsv[.gz] [RESULT.tsv ...] [--radii 0 0.25 ...]
+    python code/analyze.py RESULT.tsv[.gz][+PART.tsv ...] [RESULT.tsv ...] [--radii 0 0.25 ...]
         [--labels L1 L2 ...] [--latex] [--plot FILE.png] [--max-radius R]
         [--title T] [--abstain]
 
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -52,6 +62,10 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:   # provenance.py, when imported from elsewhere
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import read_sidecar, settings_differences  # noqa: E402
 
 PathLike = Union[str, Path]
 
@@ -101,8 +115,13 @@ def load_results(path: PathLike) -> pd.DataFrame:
         raise ResultsFileError(path, f"is a directory, expected {expected}")
     if p.stat().st_size == 0:
         raise ResultsFileError(path, f"file is empty, expected {expected}")
+    with open(p, "rb") as handle:
+        head = handle.read(512)
+    if not p.name.endswith(".gz") and (head.startswith((b"PK\x03\x04", b"\x80")) or head[257:262] == b"ustar"):
+        raise ResultsFileError(path, f"is a PyTorch checkpoint or another archive, expected {expected} "
+                                     "(give the TSV written by certify.py)")
     try:
-        df = pd.read_csv(p, sep="\t")
+        df = pd.read_csv(p, sep="\t", compression="gzip" if p.name.endswith(".gz") else None)
     except pd.errors.EmptyDataError:
         # e.g. a gzip archive of an empty file, or only blank lines
         raise ResultsFileError(path, f"file is empty, expected {expected}") from None
@@ -112,6 +131,9 @@ def load_results(path: PathLike) -> pd.DataFrame:
     except (OSError, EOFError, UnicodeDecodeError) as err:
         # BadGzipFile (an OSError), truncated archives, binary garbage
         raise ResultsFileError(path, f"could not be read ({_first_line(err)})") from None
+    except Exception as err:   # anything else pandas may raise on a file that is not a table
+        raise ResultsFileError(path, f"could not be read as a table ({type(err).__name__}: "
+                                     f"{_first_line(err)})") from None
 
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -143,6 +165,52 @@ def load_results(path: PathLike) -> pd.DataFrame:
     return df
 
 
+def result_settings(path: PathLike) -> Optional[dict]:
+    """The settings recorded next to a result file by the evaluation scripts; None when it has no record."""
+    try:
+        record = read_sidecar(str(path))
+    except ValueError as err:
+        raise ResultsFileError(path, str(err)) from None
+    return None if record is None else record["settings"]
+
+
+def load_line(paths: Sequence[PathLike]) -> pd.DataFrame:
+    """The rows of one table line: one result file, or several that together make one run.
+
+    Each file is read by `load_results`.  Several files are combined only when
+    no image (``idx``) appears twice and their settings records agree (or none
+    of them has one); otherwise `ResultsFileError` names the files and what
+    differs.
+    """
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no result file given")
+    frames = [load_results(p) for p in paths]
+    records = [result_settings(p) for p in paths]   # also checks that a lone file's record is readable
+    if len(paths) == 1:
+        return frames[0]
+    together = " + ".join(str(p) for p in paths)
+    with_record = [str(p) for p, r in zip(paths, records) if r is not None]
+    if with_record and len(with_record) < len(paths):
+        without = next(str(p) for p, r in zip(paths, records) if r is None)
+        raise ResultsFileError(together, f"'{with_record[0]}' has a settings record but '{without}' has none, so "
+                                         "they cannot be shown to come from one run; analyse them as separate lines")
+    for p, r in zip(paths[1:], records[1:]):
+        differences = settings_differences(records[0], r) if r is not None else []
+        if differences:
+            raise ResultsFileError(together, f"'{paths[0]}' and '{p}' were made with different settings "
+                                             f"({', '.join(differences)}); analyse them as separate lines")
+    if all("idx" in f.columns for f in frames):
+        seen: dict = {}
+        for p, f in zip(paths, frames):
+            for idx in f["idx"].tolist():
+                if idx in seen:
+                    raise ResultsFileError(together, f"image {idx} is in both '{seen[idx]}' and '{p}'; a line may "
+                                                     "combine only files with different images")
+                seen[idx] = p
+    return pd.concat(frames, ignore_index=True)
+
+
 # --------------------------------------------------------------------------
 # Accuracy quantities
 # --------------------------------------------------------------------------
@@ -158,12 +226,15 @@ class Accuracy(ABC):
 class ApproximateAccuracy(Accuracy):
     """Approximate certified accuracy of one certification result (Cohen et al. 2019).
 
-    The file is read and validated once, when the object is created.
+    ``data_file_path``: one result file, or a list of files that make one run
+    (see `load_line`).  The files are read and validated once, when the
+    object is created.
     """
 
-    def __init__(self, data_file_path: PathLike):
+    def __init__(self, data_file_path: Union[PathLike, Sequence[PathLike]]):
         self.data_file_path = data_file_path
-        self.df = load_results(data_file_path)
+        paths = [data_file_path] if isinstance(data_file_path, (str, Path)) else list(data_file_path)
+        self.df = load_line(paths)
         correct = self.df["correct"].to_numpy() == 1
         # Radii of the correctly classified images, sorted, so that the count
         # with radius >= r is one binary search per radius.
@@ -631,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(ACR) of certify.py outputs (Cohen et al. 2019), as a markdown or LaTeX "
                     "table, optionally with a plot of the certified-accuracy curves.")
     parser.add_argument("files", nargs="+", metavar="RESULT.tsv",
-                        help="certify.py output files (plain or .gz)")
+                        help="certify.py output files (plain or .gz), one per line; A.tsv+B.tsv makes one line of "
+                             "files that together make one run (other images, the same settings)")
     parser.add_argument("--radii", nargs="+", type=float, default=list(DEFAULT_RADII),
                         metavar="R", help="radii of the table columns (default: %(default)s)")
     parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
@@ -647,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _line_files(argument: str) -> List[str]:
+    """The files of one command-line argument: ``A+B`` is two files, unless a file of that very name exists."""
+    if "+" not in argument or Path(argument).exists():
+        return [argument]
+    return argument.split("+")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -654,14 +733,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise _UsageError(f"--labels got {len(args.labels)} label(s) for {len(args.files)} file(s)")
         if args.max_radius is not None and args.max_radius <= 0:
             raise _UsageError(f"--max-radius must be positive, got {args.max_radius}")
+        bad = [r for r in args.radii if not (math.isfinite(r) and r >= 0)]
+        if bad:
+            raise _UsageError(f"--radii must be non-negative numbers, got {bad[0]:g}")
         # Read every file before printing or writing anything: a bad file
         # late in the list must not leave a partial table or plot behind.
-        accuracies = [ApproximateAccuracy(f) for f in args.files]
+        lines = [_line_files(f) for f in args.files]
+        accuracies = [ApproximateAccuracy(files) for files in lines]
     except (ResultsFileError, _UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    labels = args.labels if args.labels is not None else default_labels(args.files)
+    labels = args.labels if args.labels is not None else default_labels([files[0] for files in lines])
     table = summary_table(accuracies, labels, args.radii,
                           style="latex" if args.latex else "markdown", abstain=args.abstain)
 

@@ -6,9 +6,10 @@ For each selected image: class cA from N0 noisy samples, then the one-sided
 (1 - alpha) Clopper-Pearson lower bound pA of cA's frequency among N fresh
 samples; abstain (predict -1, radius 0.0) when pA < 1/2, else radius
 sigma * PhiInv(pA). Writes ``idx label predict radius correct time`` rows
-(radius with 3 significant digits). Re-running the same command continues an
-interrupted run; ``torchrun --nproc_per_node K`` shares the images among K
-processes and leaves one file (see eval_utils).
+(radius with 3 significant digits) and the settings record
+``OUTFILE.meta.json``. Re-running the same command continues an interrupted
+run (a run with other settings is refused); ``torchrun --nproc_per_node K``
+shares the images among K processes and leaves one file (see eval_utils).
 """
 from common import ArgumentParser, run_cli
 from eval_utils import (CERTIFY_HEADER, ResultFile, add_engine_arguments, add_image_arguments, add_model_arguments,
@@ -39,7 +40,8 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     dataset = evaluation_dataset(args.dataset, args.split)
     output = ResultFile(args.outfile, CERTIFY_HEADER, overwrite=args.overwrite)
-    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output], certify_images(args), format_row)
+    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output], certify_images(args), format_row,
+                      script="certify.py")
 
 
 def main(argv=None):

@@ -125,7 +125,8 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     dataset, sets = find_corrupted_sets(args.base_c_path, _corruption_list(args.corruptions))
     outputs = [ResultFile(f"{args.outfile}{s.name}.tsv", CERTIFY_HEADER, overwrite=args.overwrite) for s in sets]
-    run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs, certify_images(args), format_row)
+    run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs, certify_images(args), format_row,
+                      script="certify_c.py", output_settings=[{"corruption": s.name} for s in sets])
 
 
 def main(argv=None):

@@ -2,9 +2,13 @@
 
 Bad input raises ``UserError`` (or a ``DatasetError`` / ``ArchitectureError``);
 ``run_cli`` turns it into one line on stderr and exit status 2, before any
-output is written.
+output is written. Ctrl-C ends a script with one line that says how to
+continue, and exit status 130.
 """
 import argparse
+import functools
+import gc
+import hashlib
 import os
 import shutil
 import sys
@@ -17,19 +21,39 @@ from architectures import ArchitectureError, check_architecture, get_architectur
 from datasets import DatasetError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for Ctrl-C
+
+#: How to continue an interrupted evaluation script (``run_cli``'s default).
+RESUME_EVALUATION = "run the same command again to continue (complete rows are kept)"
+#: How to continue an interrupted training run.
+RESUME_TRAINING = "run the same command with --resume to continue from the last saved epoch"
 
 
 class UserError(ValueError):
     """An input problem; the message names it and says how to fix it."""
 
 
-def run_cli(main: Callable[[], None]):
-    """Run ``main`` and report input problems as one line without a traceback."""
+def run_cli(main: Callable[[], None], resume_hint: str = RESUME_EVALUATION):
+    """Run ``main`` and report input problems and Ctrl-C as one line without a traceback.
+
+    Input problems exit with status 2. Ctrl-C exits with status 130 and the
+    line ``interrupted: {resume_hint}``; the scripts write every row and
+    checkpoint whole (appended and flushed, or replaced atomically), so what
+    was written before the interruption stays usable.
+    """
+    interrupted = False
     try:
         main()
     except (UserError, DatasetError, ArchitectureError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        # Free the interrupted frames first, so that their progress bars close (and print) before the last line.
+        gc.collect()
+        print(f"\ninterrupted: {resume_hint}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 # --------------------------------------------------------------------------- argument types
@@ -98,12 +122,31 @@ def atomic_save(obj, path: str):
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint dict with ``weights_only=True``: nothing in it is ever executed."""
+def _looks_like_torch_file(path: str) -> bool:
+    """Whether ``path`` starts like a file written by ``torch.save``.
+
+    A zip archive (the format since PyTorch 1.6), a pickle of protocol 2 or
+    newer (the legacy format) or a tar archive (the format of PyTorch < 0.4).
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80") or head[257:262] == b"ustar"
+
+
+def check_checkpoint_file(path: str):
+    """Raise ``UserError`` unless ``path`` is a non-empty file that starts like a ``torch.save`` file."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' not found; give the checkpoint.pth.tar written by a train_*.py run")
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint '{path}' is empty; it was probably cut short: train again or resume")
+    if not _looks_like_torch_file(path):
+        raise UserError(f"'{path}' is not a PyTorch checkpoint (it is not a file written by torch.save); give the "
+                        "checkpoint.pth.tar written by a train_*.py run")
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint dict with ``weights_only=True``: nothing in it is ever executed."""
+    check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -133,6 +176,21 @@ def load_base_classifier(path: str, dataset: str, device) -> torch.nn.Module:
         first = str(exc).splitlines()[0]
         raise UserError(f"checkpoint '{path}' does not match architecture '{arch}' ({first})")
     return model.eval()
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's content (hex), read in 1 MiB chunks; remembered while the file is unchanged."""
+    stat = os.stat(path)
+    return _sha256_of(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:   # size and mtime: the cache key
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- torchrun

@@ -2,12 +2,13 @@
 
 Options
     The published options of each script, plus ``--seed``, ``--batch-images``,
-    ``--bf16``, ``--compile``, ``--no-channels-last`` and ``--overwrite``
-    (``add_*_arguments``).
+    ``--bf16``, ``--compile``, ``--no-channels-last``, ``--overwrite`` and
+    ``--resume-unverified`` (``add_*_arguments``).
 
 Images
     Image ``idx`` is evaluated when ``idx >= --start``, ``idx % --skip == 0``
-    and, when ``--max`` is not negative, ``idx < --max``. Evaluation splits are
+    and, when ``--max`` is not negative, ``idx < --max``; a selection without
+    any image is refused. Evaluation splits are
     read without training augmentation, so every image is the same on every
     run. With ``--seed S`` the noise of image ``idx`` comes from
     ``core.noise_generator(S, idx, device)``: its row depends neither on how
@@ -23,6 +24,31 @@ Resumable result files (``ResultFile``)
     number of fields) and evaluates only the images without a row. A file
     whose first line is not the expected header is never modified: the run
     stops with one line and exit status 2 (``--overwrite`` starts over).
+    When every selected image already has a row, the run says
+    ``already complete: K rows, OUTFILE`` and does nothing else; every run
+    ends by printing its output paths.
+
+Settings records (``Provenance``)
+    Next to each output (the TSV, and smooth_prediction's ``.npy``) lies
+    ``{output}.meta.json``, written atomically by rank 0 before the first row.
+    Its ``settings`` are what determines the rows: the script, the data set,
+    every option of the command line except those in ``NOT_ROW_SETTINGS``
+    (image selection, ``--batch-images``, output handling, input paths), the
+    SHA-256 of the checkpoint's content, and per output what the script adds
+    (certify_c's corruption); options added to a script later are settings
+    without further ado. Its ``environment`` is recorded, not compared:
+    checkpoint path, code version (SHA-256 of ``code/**/*.py``, always
+    available, and the git commit when there is one), torch version, command.
+    A run that finds an existing output compares, before any work:
+    * a record with other settings: stop, one line naming each key
+      ``old -> new`` (``--overwrite`` starts over); a larger ``--max``, another
+      ``--skip``/``--start`` only add images and are allowed;
+    * another code or torch version: a warning line, the run continues;
+    * rows without a record (the published code, older versions): stop unless
+      ``--resume-unverified``, which writes a record counting the rows it
+      adopted (``unverified_rows``).
+    ``--overwrite`` replaces the records with the output. analyze.py reads the
+    records to refuse combining rows made with different settings.
 
 Several processes (``torchrun --nproc_per_node K``)
     Rank 0 first merges what an interrupted run left into the result file;
@@ -42,23 +68,30 @@ Row records (smooth_prediction)
     journals are removed.
 """
 import datetime
+import functools
 import glob
+import hashlib
+import json
 import os
 import re
 import secrets
+import shlex
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (ArgumentParser, Distributed, UserError, load_base_classifier, nonnegative_int,
-                    positive_float, positive_int, probability, replace_atomic)
+from common import (ArgumentParser, Distributed, UserError, check_checkpoint_file, file_sha256, load_base_classifier,
+                    nonnegative_int, positive_float, positive_int, probability, replace_atomic)
 from core import Smooth, noise_generator
 from datasets import DATASETS, get_dataset, get_num_classes
+from provenance import SIDECAR_FORMAT, settings_differences, sidecar_path
+from provenance import read_sidecar as read_record
 
 CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
@@ -112,6 +145,10 @@ def add_engine_arguments(parser: ArgumentParser):
                        help="feed batches in the default memory format")
     group.add_argument("--overwrite", action="store_true",
                        help="start over, replacing existing results (default: continue them)")
+    group.add_argument("--resume-unverified", action="store_true",
+                       help="continue a result file that has rows but no settings record ({outfile}.meta.json), "
+                            "e.g. one written by the published code, taking its rows as made with this "
+                            "command's settings")
 
 
 def select_indices(size: int, skip: int, max_index: int, start: int = 0) -> List[int]:
@@ -150,6 +187,104 @@ def evaluation_dataset(dataset: str, split: str):
 def make_smooth(model: torch.nn.Module, num_classes: int, sigma: float, args) -> Smooth:
     return Smooth(model, num_classes, sigma, images_per_batch=args.batch_images, channels_last=args.channels_last,
                   bf16=args.bf16, compile=args.compile)
+
+
+# --------------------------------------------------------------------------- provenance
+
+CODE_FOLDER = os.path.dirname(os.path.abspath(__file__))
+
+#: Options that never change the value of a row, so they are neither part of the
+#: settings nor compared on resume: which images are done (a resumed run may add
+#: images), how images are grouped (rows do not depend on it), which outputs are
+#: written and how existing ones are treated, and the paths of the inputs (the
+#: checkpoint is compared by its content; the paths are recorded for reference).
+#: Every other option of a script, including options added later, is a setting.
+NOT_ROW_SETTINGS = frozenset({
+    "max", "skip", "start",
+    "batch_images",
+    "outfile", "corruptions", "overwrite", "resume_unverified",
+    "base_classifier", "base_c_path",
+})
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> Dict[str, Optional[str]]:
+    """The code that runs: SHA-256 of the ``.py`` files under ``code/`` and, when available, the git commit.
+
+    The hash is always available (also in a copy of ``code/`` without git) and
+    changes with any edit; the commit is for humans (None outside a git
+    checkout; ``+dirty`` when ``code/`` differs from it).
+    """
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(CODE_FOLDER)):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, CODE_FOLDER).encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+    commit = None
+    try:
+        def git(*command):
+            return subprocess.run(["git", "-C", CODE_FOLDER] + list(command), capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", ".") else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"code_sha256": digest.hexdigest(), "git_commit": commit}
+
+
+def _json_value(value):
+    """``value`` as it reads back from JSON (tuples become lists), so recorded and new settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclass
+class Provenance:
+    """What made a result file: the settings that determine its rows, and the environment of the run.
+
+    ``settings`` (compared on resume): the script, the data set, every option
+    of the parsed command line but those in ``NOT_ROW_SETTINGS``, the SHA-256
+    of the checkpoint's content and, per output, what the script adds (the
+    corruption of certify_c). ``environment`` (recorded, not compared): input
+    paths, the code version (``code_version``), the torch version, the command.
+    """
+    settings: Dict[str, object]
+    environment: Dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def of_run(cls, args, script: str, dataset: str) -> "Provenance":
+        check_checkpoint_file(args.base_classifier)
+        settings = {"script": script, "dataset": dataset}
+        settings.update((key, value) for key, value in vars(args).items() if key not in NOT_ROW_SETTINGS)
+        settings["checkpoint_sha256"] = file_sha256(args.base_classifier)
+        environment = {"checkpoint": os.path.abspath(args.base_classifier), **code_version(),
+                       "torch": torch.__version__,
+                       "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
+        if getattr(args, "base_c_path", None):
+            environment["base_c_path"] = os.path.abspath(args.base_c_path)
+        return cls(_json_value(settings), _json_value(environment))
+
+    def with_settings(self, **extra) -> "Provenance":
+        return Provenance(_json_value({**self.settings, **extra}), self.environment)
+
+    def record(self, file: str, unverified_rows: int = 0) -> dict:
+        """The sidecar of ``file``: the settings, the environment, and how many rows it had before its record."""
+        return {"format": SIDECAR_FORMAT, "file": os.path.basename(file), "settings": self.settings,
+                "environment": self.environment, "unverified_rows": unverified_rows,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def read_sidecar(path: str) -> Optional[dict]:
+    """The settings record of the output ``path`` (None when there is none); ``UserError`` when unreadable."""
+    try:
+        return read_record(path)
+    except ValueError as exc:
+        raise UserError(f"{exc}; restore it, or pass --overwrite to start over")
+
+
+def write_sidecar(path: str, record: dict):
+    replace_atomic(sidecar_path(path), lambda handle: handle.write(json.dumps(record, indent=1) + "\n"))
 
 
 # --------------------------------------------------------------------------- result files
@@ -227,6 +362,10 @@ class RecordStore:
     def save(self, records: List[Tuple[int, np.ndarray]], final: bool):
         """Store ``records`` (later ones win) durably; ``final``: the run is over."""
 
+    def files(self) -> List[str]:
+        """The files the store writes (each gets a settings record like the result file's)."""
+        return []
+
 
 class ResultFile:
     """A resumable TSV result file, its per-rank parts and (optionally) their record journals."""
@@ -238,6 +377,8 @@ class ResultFile:
         self.overwrite = overwrite
         self.record_width = record_width
         self.store = store or RecordStore()
+        self.provenance: Optional[Provenance] = None   # set by ``expect``
+        self.resume_unverified = False
 
     # files ---------------------------------------------------------------
     def part_path(self, rank: int) -> str:
@@ -264,14 +405,65 @@ class ResultFile:
     def records(self) -> List[Tuple[int, np.ndarray]]:
         return [record for journal in self.journals() for record in read_journal(journal, self.record_width)]
 
+    def recorded_files(self) -> List[str]:
+        """The outputs that carry a settings record: the result file and the store's files."""
+        return [self.path] + self.store.files()
+
     # before any work -------------------------------------------------------
+    def expect(self, provenance: Provenance, resume_unverified: bool = False):
+        """The settings of this run; ``check`` compares them with the records of existing outputs."""
+        self.provenance = provenance
+        self.resume_unverified = resume_unverified
+
     def check(self):
-        """Read-only validation: the output can be written and what exists is ours."""
+        """Read-only validation: the output can be written and what exists is ours, made with these settings."""
         check_output_path(self.path)
         if not self.overwrite:
             for path in self.tsv_files():
                 read_tsv(path, self.header)
         self.store.check(self)
+        if not self.overwrite:
+            self.check_settings()
+
+    def check_settings(self):
+        """Raise ``UserError`` when an existing output was made with other settings, or has rows but no record.
+
+        A differing code or torch version only prints a warning (once, from
+        rank 0): the settings define what each row computes, and refusing
+        every resume after an upgrade would only push users to ``--overwrite``.
+        """
+        if self.provenance is None:
+            return
+        for path in self.recorded_files():
+            record = read_sidecar(path)
+            if record is None:
+                has_rows = bool(self.done_rows()) if path == self.path else os.path.exists(path)
+                if has_rows and not self.resume_unverified:
+                    raise UserError(f"'{path}' has results but no settings record ('{sidecar_path(path)}': made by "
+                                    "the published or an older code), so resuming could mix settings; pass "
+                                    "--resume-unverified to continue it with this command's settings, or "
+                                    "--overwrite to start over")
+                continue
+            differences = settings_differences(record["settings"], self.provenance.settings)
+            if differences:
+                raise UserError(f"'{path}' was made with other settings ({', '.join(differences)}); run with its "
+                                "settings to continue it, choose another output, or pass --overwrite to start over")
+            old, new = record.get("environment", {}), self.provenance.environment
+            software_changed = old.get("code_sha256") != new.get("code_sha256") or old.get("torch") != new.get("torch")
+            if software_changed and os.environ.get("RANK", "0") == "0":
+                keys = ("git_commit", "code_sha256", "torch")
+                changed = settings_differences({k: old.get(k) for k in keys}, {k: new.get(k) for k in keys})
+                print(f"warning: '{path}' was started with other software ({', '.join(changed)}); continuing it "
+                      "with the same settings", file=sys.stderr)
+
+    def complete(self, indices: Sequence[int]) -> bool:
+        """Whether every image of ``indices`` has a row and nothing is left to merge or record (or start over)."""
+        if self.overwrite or self.parts() or self.journals() or not os.path.exists(self.path):
+            return False
+        if self.provenance is not None and any(not os.path.exists(sidecar_path(p)) for p in self.recorded_files()
+                                               if os.path.exists(p)):
+            return False
+        return set(indices) <= set(self.done_rows())
 
     def done_rows(self) -> Dict[int, str]:
         rows: Dict[int, str] = {}
@@ -282,14 +474,25 @@ class ResultFile:
 
     # rank 0 -----------------------------------------------------------------
     def prepare(self):
-        """Start over (``--overwrite``) or merge what an earlier run left; make sure the file exists."""
+        """Start over (``--overwrite``) or merge what an earlier run left; make sure the file exists.
+
+        The settings records are written (atomically) before the result file
+        gets its first row; an existing record is kept as it is.
+        """
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if self.overwrite:
-            for path in self.journals() + self.parts() + ([self.path] if os.path.exists(self.path) else []):
+            records = [sidecar_path(p) for p in self.recorded_files() if os.path.exists(sidecar_path(p))]
+            for path in self.journals() + self.parts() + ([self.path] if os.path.exists(self.path) else []) + records:
                 os.remove(path)
             self.store.reset()
             self.overwrite = False   # later merges of this run keep what it wrote
         self.merge(final=False)
+        if self.provenance is not None:
+            for path in self.recorded_files():
+                if not os.path.exists(sidecar_path(path)):
+                    # rows already there were adopted with --resume-unverified: say how many
+                    unverified = len(self.done_rows()) if os.path.exists(path) else 0
+                    write_sidecar(path, self.provenance.record(path, unverified_rows=unverified))
         if not os.path.exists(self.path):
             write_tsv_atomic(self.path, self.header, [])
 
@@ -305,6 +508,11 @@ class ResultFile:
             write_tsv_atomic(self.path, self.header, [rows[idx] for idx in sorted(rows)])
         for path in parts + journals:
             os.remove(path)
+
+    def report(self, already_complete: bool):
+        """One line on stdout: how many rows the result file holds, and where it (and the store's files) are."""
+        also = "".join(f" and {path}" for path in self.store.files())
+        print(f"{'already complete' if already_complete else 'done'}: {len(self.done_rows())} rows, {self.path}{also}")
 
     # every rank ---------------------------------------------------------------
     def writer(self, rank: int, world_size: int) -> "RowWriter":
@@ -416,21 +624,50 @@ def run_evaluations(evaluations: Sequence[Evaluation], args, dist: Distributed):
 
 
 def run_on_image_sets(args, dataset: str, image_sets: Sequence[Tuple[str, object]], outputs: Sequence["ResultFile"],
-                      evaluate: Callable, format_row: Callable, record: Optional[Callable] = None):
+                      evaluate: Callable, format_row: Callable, record: Optional[Callable] = None, *, script: str,
+                      output_settings: Optional[Sequence[dict]] = None):
     """The run of every evaluation script: check the outputs, load the smoothed classifier, fill each output.
 
     ``image_sets``: (description, indexable of (image, label)) per output;
-    ``evaluate(smooth, xs, generators)`` returns one result per image.
+    ``evaluate(smooth, xs, generators)`` returns one result per image;
+    ``script``: the script's file name; ``output_settings``: settings of each
+    output beyond the command line's (certify_c's corruption), recorded and
+    compared like them.
+
+    Before any work: an empty image selection, a foreign output and an output
+    made with other settings stop the run (``UserError``). Outputs that are
+    already complete are only reported. At the end, each output's path is
+    printed on stdout.
     """
-    for output in outputs:
+    selections = []
+    for description, images in image_sets:
+        indices = select_indices(len(images), args.skip, args.max, args.start)
+        if not indices:
+            raise UserError(f"no image to evaluate: --start {args.start} --max {args.max} --skip {args.skip} select "
+                            f"none of the {len(images)} images ({description}); lower --start or raise --max")
+        selections.append(indices)
+    provenance = Provenance.of_run(args, script, dataset)
+    for output, extra in zip(outputs, output_settings or [{}] * len(outputs)):
+        output.expect(provenance.with_settings(**extra), resume_unverified=args.resume_unverified)
         output.check()
+    # Nothing has been written yet, so every torchrun process finds the same outputs complete.
+    complete = [output.complete(indices) for output, indices in zip(outputs, selections)]
+    main_process = os.environ.get("RANK", "0") == "0"
+    if all(complete):
+        if main_process:
+            for output in outputs:
+                output.report(already_complete=True)
+        return
     dist = Distributed()
     model = load_base_classifier(args.base_classifier, dataset, dist.device)
     smooth = make_smooth(model, get_num_classes(dataset), args.sigma, args)
-    evaluations = [Evaluation(output=output, indices=select_indices(len(images), args.skip, args.max, args.start),
-                              load=images.__getitem__,
+    evaluations = [Evaluation(output=output, indices=indices, load=images.__getitem__,
                               evaluate=lambda xs, generators: evaluate(smooth, xs, generators),
                               format_row=format_row, record=record, description=description)
-                   for (description, images), output in zip(image_sets, outputs)]
+                   for (description, images), output, indices, done in zip(image_sets, outputs, selections, complete)
+                   if not done]
     run_evaluations(evaluations, args, dist)
     dist.close()
+    if main_process:
+        for output, done in zip(outputs, complete):
+            output.report(already_complete=done)

@@ -33,7 +33,7 @@ def run(argv=None):
     output = ResultFile(args.outfile, PREDICT_HEADER, overwrite=args.overwrite)
     run_on_image_sets(args, args.dataset, [("predict", dataset)], [output],
                       lambda smooth, xs, generators: smooth.predict_many(xs, args.N, args.alpha, args.batch, generators),
-                      format_row)
+                      format_row, script="predict.py")
 
 
 def main(argv=None):

@@ -16,7 +16,8 @@ when a run ends, or when the next one starts, the journals are written into
 the ``.npy`` (atomically) and removed. So every image with a TSV row has its
 frequencies in the journal or the ``.npy``; an image whose row is missing is
 simply done again. A ``.npy`` that exists without the TSV belongs to another
-run and is not touched (``--overwrite`` replaces both).
+run and is not touched (``--overwrite`` replaces both). Both files get a
+settings record (``.meta.json``, see eval_utils), checked when a run resumes.
 """
 import os
 
@@ -63,6 +64,9 @@ class ConfidenceArray(RecordStore):
             if missing:
                 raise UserError(f"'{result.path}' has {len(missing)} rows whose frequencies are missing ('{self.path}' "
                                 "not found); restore it, or pass --overwrite to start over")
+
+    def files(self):
+        return [self.path]
 
     def reset(self):
         if os.path.exists(self.path):
@@ -114,7 +118,8 @@ def run(argv=None):
 
     run_on_image_sets(args, args.dataset, [("smooth prediction", dataset)], [output],
                       lambda smooth, xs, generators: list(smooth.sample_counts_many(xs, args.N, args.batch, generators)),
-                      format_row, record=lambda counts: counts / args.N)
+                      format_row, record=lambda counts: counts / args.N,
+                      script="smooth_prediction.py")
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from architectures import ARCHITECTURES, check_architecture, get_architecture
 from common import (ArgumentParser, Distributed, UserError, atomic_save, load_checkpoint, replace_atomic,
-                    nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli)
+                    nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli, RESUME_TRAINING)
 from datasets import DATASETS, get_dataset, get_num_classes
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -503,7 +503,7 @@ def parse_args(method: Method, argv=None):
 
 def train_main(method: Method, argv=None):
     """Parse the options and train; bad input ends with one line and exit status 2."""
-    run_cli(lambda: _train(method, parse_args(method, argv)))
+    run_cli(lambda: _train(method, parse_args(method, argv)), resume_hint=RESUME_TRAINING)
 
 
 def _train(method: Method, args):

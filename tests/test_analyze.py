@@ -13,6 +13,7 @@ Two kinds of checks:
 """
 
 import gzip
+import json
 import math
 import subprocess
 import sys
@@ -348,3 +349,91 @@ def test_cli_label_count_mismatch(capsys, file_a, file_b):
     assert analyze.main([str(file_a), str(file_b), "--labels", "only-one"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --labels")
+
+
+# --------------------------------------------------------------------------
+# Settings records: rows of different settings are never combined
+# --------------------------------------------------------------------------
+
+SETTINGS = {"script": "certify.py", "dataset": "fmnist", "sigma": 0.25, "N0": 100, "N": 100000, "alpha": 0.001,
+            "batch": 1000, "split": "test", "seed": 0, "checkpoint_sha256": "ab" * 32}
+
+
+def _write_shard(path, rows, first_idx, settings=None):
+    """A result file of images first_idx, first_idx + 1, ... and, unless settings is None, its record."""
+    text = HEADER + "".join(f"{first_idx + i}\t3\t{p}\t{r}\t{c}\t0:00:01.5\n" for i, (p, r, c) in enumerate(rows))
+    Path(path).write_text(text)
+    if settings is not None:
+        Path(str(path) + ".meta.json").write_text(json.dumps({"format": 1, "settings": settings}))
+    return Path(path)
+
+
+def test_shards_of_one_run_make_one_line(tmp_path, file_a):
+    first = _write_shard(tmp_path / "part0.tsv", ROWS_A[:5], 0, SETTINGS)
+    second = _write_shard(tmp_path / "part1.tsv", ROWS_A[5:], 5, SETTINGS)
+    combined = analyze.ApproximateAccuracy([first, second])
+    whole = analyze.ApproximateAccuracy(file_a)
+    assert combined.num_examples == 8 and combined.acr() == pytest.approx(ACR_A)
+    radii = list(EXPECTED_A)
+    np.testing.assert_allclose(combined.at_radii(radii), whole.at_radii(radii))
+    assert analyze.main([f"{first}+{second}", "--labels", "run"]) == 0
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"sigma": 0.5}, ["sigma 0.25 -> 0.5"]),
+    ({"N": 100, "alpha": 0.1}, ["N 100000 -> 100", "alpha 0.001 -> 0.1"]),
+    ({"checkpoint_sha256": "cd" * 32}, ["checkpoint_sha256 abababababab -> cdcdcdcdcdcd"]),
+])
+def test_rows_of_different_settings_are_refused(tmp_path, capsys, change, words):
+    first = _write_shard(tmp_path / "part0.tsv", ROWS_A[:5], 0, SETTINGS)
+    second = _write_shard(tmp_path / "part1.tsv", ROWS_A[5:], 5, {**SETTINGS, **change})
+    with pytest.raises(analyze.ResultsFileError) as info:
+        analyze.ApproximateAccuracy([first, second])
+    assert "different settings" in str(info.value) and all(w in str(info.value) for w in words)
+    assert analyze.main([f"{first}+{second}"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1 and err[0].startswith("error: ") and words[0] in err[0]
+
+
+def test_unverifiable_or_overlapping_shards_are_refused(tmp_path):
+    first = _write_shard(tmp_path / "part0.tsv", ROWS_A[:5], 0, SETTINGS)
+    bare = _write_shard(tmp_path / "bare.tsv", ROWS_A[5:], 5)
+    with pytest.raises(analyze.ResultsFileError, match="has a settings record but .* has none"):
+        analyze.ApproximateAccuracy([first, bare])
+    overlapping = _write_shard(tmp_path / "part1.tsv", ROWS_A[3:], 3, SETTINGS)
+    with pytest.raises(analyze.ResultsFileError, match="image 3 is in both"):
+        analyze.ApproximateAccuracy([first, overlapping])
+    # files without records (the published results) may still be combined
+    bare0 = _write_shard(tmp_path / "bare0.tsv", ROWS_A[:5], 0)
+    assert analyze.ApproximateAccuracy([bare0, bare]).num_examples == 8
+
+
+def test_unreadable_record_is_named(tmp_path):
+    path = _write_shard(tmp_path / "r.tsv", ROWS_A, 0, SETTINGS)
+    Path(str(path) + ".meta.json").write_text("{not json")
+    with pytest.raises(analyze.ResultsFileError, match="settings record .* is unreadable"):
+        analyze.ApproximateAccuracy(path)
+
+
+# --------------------------------------------------------------------------
+# Rough edges of the command line
+# --------------------------------------------------------------------------
+
+def test_cli_checkpoint_given_instead_of_results(tmp_path, capsys):
+    import torch
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    torch.save({"arch": "lenet", "state_dict": {"w": torch.zeros(2)}}, checkpoint)
+    assert analyze.main([str(checkpoint)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "checkpoint" in err[0] and "Traceback" not in err[0]
+    proc = _run_cli(checkpoint)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("radii", [["-1"], ["0", "-0.25"], ["nan"]])
+def test_cli_negative_radius_refused(file_a, capsys, radii):
+    assert analyze.main([str(file_a), "--radii", *radii]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1 and err[0].startswith("error: --radii")

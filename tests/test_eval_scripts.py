@@ -16,6 +16,7 @@ MNIST-C and CIFAR-10-C folders.
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -130,9 +131,9 @@ def test_skip_max_start_select_images(checkpoint, tmp_path, reference):
     # with --seed an image's row does not depend on which other images are done
     _, full = without_time(reference["certify"])
     assert body[:2] == [full[2], full[4]]
-    out2 = tmp_path / "c2.tsv"
-    assert call(certify, ["fmnist", checkpoint, SIGMA, out2, "--skip", 3, "--max", 0] + CERTIFY_FAST) == 0
-    assert rows(out2) == (CERTIFY_HEADER, [])
+    out2 = tmp_path / "c2.tsv"   # selecting nothing is refused (see test_provenance.py)
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out2, "--skip", 3, "--max", 0] + CERTIFY_FAST) == 2
+    assert not out2.exists()
 
 
 def test_predict_rows(reference, labels):
@@ -183,12 +184,18 @@ def test_published_option_forms_in_a_subprocess(checkpoint, tmp_path, reference)
 
 # --------------------------------------------------------------------------- resuming
 
+def copy_record(source, target):
+    """The settings record of ``source`` (``{source}.meta.json``) for ``target``: the copy resumes like the original."""
+    shutil.copyfile(str(source) + ".meta.json", str(target) + ".meta.json")
+
+
 def torn_copy(source, target, keep, tail):
     with open(source) as handle:
         lines = handle.read().split("\n")
     target.parent.mkdir(parents=True, exist_ok=True)
     kept = "\n".join(lines[:1 + keep]) + "\n"
     target.write_text(kept + tail)
+    copy_record(source, target)
     return kept
 
 
@@ -203,12 +210,13 @@ def test_certify_resumes_after_interruption(checkpoint, tmp_path, reference, tai
     text = out.read_text()
     assert text.startswith(kept)
     assert without_time(out) == without_time(reference["certify"])
-    assert not list(tmp_path.glob("c.tsv.*")), "no leftover files"
+    assert [p.name for p in tmp_path.glob("c.tsv.*")] == ["c.tsv.meta.json"], "no leftover files"
 
 
 def test_rerun_of_finished_file_changes_nothing(checkpoint, tmp_path, reference):
     out = tmp_path / "c.tsv"
     out.write_bytes(reference["certify"].read_bytes())
+    copy_record(reference["certify"], out)
     assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + CERTIFY_FAST) == 0
     assert out.read_bytes() == reference["certify"].read_bytes()
 
@@ -225,18 +233,20 @@ def test_resume_merges_parts_of_an_interrupted_torchrun(checkpoint, tmp_path, re
     lines = reference["certify"].read_text().split("\n")[1:-1]
     out = tmp_path / "c.tsv"
     out.write_text(header + "\n" + lines[0] + "\n" + lines[1] + "\n")
+    copy_record(reference["certify"], out)
     (tmp_path / "c.tsv.part0").write_text(header + "\n" + lines[2] + "\n4\t6\t2")
     (tmp_path / "c.tsv.part1").write_text(header + "\n" + lines[3] + "\n")
     assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + CERTIFY_FAST) == 0
     assert out.read_text().startswith(header + "\n" + "\n".join(lines[:4]) + "\n")
     assert without_time(out) == without_time(reference["certify"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tsv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tsv", "c.tsv.meta.json"]
 
 
 def test_smooth_prediction_resumes_with_consistent_npy(checkpoint, tmp_path, reference):
     out = tmp_path / "s.tsv"
     torn_copy(reference["smooth"], out, keep=2, tail="2\t1\t1\t2\t0.9")
     np.save(tmp_path / "model_conf_0.25_test.npy", np.load(reference["npy"]))
+    copy_record(reference["npy"], tmp_path / "model_conf_0.25_test.npy")
     assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 0
     assert without_time(out) == without_time(reference["smooth"])
     np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.npy"), np.load(reference["npy"]))
@@ -253,7 +263,9 @@ def test_smooth_prediction_resumes_from_journal(checkpoint, tmp_path, reference)
     assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 0
     assert without_time(out) == without_time(reference["smooth"])
     np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.npy"), conf)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_conf_0.25_test.npy", "s.tsv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_conf_0.25_test.npy",
+                                                          "model_conf_0.25_test.npy.meta.json", "s.tsv",
+                                                          "s.tsv.meta.json"]
 
 
 def test_smooth_prediction_refuses_rows_without_frequencies(checkpoint, tmp_path, reference, capsys):
@@ -264,7 +276,7 @@ def test_smooth_prediction_refuses_rows_without_frequencies(checkpoint, tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing" in err and len(err.splitlines()) == 1
     assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tsv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tsv", "s.tsv.meta.json"]
 
 
 def test_smooth_prediction_refuses_npy_of_another_run(checkpoint, tmp_path, capsys):
@@ -369,7 +381,8 @@ def _bad_cases():
         ("missing checkpoint", lambda t, c, o: standard(t, c, o, ckpt=str(t / "nope.pth.tar")), "not found", {}),
         ("truncated checkpoint", lambda t, c, o: standard(t, c, o, ckpt=truncated(t, c)), "truncated", {}),
         ("empty checkpoint", lambda t, c, o: standard(t, c, o, ckpt=empty(t, c)), "empty", {}),
-        ("text file checkpoint", lambda t, c, o: standard(t, c, o, ckpt=text_file(t, c)), "checkpoint", {}),
+        ("text file checkpoint", lambda t, c, o: standard(t, c, o, ckpt=text_file(t, c)), "not a PyTorch checkpoint",
+         {}),
         ("not a checkpoint", lambda t, c, o: standard(t, c, o, ckpt=not_checkpoint(t, c)), "not a training", {}),
         ("unsafe checkpoint", lambda t, c, o: standard(t, c, o, ckpt=unsafe(t, c)), "unsafe", {}),
         ("architecture mismatch", lambda t, c, o: standard(t, c, o, ckpt=cifar_model(t, c)), "does not fit", {}),
@@ -555,7 +568,8 @@ def test_certify_c_on_cifar10_c(tmp_path, capsys):
     assert call(certify_c, [ckpt, prefix + "y", "--base_c_path", tmp_path / "missing"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not found" in err
-    assert sorted(os.listdir(prefix)) == ["fog.tsv", "gaussian_noise.tsv"]
+    assert sorted(os.listdir(prefix)) == ["fog.tsv", "fog.tsv.meta.json", "gaussian_noise.tsv",
+                                          "gaussian_noise.tsv.meta.json"]
 
 
 def test_bf16_and_memory_format_options_run(checkpoint, tmp_path, labels):
