@@ -186,6 +186,21 @@ def load_coverage(path: str, array: np.ndarray) -> np.ndarray:
     return mask
 
 
+def load_smooth_prediction(path: str, num_examples: int, num_classes: int) -> np.ndarray:
+    how = ("produce it with train_cohen.py (sigma 0.25, --id 0) and then smooth_prediction.py "
+           "--split=train (see EXPERIMENTS.md), or pass --smooth-prediction PATH")
+    if not os.path.isfile(path):
+        raise DatasetError(f"smoothed prediction '{path}' not found; {how}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise DatasetError(f"smoothed prediction '{path}' is not a readable .npy file ({exc}); {how}")
+    if array.shape != (num_examples, num_classes):
+        raise DatasetError(f"smoothed prediction '{path}' has shape {tuple(array.shape)} but the training "
+                           f"set needs ({num_examples}, {num_classes}); {how}")
+    return array
+
+
 # --------------------------------------------------------------------------- loaders
 
 def _imagenet(split: str, augment: bool) -> Dataset:
