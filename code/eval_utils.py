@@ -65,21 +65,27 @@ The sharing protocol and its invariant
        ``share`` (next file) or in the final barrier.
 
     Invariant, at every moment (a process killed at any instruction
-    included): (a) every row ever completed is in the result file or in a
-    part; (b) every such row of a file with records has its record in a
-    journal or in the store; (c) the rows of one idx, wherever they are, are
-    identical up to the time column (with ``--seed``) or come from one
-    computation: an idx is given to exactly one rank, only if it had no row
-    in the one snapshot of step 2, and a part is merged into the result file
-    before it is removed. (a) and (b) hold because each step only adds a
-    copy (journal before row; store before removal; new result file, by
-    rename, before removing a part) before it removes the old one. So no
-    row is lost, and a merge that repeats after a crash does the same work
-    again (merging is idempotent; the first copy of an idx wins). A row that
-    was being written when a process died is torn: it is dropped and its
-    image done again. Appends are flushed, not fsynced: a crash of the
-    process loses nothing, a crash of the machine may lose the last rows
-    (they are then done again).
+    included):
+
+    (a) every row ever completed is in the result file or in a part;
+    (b) every such row of a file with records has its record in a journal
+        or in the store (the store's coverage lists only rows it holds);
+    (c) each image has at most one computation: an idx is dealt to exactly
+        one rank, and only if it had no row in the one snapshot of step 2;
+        two copies of a row (a result file renamed into place before the
+        part it came from is removed) are the same line.
+
+    (a) and (b) hold because each step writes the new copy before the old
+    one goes: journal record before row; store (``.npy``, then coverage)
+    before parts and journals are removed; the new result file, by rename,
+    before the parts. A merge interrupted anywhere is simply done again by
+    the next run (merging is idempotent; the first copy of an idx wins).
+    So no row is lost or duplicated. A row that was being written when a
+    process died is torn: it is dropped and its image done again, and so is
+    a record without a complete row. Appends are flushed, not fsynced: a
+    crash of the machine (not of the process) may lose the last rows, or
+    keep a row whose record was lost; such a row is dropped with a warning
+    at the next merge and its image done again.
 
     Earlier versions let every rank read the result file and the parts for
     itself after the barrier; a rank that already wrote a row into its part
@@ -269,6 +275,10 @@ class RecordStore:
     def reset(self):
         """Forget everything (``--overwrite``)."""
 
+    def covered(self) -> Optional[set]:
+        """The rows whose records the store holds; None if it cannot tell (then every row counts)."""
+        return None
+
     def save(self, records: List[Tuple[int, np.ndarray]], covered: Sequence[int], final: bool):
         """Store ``records`` (later ones win) durably, and that the rows ``covered`` are now stored.
 
@@ -356,12 +366,25 @@ class ResultFile:
         journals, parts = self.journals(), self.parts()
         content = read_tsv(self.path, self.header) if os.path.exists(self.path) else None
         rows = self.done_rows()
+        lost = []
         if self.record_width is not None:
+            records = self.records()
+            stored = self.store.covered()
+            if stored is not None:
+                # a row whose record is nowhere (appends are not fsynced: a machine crash can do
+                # that) is dropped, so that its image is done again
+                with_record = {idx for idx, _ in records} | stored
+                lost = [idx for idx in sorted(rows) if idx not in with_record]
+                for idx in lost:
+                    del rows[idx]
+                if lost:
+                    print(f"warning: {len(lost)} rows of '{self.path}' had lost their record "
+                          f"(first: idx {lost[0]}); their images are done again", file=sys.stderr)
             # a record whose row is missing or torn belongs to an image that is done again
-            self.store.save([(idx, values) for idx, values in self.records() if idx in rows], sorted(rows), final)
+            self.store.save([(idx, values) for idx, values in records if idx in rows], sorted(rows), final)
         indices = [idx for idx, _ in content.rows] if content else []
         in_order = indices == sorted(set(indices))
-        if content is None or parts or not content.clean or not in_order:
+        if content is None or parts or lost or not content.clean or not in_order:
             write_tsv_atomic(self.path, self.header, [rows[idx] for idx in sorted(rows)])
         for path in parts + journals:
             os.remove(path)

@@ -76,6 +76,18 @@ class ConfidenceArray(RecordStore):
                 os.remove(path)
         self.overwrite = False
 
+    def covered(self):
+        """The rows of the coverage file; None for a .npy without one (an older run: its TSV rows count)."""
+        if not os.path.exists(self.path):
+            return set()
+        try:
+            mask = np.load(coverage_path(self.path), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if mask.dtype != np.bool_ or mask.shape != (self.shape[0],):
+            return None
+        return set(np.flatnonzero(mask).tolist())
+
     def save(self, records, covered, final: bool):
         """The records into the ``.npy`` (atomically), then the coverage: the rows of the TSV (atomically).
 

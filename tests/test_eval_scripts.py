@@ -273,6 +273,20 @@ def test_partial_smooth_prediction_says_which_rows_it_covers(checkpoint, tmp_pat
     assert np.load(reference["npy"]).shape == (10000, 10)
 
 
+def test_smooth_prediction_redoes_a_row_whose_record_was_lost(checkpoint, tmp_path, reference, capsys):
+    """A row on disk whose journal record is not (a machine crash between unsynced appends): done again."""
+    out = tmp_path / "s.tsv"
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 3] + FAST) == 0
+    with open(out, "a") as handle:
+        handle.write(reference["smooth"].read_text().split("\n")[4] + "\n")   # row 3, without its record
+    capsys.readouterr()
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 0
+    assert "1 rows of" in capsys.readouterr().err
+    assert without_time(out) == without_time(reference["smooth"])
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.npy"), np.load(reference["npy"]))
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.covered.npy"), np.arange(10000) < 6)
+
+
 def test_smooth_prediction_refuses_rows_without_frequencies(checkpoint, tmp_path, reference, capsys):
     out = tmp_path / "s.tsv"
     torn_copy(reference["smooth"], out, keep=2, tail="")
