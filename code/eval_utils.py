@@ -70,10 +70,10 @@ The sharing protocol and its invariant
     (a) every row ever completed is in the result file or in a part;
     (b) every such row of a file with records has its record in a journal
         or in the store (the store's coverage lists only rows it holds);
-    (c) each image has at most one computation: an idx is dealt to exactly
-        one rank, and only if it had no row in the one snapshot of step 2;
-        two copies of a row (a result file renamed into place before the
-        part it came from is removed) are the same line.
+    (c) each image has at most one complete row: an idx is dealt to
+        exactly one rank, and only if it had no row in the one snapshot of
+        step 2; two copies of a row (a result file renamed into place
+        before the part it came from is removed) are the same line.
 
     (a) and (b) hold because each step writes the new copy before the old
     one goes: journal record before row; store (``.npy``, then coverage)
