@@ -15,9 +15,12 @@ data set:
   severity) and ``DIR/labels.npy``; by default every ``.npy`` in DIR but
   ``labels.npy``; the model must be a CIFAR-10 one.
 
-``--corruptions a,b`` picks some. Each file is resumable and shared among
+``--corruptions a,b`` picks some. The noise of image idx of a corruption
+comes from its own stream (seed, corruption, idx): the files do not share
+noise, with or without ``--seed``. Each file is resumable and shared among
 torchrun processes like certify.py's (see eval_utils).
 """
+import hashlib
 import os
 
 import numpy as np
@@ -100,6 +103,11 @@ def find_corrupted_sets(base: str, names):
     return dataset, [CorruptedSet(n, images, labels, dataset) for n, images, labels in paths]
 
 
+def corruption_noise_key(name: str):
+    """The noise key of a corruption: image idx of each corruption gets its own stream (seed, name, idx)."""
+    return (int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:16], "little"),)
+
+
 def _corruption_list(values):
     if not values:
         return None
@@ -126,7 +134,8 @@ def run(argv=None):
     dataset, sets = find_corrupted_sets(args.base_c_path, _corruption_list(args.corruptions))
     outputs = [ResultFile(f"{args.outfile}{s.name}.tsv", CERTIFY_HEADER, overwrite=args.overwrite) for s in sets]
     run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs, certify_images(args), format_row,
-                      script="certify_c.py", output_settings=[{"corruption": s.name} for s in sets])
+                      script="certify_c.py", output_settings=[{"corruption": s.name} for s in sets],
+                      noise_keys=[corruption_noise_key(s.name) for s in sets])
 
 
 def main(argv=None):

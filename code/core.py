@@ -43,11 +43,71 @@ from statsmodels.stats.proportion import proportion_confint
 CPU_FORWARD_BATCH_PER_THREAD = 128
 
 
-def noise_generator(seed: int, index: int, device) -> torch.Generator:
-    """A generator whose stream depends only on (seed, index) (and the device type)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+# Layout of the CPU generator's state (``torch.Generator.get_state()``): torch's
+# CPUGeneratorImplState, a legacy mt19937 record followed by the cached float
+# normal. Checked against a freshly seeded generator at run time (see
+# ``_check_cpu_state_layout``): a torch whose layout differs makes
+# ``noise_generator`` fail loudly instead of seeding a wrong stream.
+_CPU_STATE_BYTES = 5056
+_MT_WORDS = 624
+_OFFSET_INITIAL_SEED, _OFFSET_LEFT, _OFFSET_SEEDED, _OFFSET_NEXT, _OFFSET_WORDS = 0, 8, 12, 16, 24
+_cpu_state_template: Optional[np.ndarray] = None
+
+
+def _check_cpu_state_layout() -> np.ndarray:
+    """A freshly seeded CPU state, after checking that its fields sit where ``noise_generator`` writes."""
+    global _cpu_state_template
+    if _cpu_state_template is None:
+        seed = 0x0123456789ABCDEF
+        state = torch.Generator().manual_seed(seed).get_state().numpy().copy()
+        words = state[_OFFSET_WORDS:_OFFSET_WORDS + 8 * _MT_WORDS].view(np.uint64) if state.size == _CPU_STATE_BYTES \
+            else None
+        # mt19937 seeding: w[0] = seed mod 2^32, w[i] = 1812433253 (w[i-1] ^ (w[i-1] >> 30)) + i mod 2^32
+        expected = [seed & 0xFFFFFFFF]
+        for i in range(1, 3):
+            expected.append((1812433253 * (expected[-1] ^ (expected[-1] >> 30)) + i) & 0xFFFFFFFF)
+        fits = (words is not None
+                and state[_OFFSET_INITIAL_SEED:_OFFSET_INITIAL_SEED + 8].view(np.uint64)[0] == seed
+                and state[_OFFSET_LEFT:_OFFSET_LEFT + 4].view(np.int32)[0] == 1
+                and state[_OFFSET_SEEDED:_OFFSET_SEEDED + 4].view(np.int32)[0] == 1
+                and state[_OFFSET_NEXT:_OFFSET_NEXT + 8].view(np.uint64)[0] == 0
+                and [int(w) for w in words[:3]] == expected
+                and int(words.max()) <= 0xFFFFFFFF)
+        if not fits:
+            raise RuntimeError(f"torch {torch.__version__} stores the CPU generator's state in a layout that "
+                               "core.noise_generator does not know; update _check_cpu_state_layout and "
+                               "noise_generator for it")
+        _cpu_state_template = state
+    return _cpu_state_template
+
+
+def noise_generator(seed: int, index: int, device, key: Sequence[int] = ()) -> torch.Generator:
+    """A generator whose stream depends only on (seed, key, index) and the device type.
+
+    The stream is seeded from ``numpy.random.SeedSequence(seed, spawn_key=(*key,
+    index))`` with full entropy: on a CPU the 19937-bit state of torch's
+    mt19937 is filled with words expanded from that seed sequence (through
+    PCG64; word 0 holds only the top bit that mt19937 uses, set to 1 as numpy
+    does, so the state is never all zero); ``manual_seed`` would keep only
+    32 bits of a seed, so that two images among a few hundred thousand
+    would share a stream. On other devices (CUDA's Philox) the generator
+    takes the 64-bit seed ``manual_seed`` keeps in full; 1.3 million streams
+    then collide with probability below 1e-7.
+    """
+    sequence = np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in key) + (int(index),))
+    device = torch.device(device)
     generator = torch.Generator(device=device)
-    generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    if device.type != "cpu":
+        generator.manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0]))
+        return generator
+    state = _check_cpu_state_layout().copy()
+    words = np.empty(_MT_WORDS, dtype=np.uint64)
+    words[0] = 0x80000000
+    words[1:] = np.random.PCG64(sequence).random_raw(_MT_WORDS // 2).view(np.uint32)[1:]
+    state[_OFFSET_WORDS:_OFFSET_WORDS + 8 * _MT_WORDS] = words.view(np.uint8)
+    state[_OFFSET_INITIAL_SEED:_OFFSET_INITIAL_SEED + 8] = np.array([words[1] << np.uint64(32) | words[2]],
+                                                                   dtype=np.uint64).view(np.uint8)
+    generator.set_state(torch.from_numpy(state))
     return generator
 
 

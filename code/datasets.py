@@ -90,7 +90,7 @@ def get_dataset(dataset: str, split: str, smooth_prediction: Optional[str] = Non
     ``train_t{sigma}`` attaches the smoothed prediction read from
     ``smooth_prediction`` (default: ``DEFAULT_SMOOTH_PREDICTION``) to the
     training set; it must have one row per training image and one column per
-    class.
+    class. Call ``check_covers`` on it with the number of images a run uses.
     """
     _check_name(dataset)
     base_split, targeted_sigma = parse_split(split)
@@ -108,7 +108,8 @@ def get_dataset(dataset: str, split: str, smooth_prediction: Optional[str] = Non
         data = _mnist_like(datasets.FashionMNIST, root, base_split)
     if targeted_sigma is None:
         return data
-    return WithSmoothPrediction(data, load_smooth_prediction(path, len(data), NUM_CLASSES[dataset]))
+    prediction = load_smooth_prediction(path, len(data), NUM_CLASSES[dataset])
+    return WithSmoothPrediction(data, prediction, path, load_coverage(path, prediction))
 
 
 class WithSmoothPrediction(Dataset):
@@ -116,11 +117,18 @@ class WithSmoothPrediction(Dataset):
 
     Wrapping (rather than subclassing the torchvision class, as the published
     code did) leaves the folder the images are read from unchanged.
+    ``path`` and ``covered`` (see ``load_coverage``) serve ``check_covers``.
     """
 
-    def __init__(self, data: Dataset, smooth_prediction: np.ndarray):
+    def __init__(self, data: Dataset, smooth_prediction: np.ndarray, path: str = "",
+                 covered: Optional[np.ndarray] = None):
         self.data = data
         self.smooth_prediction = torch.from_numpy(np.ascontiguousarray(smooth_prediction, dtype=np.float32))
+        self.path = path
+        if covered is None:
+            covered = ~np.all(smooth_prediction == smooth_prediction.dtype.type(1.0 / smooth_prediction.shape[1]),
+                              axis=1)
+        self.covered = covered
 
     def __len__(self):
         return len(self.data)
@@ -128,6 +136,54 @@ class WithSmoothPrediction(Dataset):
     def __getitem__(self, index):
         image, label = self.data[index]
         return image, label, self.smooth_prediction[index]
+
+    def check_covers(self, count: int):
+        """Raise ``DatasetError`` unless pi was computed for each of the first ``count`` images."""
+        missing = np.flatnonzero(~self.covered[:count])
+        if len(missing) == 0:
+            return
+        covered_prefix = int(np.argmin(self.covered)) if not self.covered.all() else len(self.covered)
+        subset = f", or train on the covered images with --train-subset {covered_prefix}" if covered_prefix else ""
+        raise DatasetError(f"smoothed prediction '{self.path}' lacks {len(missing)} of the {count} training images "
+                           f"this run uses (first: {missing[0]}; {coverage_source(self.path)}); finish it with "
+                           f"smooth_prediction.py --split train (same command, without --max){subset}")
+
+
+def coverage_path(path: str) -> str:
+    """The coverage file of a smoothed prediction ``X.npy``: ``X.covered.npy``, a bool per row, True if computed."""
+    return (path[:-4] if path.endswith(".npy") else path) + ".covered.npy"
+
+
+def coverage_source(path: str) -> str:
+    if os.path.isfile(coverage_path(path)):
+        return f"see '{coverage_path(path)}'"
+    return (f"no '{os.path.basename(coverage_path(path))}' next to it, so rows of exactly 1/K, the value of rows "
+            "never computed, count as missing")
+
+
+def load_coverage(path: str, array: np.ndarray) -> np.ndarray:
+    """Which rows of the smoothed prediction ``array`` (read from ``path``) were computed.
+
+    From the coverage file that smooth_prediction.py writes next to it. A file
+    without one (made by the published code, which pads every row it did not
+    compute with exactly 1/K): every row but those equal to 1/K in every
+    entry. A computed row equals that only if all K classes got exactly N/K
+    of the N samples, which essentially never happens; refusing such a row
+    costs a re-run, accepting padding would train silently on uniform targets.
+    """
+    mask_path = coverage_path(path)
+    if not os.path.isfile(mask_path):
+        return ~np.all(array == array.dtype.type(1.0 / array.shape[1]), axis=1)
+    try:
+        mask = np.load(mask_path, allow_pickle=False)
+    except Exception as exc:
+        raise DatasetError(f"coverage file '{mask_path}' is not a readable .npy file ({exc}); remove it and run "
+                           "smooth_prediction.py again (same command) to rewrite it")
+    if mask.dtype != np.bool_ or mask.shape != (array.shape[0],):
+        raise DatasetError(f"coverage file '{mask_path}' holds {mask.dtype} of shape {tuple(mask.shape)}, not one "
+                           f"bool per row of '{path}' ({array.shape[0]}); remove it and run smooth_prediction.py "
+                           "again (same command) to rewrite it")
+    return mask
 
 
 def load_smooth_prediction(path: str, num_examples: int, num_classes: int) -> np.ndarray:

@@ -11,9 +11,11 @@ Images
     any image is refused. Evaluation splits are
     read without training augmentation, so every image is the same on every
     run. With ``--seed S`` the noise of image ``idx`` comes from
-    ``core.noise_generator(S, idx, device)``: its row depends neither on how
-    many images share a forward pass, nor on how the images are split among
-    processes, nor on interruptions. Without ``--seed`` a fresh seed is drawn.
+    ``core.noise_generator(S, idx, device, key)`` (``key``: empty, or the
+    corruption of certify_c): its row depends neither on how many images
+    share a forward pass, nor on how the images are split among processes,
+    nor on interruptions. Without ``--seed`` rank 0 draws a fresh 128-bit
+    seed for the run.
     The ``time`` column is the wall-clock time of the image's group divided by
     the group's size.
 
@@ -51,8 +53,9 @@ Settings records (``Provenance``)
     records to refuse combining rows made with different settings.
 
 Several processes (``torchrun --nproc_per_node K``)
-    Rank 0 first merges what an interrupted run left into the result file;
-    then the images without a row are dealt round-robin to the ranks. Rank r
+    Rank 0 first merges what an interrupted run left into the result file and
+    lists the selected images that have no row: this one list, sent to every
+    rank (``Coordinator.share``), is dealt round-robin to the ranks. Rank r
     appends its rows to ``{outfile}.part{r}`` (a result file of its own, with
     the header). When every rank is done, rank 0 merges the result file and
     the parts, sorted by idx, into the result file (written to a temporary
@@ -63,9 +66,57 @@ Row records (smooth_prediction)
     A script may attach a vector to each row (the class frequencies that go
     into the ``.npy``). The vector is appended to ``{tsv}.journal`` (fixed-size
     float64 records: idx, values) and flushed before the row is written, so
-    every row has its vector on disk. Merging hands all journal records to the
-    script's ``RecordStore``, which saves them (atomically) before the
-    journals are removed.
+    every row has its vector on disk. Merging hands the journal records of
+    the rows to the script's ``RecordStore``, which saves them (atomically),
+    with the list of rows it now covers, before the parts and journals are
+    removed.
+
+The sharing protocol and its invariant
+    Phases of one result file, for K processes (K = 1: no parts; the rows go
+    to the result file and its journal directly):
+
+    1. prepare (rank 0 alone; the other ranks wait in ``share``): merge the
+       leftovers of an interrupted run (step 4), create the result file.
+    2. snapshot (rank 0 alone, still before ``share``): todo = the selected
+       images without a row in the result file. No part exists and no
+       other rank writes, so nothing can change under this read. ``share``
+       sends todo to every rank; each rank's share is todo[r::K].
+    3. work (every rank): rank r writes only ``{outfile}.part{r}`` and its
+       journal, which it creates after ``share``; nobody reads them.
+    4. merge (rank 0 alone, after a barrier every rank reaches with its
+       files closed): the records of rows with a complete line go to the
+       store (saved atomically), then the result file is replaced
+       atomically by its rows and the parts' rows, then the parts are
+       removed, then the journals. The other ranks wait in the next
+       ``share`` (next file) or in the final barrier.
+
+    Invariant, at every moment (a process killed at any instruction
+    included):
+
+    (a) every row ever completed is in the result file or in a part;
+    (b) every such row of a file with records has its record in a journal
+        or in the store (the store's coverage lists only rows it holds);
+    (c) each image has at most one complete row: an idx is dealt to
+        exactly one rank, and only if it had no row in the one snapshot of
+        step 2; two copies of a row (a result file renamed into place
+        before the part it came from is removed) are the same line.
+
+    (a) and (b) hold because each step writes the new copy before the old
+    one goes: journal record before row; store (``.npy``, then coverage)
+    before parts and journals are removed; the new result file, by rename,
+    before the parts. A merge interrupted anywhere is simply done again by
+    the next run (merging is idempotent; the first copy of an idx wins).
+    So no row is lost or duplicated. A row that was being written when a
+    process died is torn: it is dropped and its image done again, and so is
+    a record without a complete row. Appends are flushed, not fsynced: a
+    crash of the machine (not of the process) may lose the last rows, or
+    keep a row whose record was lost; such a row is dropped with a warning
+    at the next merge and its image done again.
+
+    Earlier versions let every rank read the result file and the parts for
+    itself after the barrier; a rank that already wrote a row into its part
+    changed what a slower rank read, the ranks dealt different todo lists,
+    and images were never done. Every rank now uses rank 0's snapshot.
 """
 import datetime
 import functools
@@ -359,8 +410,16 @@ class RecordStore:
     def reset(self):
         """Forget everything (``--overwrite``)."""
 
-    def save(self, records: List[Tuple[int, np.ndarray]], final: bool):
-        """Store ``records`` (later ones win) durably; ``final``: the run is over."""
+    def covered(self) -> Optional[set]:
+        """The rows whose records the store holds; None if it cannot tell (then every row counts)."""
+        return None
+
+    def save(self, records: List[Tuple[int, np.ndarray]], covered: Sequence[int], final: bool):
+        """Store ``records`` (later ones win) durably, and that the rows ``covered`` are now stored.
+
+        ``covered``: every row of the result file; each has its record in ``records`` or in
+        the store already. ``final``: the run is over.
+        """
 
     def files(self) -> List[str]:
         """The files the store writes (each gets a settings record like the result file's)."""
@@ -398,9 +457,13 @@ class ResultFile:
         return ([self.path] if os.path.exists(self.path) else []) + self.parts()
 
     def journals(self) -> List[str]:
+        """Every journal of the result file and of its parts, a part's included after the part was removed."""
         if self.record_width is None:
             return []
-        return [j for j in (self.journal_path(p) for p in [self.path] + self.parts()) if os.path.exists(j)]
+        pattern = re.compile(re.escape(os.path.basename(self.path)) + r"(\.part\d+)?\.journal$")
+        found = glob.glob(glob.escape(self.path) + "*.journal")
+        return sorted((p for p in found if pattern.fullmatch(os.path.basename(p))),
+                      key=lambda p: (p.count(".part"), p))
 
     def records(self) -> List[Tuple[int, np.ndarray]]:
         return [record for journal in self.journals() for record in read_journal(journal, self.record_width)]
@@ -497,14 +560,34 @@ class ResultFile:
             write_tsv_atomic(self.path, self.header, [])
 
     def merge(self, final: bool):
-        """Records into the store, then parts into the file (sorted by idx); then remove parts and journals."""
+        """Records into the store, then parts into the file (sorted by idx); then remove parts and journals.
+
+        Runs while no other process touches these files (see the module's protocol). Each step
+        makes a new copy before the next one removes an old one, so a crash at any point leaves every
+        row (and its record) somewhere, and merging again finishes the work.
+        """
         journals, parts = self.journals(), self.parts()
-        self.store.save(self.records(), final)
         content = read_tsv(self.path, self.header) if os.path.exists(self.path) else None
         rows = self.done_rows()
+        lost = []
+        if self.record_width is not None:
+            records = self.records()
+            stored = self.store.covered()
+            if stored is not None:
+                # a row whose record is nowhere (appends are not fsynced: a machine crash can do
+                # that) is dropped, so that its image is done again
+                with_record = {idx for idx, _ in records} | stored
+                lost = [idx for idx in sorted(rows) if idx not in with_record]
+                for idx in lost:
+                    del rows[idx]
+                if lost:
+                    print(f"warning: {len(lost)} rows of '{self.path}' had lost their record "
+                          f"(first: idx {lost[0]}); their images are done again", file=sys.stderr)
+            # a record whose row is missing or torn belongs to an image that is done again
+            self.store.save([(idx, values) for idx, values in records if idx in rows], sorted(rows), final)
         indices = [idx for idx, _ in content.rows] if content else []
         in_order = indices == sorted(set(indices))
-        if content is None or parts or not content.clean or not in_order:
+        if content is None or parts or lost or not content.clean or not in_order:
             write_tsv_atomic(self.path, self.header, [rows[idx] for idx in sorted(rows)])
         for path in parts + journals:
             os.remove(path)
@@ -530,7 +613,9 @@ class RowWriter:
             self.tsv.write(header + "\n")
             self.tsv.flush()
         self.record_width = record_width
-        self.journal = open(ResultFile.journal_path(path), "ab") if record_width is not None else None
+        # a fresh part starts a fresh journal (the merge before it removed the old one)
+        self.journal = open(ResultFile.journal_path(path), "wb" if fresh else "ab") if record_width is not None \
+            else None
 
     def write(self, idx: int, line: str, record: Optional[np.ndarray] = None):
         if self.journal is not None:
@@ -571,34 +656,49 @@ class Evaluation:
     format_row: Callable[[int, int, object, float], str]
     record: Optional[Callable[[object], np.ndarray]] = None
     description: str = ""
+    noise_key: Tuple[int, ...] = ()   # the noise of image idx: core.noise_generator(seed, idx, device, noise_key)
 
 
-class Barrier:
-    """A barrier among the torchrun processes that tolerates a long wait (gloo, on CPU and GPU alike)."""
+class Coordinator:
+    """What the torchrun processes share: barriers that tolerate a long wait, and rank 0's values.
+
+    Both use a gloo group (on CPU and GPU alike), whose timeout is ``BARRIER_TIMEOUT``.
+    """
 
     def __init__(self, dist: Distributed):
+        self.rank = dist.rank
         self.group = None
         if dist.enabled:
             self.group = torch.distributed.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
 
-    def __call__(self):
+    def barrier(self):
         if self.group is not None:
             torch.distributed.barrier(group=self.group)
 
+    def share(self, value):
+        """Rank 0's ``value``, on every rank (returns once every rank has called it)."""
+        if self.group is None:
+            return value
+        box = [value if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
 
 def run_evaluations(evaluations: Sequence[Evaluation], args, dist: Distributed):
-    """Fill each result file, sharing the images among the processes; resumable."""
-    seed = args.seed if args.seed is not None else secrets.randbits(62)
-    barrier = Barrier(dist)
+    """Fill each result file, sharing the images among the processes; resumable (see the module's protocol)."""
+    coordinator = Coordinator(dist)
+    # one seed for the whole run, drawn by rank 0 when --seed is not given
+    seed = coordinator.share(args.seed if args.seed is not None else secrets.randbits(128))
     device = dist.device
     for evaluation in evaluations:
         output = evaluation.output
+        todo = None
         if dist.is_main:
             output.prepare()
-        barrier()
-        done = set(output.done_rows())
-        todo = [idx for idx in evaluation.indices if idx not in done]
-        mine = todo[dist.rank::dist.world_size]
+            done = set(output.done_rows())
+            todo = np.array([idx for idx in evaluation.indices if idx not in done], dtype=np.int64)
+        todo = coordinator.share(todo)   # the one snapshot every rank deals from; also a barrier
+        mine = [int(idx) for idx in todo[dist.rank::dist.world_size]]
         # in a log file (not a terminal) a line every 30 s is enough
         bar = tqdm(total=len(mine), file=sys.stderr, disable=not dist.is_main, dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 30.0,
@@ -609,7 +709,7 @@ def run_evaluations(evaluations: Sequence[Evaluation], args, dist: Distributed):
                 items = [evaluation.load(idx) for idx in group]
                 before = time.time()
                 xs = torch.stack([x for x, _ in items]).to(device)
-                generators = [noise_generator(seed, idx, device) for idx in group]
+                generators = [noise_generator(seed, idx, device, evaluation.noise_key) for idx in group]
                 results = evaluation.evaluate(xs, generators)
                 seconds = (time.time() - before) / len(group)
                 for idx, (_, label), result in zip(group, items, results):
@@ -617,22 +717,24 @@ def run_evaluations(evaluations: Sequence[Evaluation], args, dist: Distributed):
                     writer.write(idx, line, evaluation.record(result) if evaluation.record else None)
                 bar.update(len(group))
         bar.close()
-        barrier()
+        coordinator.barrier()   # every part complete and closed
         if dist.is_main:
             output.merge(final=True)
-    barrier()
+    coordinator.barrier()   # no rank leaves before the last merge
 
 
 def run_on_image_sets(args, dataset: str, image_sets: Sequence[Tuple[str, object]], outputs: Sequence["ResultFile"],
                       evaluate: Callable, format_row: Callable, record: Optional[Callable] = None, *, script: str,
-                      output_settings: Optional[Sequence[dict]] = None):
+                      output_settings: Optional[Sequence[dict]] = None,
+                      noise_keys: Optional[Sequence[Tuple[int, ...]]] = None):
     """The run of every evaluation script: check the outputs, load the smoothed classifier, fill each output.
 
     ``image_sets``: (description, indexable of (image, label)) per output;
     ``evaluate(smooth, xs, generators)`` returns one result per image;
     ``script``: the script's file name; ``output_settings``: settings of each
     output beyond the command line's (certify_c's corruption), recorded and
-    compared like them.
+    compared like them; ``noise_keys``: one ``Evaluation.noise_key`` per
+    output (default: all empty).
 
     Before any work: an empty image selection, a foreign output and an output
     made with other settings stop the run (``UserError``). Outputs that are
@@ -663,8 +765,9 @@ def run_on_image_sets(args, dataset: str, image_sets: Sequence[Tuple[str, object
     smooth = make_smooth(model, get_num_classes(dataset), args.sigma, args)
     evaluations = [Evaluation(output=output, indices=indices, load=images.__getitem__,
                               evaluate=lambda xs, generators: evaluate(smooth, xs, generators),
-                              format_row=format_row, record=record, description=description)
-                   for (description, images), output, indices, done in zip(image_sets, outputs, selections, complete)
+                              format_row=format_row, record=record, description=description, noise_key=tuple(key))
+                   for (description, images), output, indices, done, key
+                   in zip(image_sets, outputs, selections, complete, noise_keys or [()] * len(outputs))
                    if not done]
     run_evaluations(evaluations, args, dist)
     dist.close()

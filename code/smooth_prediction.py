@@ -7,24 +7,28 @@ For each selected image, the class counts of f on N noisy copies. Writes
 classes, lowest class first on ties; c1, c2: their frequencies with 5
 significant digits; correct: p1 == label) and saves
 ``model_conf_{sigma}_{split}.npy`` next to OUTFILE: shape (dataset size, K),
-row idx = counts / N for the images done, 1/K for the others. CAT-RS reads it
-as the ``train_t{sigma}`` split's pi.
+row idx = counts / N for the images done, 1/K for the others (the published
+format), and ``model_conf_{sigma}_{split}.covered.npy`` next to it: a bool
+vector, True for the rows computed (see ``datasets.coverage_path``); a run
+that leaves rows uncomputed says so in a warning. CAT-RS reads the ``.npy``
+as the ``train_t{sigma}`` split's pi and refuses rows it does not cover.
 
 Resuming keeps the ``.npy`` consistent with the TSV: each image's frequencies
 are appended to a journal (``{tsv}.journal``) before its TSV row is written;
 when a run ends, or when the next one starts, the journals are written into
-the ``.npy`` (atomically) and removed. So every image with a TSV row has its
+the ``.npy`` (atomically), then the coverage, and the journals are removed. So every image with a TSV row has its
 frequencies in the journal or the ``.npy``; an image whose row is missing is
 simply done again. A ``.npy`` that exists without the TSV belongs to another
 run and is not touched (``--overwrite`` replaces both). Both files get a
 settings record (``.meta.json``, see eval_utils), checked when a run resumes.
 """
 import os
+import sys
 
 import numpy as np
 
 from common import ArgumentParser, UserError, replace_atomic, run_cli
-from datasets import get_num_classes
+from datasets import coverage_path, get_num_classes
 from eval_utils import (SMOOTH_PREDICTION_HEADER, RecordStore, ResultFile, add_engine_arguments, add_image_arguments,
                         add_model_arguments, add_sampling_arguments, check_output_path, evaluation_dataset,
                         format_time, run_on_image_sets)
@@ -69,22 +73,54 @@ class ConfidenceArray(RecordStore):
         return [self.path]
 
     def reset(self):
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        # the coverage first: a crash in between leaves a .npy without coverage, which check() refuses
+        # to resume (its TSV is gone) and train_catrs.py reads with the caution due to a published file
+        for path in (coverage_path(self.path), self.path):
+            if os.path.exists(path):
+                os.remove(path)
         self.overwrite = False
 
-    def save(self, records, final: bool):
+    def covered(self):
+        """The rows of the coverage file; None for a .npy without one (an older run: its TSV rows count)."""
+        if not os.path.exists(self.path):
+            return set()
+        try:
+            mask = np.load(coverage_path(self.path), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if mask.dtype != np.bool_ or mask.shape != (self.shape[0],):
+            return None
+        return set(np.flatnonzero(mask).tolist())
+
+    def save(self, records, covered, final: bool):
+        """The records into the ``.npy`` (atomically), then the coverage: the rows of the TSV (atomically).
+
+        In this order a crash leaves a coverage that claims no row the ``.npy`` lacks (the
+        journals, removed only after both, make the next merge finish the work).
+        """
         exists = os.path.exists(self.path)
-        if not records and (exists or not final):
+        mask_path = coverage_path(self.path)
+        covered = [idx for idx in covered if 0 <= idx < self.shape[0]]
+        if not records and exists and os.path.exists(mask_path) and not final:
             return
         if exists:
             array = np.load(self.path, allow_pickle=False)
         else:
+            if os.path.exists(mask_path):   # left by a .npy removed by hand: it describes nothing now
+                os.remove(mask_path)
             array = np.full(self.shape, 1.0 / self.shape[1])
         for idx, values in records:
             if 0 <= idx < self.shape[0]:
                 array[idx] = values
-        replace_atomic(self.path, lambda handle: np.save(handle, array), binary=True)
+        if records or not exists:
+            replace_atomic(self.path, lambda handle: np.save(handle, array), binary=True)
+        mask = np.zeros(self.shape[0], dtype=bool)
+        mask[covered] = True
+        replace_atomic(mask_path, lambda handle: np.save(handle, mask), binary=True)
+        if final and len(covered) < self.shape[0]:
+            print(f"warning: '{self.path}' holds the smoothed prediction of {len(covered)} of {self.shape[0]} "
+                  f"images (the others are 1/{self.shape[1]}; '{mask_path}' lists which); train_catrs.py uses it "
+                  "only for covered images", file=sys.stderr)
 
 
 def build_parser() -> ArgumentParser:

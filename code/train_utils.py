@@ -41,7 +41,7 @@ from torch.utils.data.distributed import DistributedSampler
 from architectures import ARCHITECTURES, check_architecture, get_architecture
 from common import (ArgumentParser, Distributed, UserError, atomic_save, load_checkpoint, replace_atomic,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli, RESUME_TRAINING)
-from datasets import DATASETS, get_dataset, get_num_classes
+from datasets import DATASETS, WithSmoothPrediction, get_dataset, get_num_classes
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_HEADER = "epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"
@@ -214,6 +214,8 @@ def make_loaders(args, method: Method, device, dist: Distributed, generator: tor
     train_data = get_dataset(args.dataset, train_split, smooth_prediction=args.smooth_prediction,
                              augment=not augment_on_device)
     test_data = get_dataset(args.dataset, "test")
+    if isinstance(train_data, WithSmoothPrediction):   # pi must be computed for every image used
+        train_data.check_covers(min(args.train_subset or len(train_data), len(train_data)))
     if args.train_subset:
         train_data = Subset(train_data, range(min(args.train_subset, len(train_data))))
     if args.test_subset:

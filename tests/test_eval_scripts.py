@@ -263,9 +263,40 @@ def test_smooth_prediction_resumes_from_journal(checkpoint, tmp_path, reference)
     assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 0
     assert without_time(out) == without_time(reference["smooth"])
     np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.npy"), conf)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_conf_0.25_test.npy",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_conf_0.25_test.covered.npy",
+                                                          "model_conf_0.25_test.npy",
                                                           "model_conf_0.25_test.npy.meta.json", "s.tsv",
                                                           "s.tsv.meta.json"]
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.covered.npy"), np.arange(10000) < 6)
+
+
+def test_partial_smooth_prediction_says_which_rows_it_covers(checkpoint, tmp_path, reference, capsys):
+    out = tmp_path / "s.tsv"
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 3] + FAST) == 0
+    covered = np.load(tmp_path / "model_conf_0.25_test.covered.npy")
+    assert covered.dtype == bool and covered.shape == (10000,)
+    np.testing.assert_array_equal(covered, np.arange(10000) < 3)
+    err = capsys.readouterr().err
+    assert "warning: " in err and "3 of 10000 images" in err and "covered.npy" in err
+    # finishing the run covers the new rows; the published .npy format is unchanged
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.covered.npy"), np.arange(10000) < 6)
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.npy"), np.load(reference["npy"]))
+    assert np.load(reference["npy"]).shape == (10000, 10)
+
+
+def test_smooth_prediction_redoes_a_row_whose_record_was_lost(checkpoint, tmp_path, reference, capsys):
+    """A row on disk whose journal record is not (a machine crash between unsynced appends): done again."""
+    out = tmp_path / "s.tsv"
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 3] + FAST) == 0
+    with open(out, "a") as handle:
+        handle.write(reference["smooth"].read_text().split("\n")[4] + "\n")   # row 3, without its record
+    capsys.readouterr()
+    assert call(smooth_prediction, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + FAST) == 0
+    assert "1 rows of" in capsys.readouterr().err
+    assert without_time(out) == without_time(reference["smooth"])
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.npy"), np.load(reference["npy"]))
+    np.testing.assert_array_equal(np.load(tmp_path / "model_conf_0.25_test.covered.npy"), np.arange(10000) < 6)
 
 
 def test_smooth_prediction_refuses_rows_without_frequencies(checkpoint, tmp_path, reference, capsys):
@@ -519,8 +550,31 @@ def test_certify_c_on_mnist_c(checkpoint, tmp_path, reference, capsys):
         assert header == CERTIFY_HEADER
         assert [int(r[0]) for r in body] == [0, 1, 2]
         assert [int(r[1]) for r in body] == list(labels)
-    # identity images are the Fashion-MNIST test images: same seed, same rows as certify.py
-    assert without_time(prefix + "identity.tsv")[1] == without_time(reference["certify"])[1][:3]
+    # (the identity images are the Fashion-MNIST test images, but their noise is not certify.py's:
+    # each corruption has its own streams, see test_certify_c_draws_fresh_noise_for_each_corruption)
+
+
+def test_certify_c_draws_fresh_noise_for_each_corruption(checkpoint, tmp_path, monkeypatch):
+    """Image idx of two corruption files gets two streams, with --seed and without."""
+    import eval_utils
+    base = tmp_path / "mnist_c"
+    make_mnist_c(base, ["identity", "fog"])
+    first_values = {}
+    real = eval_utils.noise_generator
+
+    def spy(seed, idx, device, *key):
+        first_values.setdefault(idx, []).append(torch.randn(16, generator=real(seed, idx, device, *key)))
+        return real(seed, idx, device, *key)
+
+    monkeypatch.setattr(eval_utils, "noise_generator", spy)
+    for seed in (["--seed", 1], []):
+        first_values.clear()
+        argv = [checkpoint, tmp_path / "out" / "c_", "--base_c_path", base, "--corruptions", "identity,fog",
+                "--N", 16, "--N0", 8, "--batch", 16, "--overwrite"]
+        assert call(certify_c, argv + seed) == 0
+        assert sorted(first_values) == [0, 1, 2]
+        for idx, (identity, fog) in first_values.items():
+            assert not torch.equal(identity, fog), (seed, idx)
 
 
 def test_certify_c_published_invocation(checkpoint, tmp_path):

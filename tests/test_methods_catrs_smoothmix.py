@@ -17,7 +17,7 @@ import train_smoothmix
 from architectures import get_architecture
 from common import load_base_classifier, load_checkpoint
 from core import Smooth
-from datasets import get_dataset
+from datasets import coverage_path, get_dataset
 from train_catrs import (KL_PGD, acceptance_probability, attack_radius, catrs_loss, restandardize,
                          sample_num_accepted)
 from train_smoothmix import SmoothMix_PGD, smoothmix_loss, warmup_factor
@@ -48,7 +48,9 @@ def norms(x):
 
 
 def uniform_prediction(path, rows=FMNIST_TRAIN_SIZE, classes=10):
+    """A smoothed prediction of 1/K everywhere, with a coverage file that says every row was computed."""
     np.save(path, np.full((rows, classes), 1.0 / classes, dtype=np.float32))
+    np.save(coverage_path(str(path)), np.ones(rows, dtype=bool))
     return str(path)
 
 
@@ -364,6 +366,34 @@ def test_catrs_refuses_bad_smoothed_prediction(tmp_path, capsys, problem):
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
     assert str(path) in err and "train_cohen.py" in err and "smooth_prediction.py" in err
     assert not logdir.exists()
+
+
+@pytest.mark.parametrize("coverage", ["file", "published"])
+def test_catrs_refuses_a_smoothed_prediction_that_lacks_images_it_uses(tmp_path, capsys, coverage):
+    """smooth_prediction.py --max 100 pads the other rows with 1/K: training on them must not start."""
+    path = tmp_path / "pi.npy"
+    prediction = np.full((FMNIST_TRAIN_SIZE, 10), 0.1)
+    prediction[:100] = np.random.default_rng(0).dirichlet(np.ones(10), 100)
+    np.save(path, prediction)
+    if coverage == "file":
+        np.save(tmp_path / "pi.covered.npy", np.arange(FMNIST_TRAIN_SIZE) < 100)
+    logdir = tmp_path / "logs"
+    command = ["fmnist", "lenet", "--noise", "0.25", "--epochs", "1", "--test-subset", "64", "--workers", "0",
+               "--num-noise-vec", "1", "--num-steps", "1", "--logdir", str(logdir), "--smooth-prediction", str(path)]
+    for subset in ([], ["--train-subset", "101"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train_catrs.main(command + subset)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and str(path) in err
+        lacking = FMNIST_TRAIN_SIZE - 100 if not subset else 1
+        assert f"lacks {lacking} of the {100 + lacking} training images" in err and "first: 100" in err
+        assert "--train-subset 100" in err and "smooth_prediction.py" in err
+        assert ("1/K" in err) == (coverage == "published")
+        assert not logdir.exists()
+    # the covered images alone are a valid run
+    train_catrs.main(command + ["--train-subset", "64"])
+    assert logdir.exists()
 
 
 def test_catrs_default_prediction_path_is_the_sigma_025_gaussian_one(tmp_path, capsys, monkeypatch):
