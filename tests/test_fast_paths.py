@@ -1,0 +1,118 @@
+"""The CPU fast paths of training keep the published values.
+
+* LeNet's first convolution computes its input gradient with a matrix
+  product and ``F.fold`` (``archs.lenet._SingleChannelConv2d``): the same
+  gradients as the built-in convolution;
+* MACER cuts a batch into several forward and backward passes on a CPU: the
+  summed gradient, the loss and the SGD step equal those of one pass;
+* ``--channels-last`` is on by default on a CPU, and ``--channels-last`` alone
+  still means yes;
+* the noisy test pass gives the batch-size weighted mean loss and accuracy.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_macer
+import train_utils
+from archs.lenet import LeNet, _SingleChannelConv2d
+from train_utils import use_channels_last
+
+
+def test_single_channel_conv_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SingleChannelConv2d.apply, (x, weight, bias))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lenet_input_and_weight_gradients_equal_the_builtin_convolution(channels_last):
+    torch.manual_seed(1)
+    model = LeNet()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.rand(6, 1, 28, 28, requires_grad=True)
+
+    def builtin(inputs):      # LeNet's forward with the built-in first convolution
+        h = F.max_pool2d(F.relu(model.conv1(inputs)), 2, 2)
+        h = F.max_pool2d(F.relu(model.conv2(h)), 2, 2)
+        return model.fc2(F.relu(model.fc1(torch.flatten(h, 1))))
+
+    targets = torch.arange(6) % 10
+    fast = torch.autograd.grad(F.cross_entropy(model(x), targets), [x, *model.parameters()])
+    slow = torch.autograd.grad(F.cross_entropy(builtin(x), targets), [x, *model.parameters()])
+    for got, expected in zip(fast, slow):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert fast[0].abs().sum() > 0
+
+
+def test_macer_passes_add_up_to_the_batch_step():
+    torch.manual_seed(2)
+    m, batch = 4, 10
+    logits_model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 5))
+    noisy = torch.randn(batch * m, 1, 4, 4)
+    targets = torch.randint(0, 5, (batch,))
+    options = dict(m=m, beta=16.0, margin=8.0, sigma=0.5, lbd=6.0)
+
+    whole = train_macer.macer_loss(logits_model(noisy), targets, **options)
+    whole_grads = torch.autograd.grad(whole, list(logits_model.parameters()))
+    total, grads = 0.0, [torch.zeros_like(p) for p in logits_model.parameters()]
+    for start in range(0, batch, 3):         # passes of 3, 3, 3 and 1 examples
+        part = train_macer.macer_loss(logits_model(noisy[start * m:(start + 3) * m]), targets[start:start + 3],
+                                      **options, batch_size=batch)
+        total = total + part.detach()
+        for g, new in zip(grads, torch.autograd.grad(part, list(logits_model.parameters()))):
+            g += new
+    torch.testing.assert_close(total, whole.detach(), rtol=1e-6, atol=1e-6)
+    for got, expected in zip(grads, whole_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+class _Ctx:
+    def __init__(self, model, device="cpu"):
+        self.model = self.base_model = model
+        self.device = torch.device(device)
+
+
+def test_macer_splits_only_where_the_step_is_unchanged():
+    lenet = LeNet()
+    assert train_macer.examples_per_pass(_Ctx(lenet), 64, 16) == 16
+    assert train_macer.examples_per_pass(_Ctx(lenet), 8, 16) == 8
+    assert train_macer.examples_per_pass(_Ctx(lenet), 64, 1024) == 1
+    with_bn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    assert train_macer.examples_per_pass(_Ctx(with_bn), 64, 16) == 64      # batch statistics need the batch
+    assert train_macer.examples_per_pass(_Ctx(lenet, "meta"), 64, 16) == 64
+
+
+def test_channels_last_defaults_to_cpu_and_keeps_the_bare_flag():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_channels_last("auto", cpu, False) is True
+    assert use_channels_last("auto", cuda, False) is False and use_channels_last("auto", cuda, True) is True
+    assert use_channels_last("no", cpu, False) is False and use_channels_last("yes", cuda, False) is True
+    assert use_channels_last(False, cpu, False) is False
+    parser = train_utils.build_parser(train_macer.METHOD)
+    assert parser.parse_args(["fmnist", "lenet", "--channels-last"]).channels_last == "yes"
+    assert parser.parse_args(["fmnist", "lenet"]).channels_last == "auto"
+    assert parser.parse_args(["fmnist", "lenet", "--channels-last", "no"]).channels_last == "no"
+
+
+def test_noisy_test_pass_is_the_weighted_mean_over_batches():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, y = torch.rand(7, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+
+    class Args:
+        bf16 = False
+        channels_last = False
+    ctx = train_utils.TrainingContext(args=Args(), model=model, optimizer=None, device=torch.device("cpu"),
+                                      num_classes=3, dist=None)
+    torch.manual_seed(4)
+    loss, acc = train_utils.test(ctx, batches, 0.0)
+    with torch.no_grad():
+        logits = model(x)
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert acc == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
