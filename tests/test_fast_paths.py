@@ -9,6 +9,8 @@
   still means yes;
 * the noisy test pass gives the batch-size weighted mean loss and accuracy.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,67 @@ def test_noisy_test_pass_is_the_weighted_mean_over_batches():
         logits = model(x)
     assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     assert acc == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
+
+
+# --------------------------------------------------------------------------- bench_train.py --published
+
+def _bench_train():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_train.py")
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FAKE_DATASETS = '''
+def get_dataset(dataset, split):
+    return list(range(60000 if split != "test" else 10000))
+'''
+
+# Stands in for a published training script: reads its data through datasets.get_dataset (as the
+# published scripts do, imported by name) and logs the number of examples it got as the epoch time.
+FAKE_TRAIN = '''
+import os, sys
+from datasets import get_dataset
+run_id = sys.argv[sys.argv.index("--id") + 1]
+train, test = get_dataset("fmnist", "train"), get_dataset("fmnist", "test")
+folder = os.path.join("logs", "fmnist", "cohen", "noise_0.5", "lenet", run_id)
+os.makedirs(folder)
+with open(os.path.join(folder, "log.txt"), "w") as handle:
+    handle.write("epoch\\ttime\\tlr\\ttrain loss\\ttrain acc\\ttestloss\\ttest acc\\n")
+    handle.write("0\\t%d.%04d\\t0.01\\t1.0\\t0.0\\t1.0\\t0.0\\n" % (len(train), len(test)))
+'''
+
+
+def test_bench_published_runs_the_scripts_on_the_subsets(tmp_path, monkeypatch):
+    bench = _bench_train()
+    code = tmp_path / "published" / "code"
+    code.mkdir(parents=True)
+    (code / "datasets.py").write_text(FAKE_DATASETS)
+    (code / "train_cohen.py").write_text(FAKE_TRAIN)
+    cache = tmp_path / "cache"
+    (cache / "FashionMNIST").mkdir(parents=True)
+    monkeypatch.setenv("DATASET_CACHE", str(cache))
+    work = tmp_path / "work"
+    work.mkdir()
+    pi = tmp_path / "pi.npy"
+    np.save(pi, np.ones((3, 10), dtype=np.float32) / 10)
+    root = bench.prepare_published(bench.published_code_dir(str(tmp_path / "published")), str(work), str(pi))
+    assert (work / "published" / "test" / "smooth_prediction" / "fmnist" / "0" / "model_conf_0.25_train.npy").exists()
+    assert os.path.realpath(os.path.join(root, "dataset_cache", "FMNIST_Targeted")) == str(cache / "FashionMNIST")
+
+    class Args:
+        threads, timeout, train_subset, test_subset = 1, 120, 300, 7
+    seconds = bench.run_published("train_cohen.py", ["--noise_sd", "0.5"], Args(), root, 5)
+    assert seconds == pytest.approx(300.0007)
+
+
+def test_bench_published_refuses_a_folder_without_the_scripts(tmp_path, capsys):
+    bench = _bench_train()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--published", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "train_cohen.py" in err[0]
