@@ -119,7 +119,8 @@ def epoch_seconds(log_path: str) -> float:
 
 def run_once(name, script, options, args, workdir, run_id, smooth_prediction):
     command = [sys.executable, os.path.join(REPO, "code", script), "fmnist", "lenet", "--lr", "0.01",
-               "--epochs", "1", "--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset), "--workers", "0",
+               "--epochs", "1", "--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset),
+               "--workers", "0",
                "--seed", "0", "--id", str(run_id), "--logdir", workdir, "--print-freq", "1000000"] + options
     if name == "catrs":
         command += ["--smooth-prediction", smooth_prediction]

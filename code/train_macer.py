@@ -14,7 +14,6 @@ epoch <= lr_step_size. The log's train accuracy column holds 0.0.
 Run folder: logs/{dataset}/macer[_deferred{lr_step_size}]/num_{m}/lbd_{lbd}/gamma_{margin}/beta_{beta}/noise_{s}/{arch}/{id}/.
 """
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +27,8 @@ def _standard_normal_quantile(p: torch.Tensor) -> torch.Tensor:
 
 
 def macer_loss(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float, margin: float, sigma: float,
-               lbd: float, batch_size: Optional[int] = None) -> torch.Tensor:
-    """MACER's objective (cl + lbd * rl) / B, B = ``batch_size`` (default: the examples given).
-
-    Both sums run over examples, so the objective of a batch is the sum of
-    this function over any split of its examples with ``batch_size`` = B.
+               lbd: float) -> torch.Tensor:
+    """MACER's objective (cl + lbd * rl) / B.
 
     ``logits``: shape (B * m, K), the m copies of each example adjacent (row
     i * m + j is copy j of example i); ``targets``: shape (B,).
@@ -56,7 +52,7 @@ def macer_loss(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float,
     # Recomputed on the kept entries only, so that no infinite quantile enters the backward pass.
     kept_gap = _standard_normal_quantile(q2[keep]) - _standard_normal_quantile(q1[keep])
     robustness = (kept_gap + margin).sum() * sigma / 2
-    return (classification + lbd * robustness) / (batch if batch_size is None else batch_size)
+    return (classification + lbd * robustness) / batch
 
 
 def add_arguments(parser):
@@ -75,26 +71,6 @@ def method_path(args) -> str:
             f"/noise_{args.noise_sd}")
 
 
-# Noisy samples per forward pass on a CPU: B * m = 1024 LeNet samples make activations that leave the
-# cache; passes of 256 cost about 0.7 as much per sample forward and backward.
-CPU_PASS_SAMPLES = 256
-
-
-def examples_per_pass(ctx, batch_size: int, m: int) -> int:
-    """How many examples (with their m copies) each forward and backward pass takes.
-
-    The whole batch, except on a CPU for a model without batch normalisation
-    and outside DistributedDataParallel: there the batch is cut into passes of
-    about ``CPU_PASS_SAMPLES`` samples whose gradients add up to the batch's
-    (the loss is a sum over examples), so the SGD step is unchanged.
-    """
-    model = ctx.model
-    if (ctx.device.type != "cpu" or model is not ctx.base_model
-            or any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())):
-        return batch_size
-    return max(1, min(batch_size, CPU_PASS_SAMPLES // m))
-
-
 def train(ctx, loader, epoch: int):
     args = ctx.args
     m = args.num_noise_vec
@@ -103,21 +79,13 @@ def train(ctx, loader, epoch: int):
     started = time.time()
     for i, batch in enumerate(loader):
         inputs, targets = ctx.to_device(batch[0], batch[1])
-        batch_size = inputs.size(0)
         copies, = ctx.to_device(inputs.repeat_interleave(m, dim=0))
         noisy = copies + torch.randn_like(copies) * args.noise_sd
-        per_pass = examples_per_pass(ctx, batch_size, m)
-        ctx.optimizer.zero_grad()
-        loss = 0.0
-        for start in range(0, batch_size, per_pass):
-            with ctx.autocast():
-                outputs = ctx.model(noisy[start * m:(start + per_pass) * m])
-            part = macer_loss(outputs, targets[start:start + per_pass], m, args.beta, args.margin, args.noise_sd,
-                              lbd, batch_size=batch_size)
-            part.backward()
-            loss = loss + part.detach()
-        ctx.optimizer.step()
-        losses.update(float(loss), batch_size)
+        with ctx.autocast():
+            outputs = ctx.model(noisy)
+        loss = macer_loss(outputs, targets, m, args.beta, args.margin, args.noise_sd, lbd)
+        ctx.step(loss)
+        losses.update(loss.item(), inputs.size(0))
         ctx.log_batch(epoch, i, len(loader), losses, AverageMeter(), started)
     return losses.avg, 0.0
 

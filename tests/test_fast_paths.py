@@ -3,8 +3,6 @@
 * LeNet's first convolution computes its input gradient with a matrix
   product and ``F.fold`` (``archs.lenet._SingleChannelConv2d``): the same
   gradients as the built-in convolution;
-* MACER cuts a batch into several forward and backward passes on a CPU: the
-  summed gradient, the loss and the SGD step equal those of one pass;
 * ``--channels-last`` is on by default on a CPU, and ``--channels-last`` alone
   still means yes;
 * the noisy test pass gives the batch-size weighted mean loss and accuracy.
@@ -49,44 +47,6 @@ def test_lenet_input_and_weight_gradients_equal_the_builtin_convolution(channels
     for got, expected in zip(fast, slow):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     assert fast[0].abs().sum() > 0
-
-
-def test_macer_passes_add_up_to_the_batch_step():
-    torch.manual_seed(2)
-    m, batch = 4, 10
-    logits_model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 5))
-    noisy = torch.randn(batch * m, 1, 4, 4)
-    targets = torch.randint(0, 5, (batch,))
-    options = dict(m=m, beta=16.0, margin=8.0, sigma=0.5, lbd=6.0)
-
-    whole = train_macer.macer_loss(logits_model(noisy), targets, **options)
-    whole_grads = torch.autograd.grad(whole, list(logits_model.parameters()))
-    total, grads = 0.0, [torch.zeros_like(p) for p in logits_model.parameters()]
-    for start in range(0, batch, 3):         # passes of 3, 3, 3 and 1 examples
-        part = train_macer.macer_loss(logits_model(noisy[start * m:(start + 3) * m]), targets[start:start + 3],
-                                      **options, batch_size=batch)
-        total = total + part.detach()
-        for g, new in zip(grads, torch.autograd.grad(part, list(logits_model.parameters()))):
-            g += new
-    torch.testing.assert_close(total, whole.detach(), rtol=1e-6, atol=1e-6)
-    for got, expected in zip(grads, whole_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
-
-
-class _Ctx:
-    def __init__(self, model, device="cpu"):
-        self.model = self.base_model = model
-        self.device = torch.device(device)
-
-
-def test_macer_splits_only_where_the_step_is_unchanged():
-    lenet = LeNet()
-    assert train_macer.examples_per_pass(_Ctx(lenet), 64, 16) == 16
-    assert train_macer.examples_per_pass(_Ctx(lenet), 8, 16) == 8
-    assert train_macer.examples_per_pass(_Ctx(lenet), 64, 1024) == 1
-    with_bn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    assert train_macer.examples_per_pass(_Ctx(with_bn), 64, 16) == 64      # batch statistics need the batch
-    assert train_macer.examples_per_pass(_Ctx(lenet, "meta"), 64, 16) == 64
 
 
 def test_channels_last_defaults_to_cpu_and_keeps_the_bare_flag():
