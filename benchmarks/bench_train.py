@@ -1,19 +1,41 @@
 """Training throughput (examples/s) of every training method on LeNet / Fashion-MNIST.
 
 Each method's script runs as it would from the command line, for one epoch
-on the first ``--train-subset`` training images (one test image), with the
-method options of the published CIFAR-10 commands (SPEC section 7; MACER
-without ``--deferred`` so that its robustness term is part of the epoch).
-The epoch time is read from the ``time`` column of the run's ``log.txt``
-(training plus a one-image test pass; start-up is not included). Scripts
-that do not exist are reported as missing. The methods take turns within
-each repeat; the table gives the median over the repeats.
+on the first ``--train-subset`` training images (``--test-subset`` test
+images, one by default), with the method options of the published CIFAR-10
+commands (SPEC section 7; MACER without ``--deferred`` so that its
+robustness term is part of the epoch). The epoch time is read from the
+``time`` column of the run's ``log.txt`` (training plus the noisy test
+pass; start-up is not included). Scripts that do not exist are reported as
+missing. The methods take turns within each repeat; the table gives the
+median over the repeats.
 
     python benchmarks/bench_train.py --train-subset 2048 --repeats 3 --threads 2
+
+``--published PATH`` compares with a copy of the published code (PATH holds
+its ``code/train_*.py``; nothing of it is stored in this repository): for
+every method the published script and ours run one epoch each with the same
+options (``COMPARISON``, sigma 0.5), alternately (which goes first switches
+every repeat), and the table gives both epoch times and the speed ratio
+published / ours (median of the per-repeat ratios). The published scripts
+run unmodified from a temporary folder that holds a copy of their ``code/``,
+a ``./dataset_cache`` whose ``FashionMNIST`` and ``FMNIST_Targeted`` (the
+name torchvision derives from the published CAT-RS data class) both link to
+the data cache's ``FashionMNIST`` folder, and the CAT-RS
+smoothed-prediction file at their relative path
+``test/smooth_prediction/fmnist/0/model_conf_0.25_train.npy`` (the same
+random Dirichlet targets as ours get); a small launcher replaces their
+``datasets.get_dataset`` by one that returns the first ``--train-subset`` /
+``--test-subset`` examples (they have no such option). Nothing else is
+changed: on a machine without a GPU they pick the CPU themselves.
+
+    python benchmarks/bench_train.py --published /path/to/published --train-subset 10000 \
+        --test-subset 10000 --repeats 2 --threads 2
 """
 import csv
 import datetime
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +63,37 @@ METHODS = [
                                  "--lbd", "0.5"]),
 ]
 
+# The side-by-side comparison with the published code: sigma 0.5, the same options on both sides.
+COMPARISON = [
+    ("cohen", "train_cohen.py", ["--noise_sd", "0.5"]),
+    ("stab", "train_stab.py", ["--noise_sd", "0.5", "--lbd", "2"]),
+    ("consistency", "train_consistency.py", ["--noise_sd", "0.5", "--num-noise-vec", "2", "--lbd", "10"]),
+    ("macer", "train_macer.py", ["--noise_sd", "0.5", "--num-noise-vec", "16", "--beta", "16", "--margin", "8",
+                                 "--lbd", "6"]),
+    ("smoothmix", "train_smoothmix.py", ["--noise_sd", "0.5", "--num-noise-vec", "2", "--num-steps", "4",
+                                         "--alpha", "1", "--mix_step", "1", "--eta", "5"]),
+    ("catrs", "train_catrs.py", ["--noise_sd", "0.5", "--num-noise-vec", "4", "--epsilon", "256", "--num-steps",
+                                 "4", "--lbd", "1"]),
+    ("salman", "train_salman.py", ["--noise_sd", "0.5", "--attack", "PGD", "--epsilon", "256", "--num-steps", "10",
+                                   "--warmup", "10", "--num-noise-vec", "8"]),
+]
+
+# Runs a published training script on the first N training / test examples (env BENCH_TRAIN_SUBSET,
+# BENCH_TEST_SUBSET) by wrapping its datasets.get_dataset before the script imports it.
+PUBLISHED_LAUNCHER = """import os, runpy, sys
+from torch.utils.data import Subset
+sys.path.insert(0, os.path.join(os.getcwd(), "code"))
+import datasets
+_get_dataset = datasets.get_dataset
+def get_dataset(dataset, split):
+    data = _get_dataset(dataset, split)
+    limit = int(os.environ["BENCH_TEST_SUBSET" if split == "test" else "BENCH_TRAIN_SUBSET"])
+    return Subset(data, range(min(limit, len(data))))
+datasets.get_dataset = get_dataset
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0])
@@ -50,6 +103,9 @@ def build_parser():
     parser.add_argument("--methods", default=",".join(m[0] for m in METHODS),
                         help="comma-separated subset of: " + ", ".join(m[0] for m in METHODS))
     parser.add_argument("--timeout", type=positive_int, default=1800, help="seconds allowed per run")
+    parser.add_argument("--test-subset", type=positive_int, default=1, help="test images in the noisy test pass")
+    parser.add_argument("--published", default=None, metavar="PATH",
+                        help="compare with the published code in PATH (its code/train_*.py), side by side")
     return parser
 
 
@@ -63,7 +119,8 @@ def epoch_seconds(log_path: str) -> float:
 
 def run_once(name, script, options, args, workdir, run_id, smooth_prediction):
     command = [sys.executable, os.path.join(REPO, "code", script), "fmnist", "lenet", "--lr", "0.01",
-               "--epochs", "1", "--train-subset", str(args.train_subset), "--test-subset", "1", "--workers", "0",
+               "--epochs", "1", "--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset),
+               "--workers", "0",
                "--seed", "0", "--id", str(run_id), "--logdir", workdir, "--print-freq", "1000000"] + options
     if name == "catrs":
         command += ["--smooth-prediction", smooth_prediction]
@@ -72,18 +129,116 @@ def run_once(name, script, options, args, workdir, run_id, smooth_prediction):
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
-    logs = [os.path.join(root, "log.txt") for root, _, files in os.walk(os.path.join(workdir, "fmnist"))
+    return epoch_seconds(find_log(os.path.join(workdir, "fmnist"), script, run_id))
+
+
+def find_log(root_dir, script, run_id):
+    logs = [os.path.join(root, "log.txt") for root, _, files in os.walk(root_dir)
             if "log.txt" in files and root.endswith(os.path.join("lenet", str(run_id)))]
     if len(logs) != 1:
-        raise RuntimeError(f"{script}: cannot find the run's log.txt under {workdir}")
-    return epoch_seconds(logs[0])
+        raise RuntimeError(f"{script}: cannot find the run's log.txt under {root_dir}")
+    return logs[0]
+
+
+def published_code_dir(path: str) -> str:
+    """The folder with the published train_*.py scripts: PATH/code or PATH itself."""
+    for candidate in (os.path.join(path, "code"), path):
+        if os.path.isfile(os.path.join(candidate, "train_cohen.py")):
+            return candidate
+    raise UserError(f"--published '{path}' holds no train_cohen.py (nor code/train_cohen.py); "
+                    "give the folder of the published repository")
+
+
+def prepare_published(code_dir, workdir, smooth_prediction):
+    """A temporary run folder for the published scripts (see the module docstring); returns its path."""
+    root = os.path.join(workdir, "published")
+    shutil.copytree(code_dir, os.path.join(root, "code"), ignore=shutil.ignore_patterns("__pycache__"))
+    cache = os.path.abspath(os.environ.get("DATASET_CACHE", os.path.join(REPO, "dataset_cache")))
+    if not os.path.isdir(os.path.join(cache, "FashionMNIST")):
+        raise UserError(f"no FashionMNIST folder in the data cache '{cache}'; set DATASET_CACHE")
+    os.makedirs(os.path.join(root, "dataset_cache"))
+    # torchvision looks for a data set under its class name: the published CAT-RS split is FMNIST_Targeted.
+    for name in ("FashionMNIST", "FMNIST_Targeted"):
+        os.symlink(os.path.join(cache, "FashionMNIST"), os.path.join(root, "dataset_cache", name))
+    targets = os.path.join(root, "test", "smooth_prediction", "fmnist", "0")
+    os.makedirs(targets)
+    shutil.copy(smooth_prediction, os.path.join(targets, "model_conf_0.25_train.npy"))
+    with open(os.path.join(root, "run_subset.py"), "w") as handle:
+        handle.write(PUBLISHED_LAUNCHER)
+    return root
+
+
+def run_published(script, options, args, root, run_id):
+    command = [sys.executable, "run_subset.py", os.path.join("code", script), "fmnist", "lenet", "--lr", "0.01",
+               "--epochs", "1", "--workers", "0", "--id", str(run_id), "--print-freq", "1000000"] + options
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               BENCH_TRAIN_SUBSET=str(args.train_subset), BENCH_TEST_SUBSET=str(args.test_subset))
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"published {script} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    return epoch_seconds(find_log(os.path.join(root, "logs", "fmnist"), script, run_id))
 
 
 def main(argv=None):
     run_cli(lambda: benchmark(build_parser().parse_args(argv)))
 
 
+def load_text() -> str:
+    return "load average " + ", ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def compare_with_published(args):
+    """Published and ours, alternately, per method; ratio = published s/epoch / ours."""
+    code_dir = published_code_dir(args.published)
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - {m[0] for m in COMPARISON})
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(m[0] for m in COMPARISON)}")
+    methods = [m for m in COMPARISON if m[0] in wanted]
+    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  OMP_NUM_THREADS={args.threads}  "
+          f"fmnist lenet --lr 0.01, --train-subset {args.train_subset} --test-subset {args.test_subset}, "
+          f"one epoch, {args.repeats} repeats, published code from {code_dir}; {load_text()}", flush=True)
+    times = {name: {"published": [], "ours": []} for name, _, _ in methods}
+    errors = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
+        smooth_prediction = os.path.join(workdir, "model_conf_0.25_train.npy")
+        np.save(smooth_prediction, np.random.default_rng(0).dirichlet(np.ones(10), size=60000).astype(np.float32))
+        root = prepare_published(code_dir, workdir, smooth_prediction)
+        run_id = 0
+        for repeat in range(args.repeats):
+            for name, script, options in methods:
+                sides = ["published", "ours"] if repeat % 2 == 0 else ["ours", "published"]
+                for side in sides:
+                    if name in errors:
+                        continue
+                    run_id += 1
+                    try:
+                        if side == "published":
+                            seconds = run_published(script, options, args, root, run_id)
+                        else:
+                            seconds = run_once(name, script, options, args, workdir, run_id, smooth_prediction)
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        errors[name] = f"{side}: " + (str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
+                        continue
+                    times[name][side].append(seconds)
+                    print(f"#   repeat {repeat} {name} {side}: {seconds:.2f} s ({load_text()})", flush=True)
+    print("| method | options | published s/epoch | ours s/epoch | ours vs published (speed) | min-max |")
+    print("|---|---|---|---|---|---|")
+    for name, _, options in methods:
+        shown = " ".join(options)
+        if name in errors:
+            print(f"| {name} | {shown} | failed: {errors[name]} | | | |")
+            continue
+        published, ours = times[name]["published"], times[name]["ours"]
+        ratios = [p / o for p, o in zip(published, ours)]
+        print(f"| {name} | {shown} | {statistics.median(published):.2f} | {statistics.median(ours):.2f} | "
+              f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x |")
+    print(f"# finished {datetime.datetime.now().isoformat(timespec='seconds')}; {load_text()}")
+
+
 def benchmark(args):
+    if args.published is not None:
+        return compare_with_published(args)
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(wanted) - {m[0] for m in METHODS})
     if unknown:

@@ -49,16 +49,18 @@ def l2_norms(x: torch.Tensor) -> torch.Tensor:
 def normalize_per_example(grad: torch.Tensor, stabilizer: float = 0.0, random_if_zero: bool = False):
     """Divide each example's gradient by its L2 norm (+ ``stabilizer``).
 
-    With ``random_if_zero`` an all-zero gradient is replaced by a random unit
-    direction (drawn from torch's global generator) instead of 0/0.
+    With ``random_if_zero`` (SmoothAdv's rule) an all-zero gradient is replaced
+    by a plain standard normal draw, not rescaled to unit length (one
+    ``torch.randn_like`` of the zero rows from torch's global generator), so
+    the step along it is ``|z|`` times longer and the attack's projection
+    then brings it back; rows with a non-zero gradient are unit vectors.
     """
     norms = l2_norms(grad)
     out = grad / per_example(norms + stabilizer, grad)
     if random_if_zero:
         zero = norms == 0
         if zero.any():
-            direction = torch.randn_like(out[zero])
-            out[zero] = direction / per_example(l2_norms(direction), direction)
+            out[zero] = torch.randn_like(out[zero])
     return out
 
 
@@ -108,9 +110,12 @@ def _check_layout(inputs: torch.Tensor, labels: torch.Tensor, num_copies: int):
 class PGD_L2:
     """L2 projected gradient ascent on the smoothed soft classifier (SmoothAdv, SPEC 4.3).
 
-    d = 0; ``steps`` times: normalised gradient of the attack loss w.r.t. d
-    (a random direction where it is zero), d += 2 * max_norm / steps along it,
-    clip x + d to [0, 1], renorm d to L2 <= max_norm. The loss is the summed
+    d = 0; ``steps`` times: normalised gradient of the attack loss w.r.t. d,
+    d += 2 * max_norm / steps along it, clip x + d to [0, 1], renorm d to
+    L2 <= max_norm. Where the gradient is all zero the step is
+    -2 * max_norm / steps * z with z ~ N(0, I) not normalised (the published
+    rule: the draw replaces the normalised gradient of the loss being
+    descended, -CE), so the clip and the renorm decide its length. The loss is the summed
     cross-entropy for one copy and the NLL of the mean softmax over the copies
     otherwise. ``no_grad`` (m > 1) replaces the gradient by
     mean_j(-p_y(x + d + e_j) * e_j), which needs no backward pass.
@@ -138,11 +143,14 @@ class PGD_L2:
         delta = torch.zeros_like(clean)
         for _ in range(self.steps):
             if no_grad and m > 1:
+                # The published gradient-free step adds its (random where zero) direction.
                 direction = self._gradient_free_direction(model, inputs, labels, noise, delta, m)
+                delta = delta.add(normalize_per_example(direction, random_if_zero=True), alpha=sign * step)
             else:
-                direction = self._gradient(model, inputs, labels, noise, delta, m)
-            direction = normalize_per_example(direction, random_if_zero=True)
-            delta = delta + sign * step * direction
+                # A descent step on -sign * loss, as the published SGD step on the attack loss.
+                descent = normalize_per_example(-sign * self._gradient(model, inputs, labels, noise, delta, m),
+                                                random_if_zero=True)
+                delta = delta.add(descent, alpha=-step)
             delta = (clean + delta).clamp(0, 1) - clean
             delta = project_l2(delta, self.max_norm)
         return inputs + _shared(delta, m)
@@ -181,11 +189,16 @@ class DDN:
     possible inside [0, 1]; rescale d to the budget; round x + d to
     ``levels`` levels and clip to [0, 1].
 
+    Where the gradient is all zero the update uses a plain standard normal
+    draw z in place of the normalised gradient of the loss being descended
+    (d -= lr * z), and the rescaling to the budget follows, as published.
+
     The smallest misclassifying d is returned (zero for an example never
-    misclassified, as in the reference), renormed to L2 <= ``max_norm`` and
-    put on the grid of multiples of 1 / (levels - 1) by rounding each
-    component towards zero, so the result stays inside both the L2 ball and
-    [0, 1] (and x + d stays on the grid when x is on it).
+    misclassified, as in the reference). With ``max_norm`` it is renormed to
+    L2 <= ``max_norm`` and, with ``quantize``, each component rounded to the
+    nearest multiple of 1 / (levels - 1), as the published attack does: x + d
+    stays on the grid and inside [0, 1] when x is on the grid, and the L2 norm
+    may exceed ``max_norm`` by at most sqrt(#pixels) / (2 (levels - 1)).
     """
 
     def __init__(self, steps: int, gamma: float = 0.05, init_norm: float = 1.0, quantize: bool = True,
@@ -237,7 +250,8 @@ class DDN:
             best_l2 = torch.where(better, l2, best_l2)
             best_delta[better] = delta[better]
 
-            delta = delta + sign * self._learning_rate(i) * normalize_per_example(grad, random_if_zero=True)
+            # Descent on -sign * loss with the published SGD update d <- d - lr * direction.
+            delta = delta.add(normalize_per_example(-sign * grad, random_if_zero=True), alpha=-self._learning_rate(i))
             budget = budget * (1 - (2 * fooled.float() - 1) * self.gamma)
             budget = torch.min(budget, worst_norm)
             delta = delta * per_example(budget / l2_norms(delta).clamp(min=1e-12), delta)
@@ -248,9 +262,8 @@ class DDN:
 
         if self.max_norm is not None:
             best_delta = project_l2(best_delta, self.max_norm)
-        if self.quantize:
-            # Round towards zero; the small tolerance keeps values that are already on the grid there.
-            best_delta = torch.sign(best_delta) * torch.floor(best_delta.abs() * scale + 1e-4) / scale
+            if self.quantize:
+                best_delta = torch.round(best_delta * scale) / scale
         return inputs + _shared(best_delta, m)
 
 

@@ -168,6 +168,10 @@ def test_pgd_stays_in_ball_and_box_and_replaces_zero_gradient():
 
 # --------------------------------------------------------------------------- DDN
 
+# Rounding each of 16 components to the nearest 1/255 adds at most sqrt(16) / (2 * 255) to the L2 norm.
+GRID_SLACK = 4 / (2 * 255) + 1e-5
+
+
 def _on_grid(t):
     scaled = t.double() * 255
     return torch.allclose(scaled, scaled.round(), atol=1e-3)
@@ -186,7 +190,7 @@ def test_ddn_keeps_smallest_misclassifying_perturbation_on_the_grid():
         linear_model(weight, bias), inputs, torch.tensor(y))
     delta = adv - inputs
     assert adv.min() >= 0 and adv.max() <= 1
-    assert (l2(delta) <= eps + 1e-5).all()
+    assert (l2(delta) <= eps + GRID_SLACK).all()
     assert _on_grid(adv)
     assert l2(delta)[0] == 0                       # the smallest misclassifying perturbation of example 0
     assert (l2(delta)[1:] > 0).sum() >= 4          # the others were pushed across the boundary
@@ -205,10 +209,114 @@ def test_ddn_multi_noise_shares_perturbation_and_respects_radius():
     delta = adv - inputs
     assert adv.shape == inputs.shape
     assert adv.min() >= 0 and adv.max() <= 1
-    assert (l2(delta) <= eps + 1e-5).all() and (l2(delta) > 0).any()
+    assert (l2(delta) <= eps + GRID_SLACK).all() and (l2(delta) > 0).any()
     assert _on_grid(adv)
     per_example = delta.reshape(5, m, -1)
     assert torch.equal(per_example[:, 0], per_example[:, 1]) and torch.equal(per_example[:, 0], per_example[:, 2])
+
+
+def saturated_linear_model(weight, scale):
+    """f(x) = scale * W flatten(x): softmax is exactly one-hot in float32 wherever the top logit leads by
+    more than about 104 / scale, and there the gradient of a correctly classified example is exactly 0."""
+    return linear_model(weight * scale, np.zeros(weight.shape[0]))
+
+
+def ddn_by_formula(model, inputs, labels, noise, m, steps, gamma, init_norm, max_norm, levels=256):
+    """DDN on the smoothed soft classifier written from its definition (Rony et al. 2019 as adapted by
+    SmoothAdv): d <- d - lr_i * u with u the normalised gradient of -loss (a standard normal draw where
+    that gradient is all zero), lr_i = 0.01 + 0.99 (1 + cos(pi (i + 1) / T)) / 2, budget times 1 -/+ gamma,
+    d rescaled to the budget, x + d rounded to the nearest level and clipped; the smallest misclassifying
+    d, renormed to max_norm and rounded to the nearest level, is returned for every copy."""
+    clean, b, scale = inputs[::m], labels.shape[0], levels - 1
+    d = torch.zeros_like(clean)
+    budget = torch.full((b,), float(init_norm))
+    worst = l2(torch.max(clean, 1 - clean))
+    best_l2, best = worst.clone(), torch.zeros_like(clean)
+    zero_gradients = 0
+    for i in range(steps):
+        lr = 0.01 + 0.99 * (1 + math.cos(math.pi * (i + 1) / steps)) / 2
+        d.requires_grad_(True)
+        logits = model(inputs + d.repeat_interleave(m, 0) + noise)
+        if m == 1:
+            loss, prediction = F.cross_entropy(logits, labels, reduction="sum"), logits.argmax(1)
+        else:
+            mean_p = F.softmax(logits, 1).reshape(b, m, -1).mean(1)
+            loss = F.nll_loss(torch.log(mean_p.clamp(min=1e-20)), labels)
+            prediction = logits.argmax(1).reshape(b, m).mode(1).values
+        g, = torch.autograd.grad(-loss, [d])
+        d = d.detach()
+        fooled = prediction != labels
+        smaller = fooled & (l2(d) < best_l2)
+        best_l2[smaller], best[smaller] = l2(d)[smaller], d[smaller]
+        g_norm = l2(g)
+        u = g / g_norm.view(-1, 1, 1, 1)
+        if (g_norm == 0).any():
+            u[g_norm == 0] = torch.randn_like(u[g_norm == 0])
+            zero_gradients += int((g_norm == 0).sum())
+        d = d - lr * u
+        budget = torch.min(budget * (1 - (2 * fooled.float() - 1) * gamma), worst)
+        d = d * (budget / l2(d)).view(-1, 1, 1, 1)
+        d = (torch.round((clean + d) * scale) / scale).clamp(0, 1) - clean
+    renormed = best.renorm(p=2, dim=0, maxnorm=max_norm)
+    return inputs + (torch.round(renormed * scale) / scale).repeat_interleave(m, 0), renormed, zero_gradients
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_ddn_equals_its_formula_with_round_to_nearest_and_random_zero_gradients(m):
+    """Seeded DDN equals the formula on the same inputs and noise; the case is chosen so that rounding the
+    renormed perturbation to the nearest level differs from rounding it towards zero, and some examples
+    (saturated and correct) have an all-zero gradient, so the standard normal replacement is exercised."""
+    rng = np.random.default_rng(20 + m)
+    b, eps = 8, 0.3
+    weight = rng.normal(size=(3, 16))
+    x = torch.tensor(rng.integers(40, 216, size=(b, 1, 4, 4)) / 255.0, dtype=torch.float32)
+    model = saturated_linear_model(weight, scale=30.0)
+    y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3                      # two examples misclassified from the start
+    inputs = x.repeat_interleave(m, 0)
+    noise = torch.tensor(rng.normal(size=(b * m, 1, 4, 4)) * 0.05, dtype=torch.float32)
+    options = dict(steps=10, gamma=0.05, init_norm=1.0, max_norm=eps)
+    torch.manual_seed(5)
+    got = attacks.DDN(**options).attack(model, inputs, y, noise=noise, num_noise_vectors=m)
+    torch.manual_seed(5)
+    expected, renormed, zero_gradients = ddn_by_formula(model, inputs, y, noise, m, **options)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    towards_zero = torch.sign(renormed) * torch.floor(renormed.abs() * 255 + 1e-4) / 255
+    nearest = torch.round(renormed * 255) / 255
+    assert (nearest - towards_zero).abs().max() > 1e-3     # the two roundings differ on this case
+    assert zero_gradients > 0 and (l2(got - inputs) > 0).sum() >= 3
+
+
+def test_pgd_zero_gradient_steps_along_an_unnormalised_standard_normal_draw():
+    """A constant model has zero gradient everywhere: each step is d <- renorm(clip(x + d - s z) - x, eps)
+    with s = 2 eps / T and z ~ N(0, I) as drawn (not rescaled to unit length), as the published rule."""
+    x = torch.full((2, 1, 4, 4), 0.5)
+    eps, steps = 0.5, 20
+    constant = linear_model(np.zeros((4, 16)), np.arange(4.0))
+    torch.manual_seed(3)
+    got = attacks.PGD_L2(steps=steps, max_norm=eps).attack(constant, x, torch.tensor([0, 1]))
+    torch.manual_seed(3)
+    d = torch.zeros_like(x)
+    for _ in range(steps):
+        d = ((x + d - 2 * eps / steps * torch.randn_like(d)).clamp(0, 1) - x).renorm(p=2, dim=0, maxnorm=eps)
+    torch.testing.assert_close(got, x + d, atol=1e-6, rtol=0)
+    # One long step (s = 20, no renorm at radius 10): the clip alone bounds the move along -z.
+    torch.manual_seed(3)
+    one = attacks.PGD_L2(steps=1, max_norm=10.0).attack(constant, x, torch.tensor([0, 1]))
+    torch.manual_seed(3)
+    z = torch.randn_like(x)
+    torch.testing.assert_close(one, (x - 20.0 * z).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_normalize_per_example_replaces_only_zero_rows_by_a_plain_normal_draw():
+    grad = torch.zeros(3, 1, 2, 2)
+    grad[1] = 3.0
+    torch.manual_seed(9)
+    out = attacks.normalize_per_example(grad, random_if_zero=True)
+    torch.manual_seed(9)
+    draws = torch.randn(2, 1, 2, 2)
+    torch.testing.assert_close(out[[0, 2]], draws)
+    torch.testing.assert_close(out[1], torch.full((1, 2, 2), 0.5))
 
 
 def test_warmup_epsilon():
