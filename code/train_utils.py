@@ -274,6 +274,7 @@ class TrainingContext:
     num_classes: int
     dist: Distributed
     writer: object = None
+    channels_last: bool = False   # ``--channels-last`` resolved for this device (``use_channels_last``)
 
     @property
     def base_model(self) -> torch.nn.Module:
@@ -287,7 +288,7 @@ class TrainingContext:
 
     def to_device(self, *tensors):
         moved = tuple(t.to(self.device, non_blocking=True) for t in tensors)
-        if self.args.channels_last:
+        if self.channels_last:
             moved = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in moved)
         return moved
 
@@ -570,8 +571,9 @@ def _train(method: Method, args):
         if pretrained["arch"] != args.arch:
             raise UserError(f"--pretrained-model '{args.pretrained_model}' is a {pretrained['arch']}, not a {args.arch}")
         model.load_state_dict(pretrained["state_dict"])
-    args.channels_last = use_channels_last(args.channels_last, device, args.bf16)
-    if args.channels_last:
+    # resolved apart from ``args``, which the checkpoint stores as given (a resume compares them)
+    channels_last = use_channels_last(args.channels_last, device, args.bf16)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -615,7 +617,8 @@ def _train(method: Method, args):
             print("note: this method does not measure its train accuracy (as published): log.txt's train acc "
                   "column holds 0.0 and the console shows n/a", flush=True)
     ctx = TrainingContext(args=args, model=ddp_model, optimizer=optimizer, device=device,
-                          num_classes=get_num_classes(args.dataset), dist=dist, writer=writer)
+                          num_classes=get_num_classes(args.dataset), dist=dist, writer=writer,
+                          channels_last=channels_last)
 
     for epoch in range(start_epoch, args.epochs):
         if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
