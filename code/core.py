@@ -36,7 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.stats import beta, binomtest, norm
+from scipy.stats import beta, binom, binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
 
@@ -575,19 +575,32 @@ class SequentialPredictor:
     def look_alpha(self, look: int) -> float:
         return self.alpha / len(self.looks)
 
-    def step(self, look: int, count_a: int, count_b: int) -> Tuple[bool, bool]:
-        """(stop, predict the top class) after look k with top-two counts nA >= nB."""
+    def step(self, look: int, count_a, count_b):
+        """(stop, predict the top class) after look k with top-two counts nA >= nB (numbers or arrays)."""
+        count_a, count_b = np.asarray(count_a), np.asarray(count_b)
         alpha_k = self.look_alpha(look)
         total = count_a + count_b
-        if total > 0 and binomtest(count_a, total, p=0.5).pvalue <= alpha_k:
-            return True, True
-        if look == len(self.looks) - 1 or total == 0:
-            return look == len(self.looks) - 1, False
-        # futility: the most optimistic share of nA, over the most top-two samples the last look can have
-        share = float(cp_upper(count_a, total, alpha_k))
-        final_total = int(round(total * self.looks[-1] / self.looks[look]))
-        final_a = int(math.floor(share * final_total))
-        return binomtest(final_a, final_total, p=0.5).pvalue > self._last_alpha(), False
+        decided = (total > 0) & (two_sided_binomial_pvalue(count_a, total) <= alpha_k)
+        if look == len(self.looks) - 1:
+            stop = np.ones_like(decided)
+        else:
+            # futility: the most optimistic share of nA, over the most top-two samples the last look can have
+            share = cp_upper(count_a, np.maximum(total, 1), alpha_k)
+            final_total = np.round(total * self.looks[-1] / self.looks[look])
+            final_a = np.floor(share * final_total)
+            hopeless = two_sided_binomial_pvalue(final_a, final_total) > self.look_alpha(len(self.looks) - 1)
+            stop = decided | hopeless
+        if stop.ndim == 0:
+            return bool(stop), bool(decided)
+        return stop, decided
 
-    def _last_alpha(self) -> float:
-        return self.look_alpha(len(self.looks) - 1)
+
+def two_sided_binomial_pvalue(successes, trials):
+    """The two-sided p-value of ``successes`` in ``trials`` fair coin flips (``binomtest(k, n, 0.5)``).
+
+    For p = 1/2 the distribution is symmetric, so the p-value is 2 P[X <= min(k, n - k)], capped at
+    1 (1 at k = n / 2); vectorised. 1 where ``trials`` is 0.
+    """
+    successes, trials = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
+    low = np.minimum(successes, trials - successes)
+    return np.where(trials > 0, np.minimum(1.0, 2 * binom.cdf(low, np.maximum(trials, 1), 0.5)), 1.0)

@@ -3,7 +3,9 @@
 Options
     The published options of each script, plus ``--seed``, ``--batch-images``,
     ``--bf16``, ``--compile``, ``--no-channels-last`` and ``--overwrite``
-    (``add_*_arguments``).
+    (``add_*_arguments``), and the opt-in sequential mode of certify.py,
+    certify_c.py and predict.py (``add_sequential_arguments``: its rows have
+    a last column ``samples``, so its files have their own header).
 
 Images
     Image ``idx`` is evaluated when ``idx >= --start``, ``idx % --skip == 0``
