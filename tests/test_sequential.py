@@ -13,7 +13,10 @@ Soundness is checked two ways.
   ("stop at the first look whose bound exceeds pA"), which is what validity
   for every stopping rule means. The classic peeking mistake (the fixed-N
   Clopper-Pearson bound at level alpha re-checked at every look) must fail
-  the same checks: this is what makes them able to fail.
+  the same checks: this is what makes them able to fail. (Under the ACR
+  mode's own stopping rule, which depends on the number of samples far more
+  than on the direction of the count, peeking's failure rate stays close to
+  alpha; the worst stopping rule exposes it for that mode's alpha spending.)
 * End to end on the closed-form linear classifier of
   tests/test_certify_statistics.py, through certify.py and predict.py.
 """
