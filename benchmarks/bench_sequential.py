@@ -8,8 +8,15 @@ the same images (only the images in both files are compared, and their count
 is printed). Prints a markdown table: mean samples per image and the ratio
 to fixed-N's N0 + N, wall-clock seconds per image (the ``time`` column) and
 the speed-up, ACR, and certified accuracy (percent) at each radius with the
-difference to fixed-N. The two runs should be made under the same load for
-the time columns to compare.
+difference to fixed-N. The time columns compare only when both runs had the
+same load; on a shared machine use the timing mode instead:
+
+    python benchmarks/bench_sequential.py --timing CHECKPOINT --sigma S [--images 3 --radii ...]
+
+certifies the first ``--images`` Fashion-MNIST test images (every 100th) in
+turns with fixed-N CERTIFY (N = 100,000), the radii mode and the ACR mode,
+one image at a time in the same process, and prints the median over images
+of each method's seconds and of the per-image speed-up, beside the samples.
 """
 import argparse
 import os
@@ -41,13 +48,62 @@ def summary(df, radii):
     }
 
 
+def timing(args):
+    import time
+
+    import torch
+
+    from common import load_base_classifier
+    from core import Smooth, noise_generator
+    from datasets import get_dataset
+
+    torch.set_num_threads(args.threads)
+    model = load_base_classifier(args.timing, "fmnist", "cpu")
+    smooth = Smooth(model, 10, args.sigma)
+    data = get_dataset("fmnist", "test", augment=False)
+    radii = [r for r in args.radii if r > 0]
+    methods = {
+        "fixed-N CERTIFY": lambda x, g: smooth.certify(x, 100, 100000, 0.001, 1000, g) + (100100,),
+        "sequential, radii": lambda x, g: smooth.certify_sequential_many(x[None], 100, 100000, 0.001, 1000, [g],
+                                                                         radii=radii)[0],
+        "sequential, ACR": lambda x, g: smooth.certify_sequential_many(x[None], 100, 100000, 0.001, 1000, [g],
+                                                                       radius_tol=0.1 * args.sigma)[0],
+    }
+    seconds = {name: [] for name in methods}
+    samples = {name: [] for name in methods}
+    for image in range(args.images):
+        x, _ = data[image * 100]
+        names = list(methods)
+        names = names[image % 3:] + names[:image % 3]   # the order rotates, so load changes hit all alike
+        for name in names:
+            started = time.perf_counter()
+            result = methods[name](x, noise_generator(0, image * 100, "cpu"))
+            seconds[name].append(time.perf_counter() - started)
+            samples[name].append(result[-1])
+    fixed = np.array(seconds["fixed-N CERTIFY"])
+    print(f"sigma {args.sigma}, {args.images} images (idx 0, 100, ...), {args.threads} thread(s)")
+    print("| method | samples/image | s/image (median) | speed-up (median of per-image ratios) |")
+    print("|---|---:|---:|---:|")
+    for name in methods:
+        ratio = np.median(fixed / np.array(seconds[name]))
+        print(f"| {name} | {np.mean(samples[name]):,.0f} | {np.median(seconds[name]):.2f} | {ratio:.1f}x |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("fixed")
-    parser.add_argument("sequential", nargs="+")
+    parser.add_argument("fixed", nargs="?")
+    parser.add_argument("sequential", nargs="*")
+    parser.add_argument("--timing", metavar="CHECKPOINT", help="time the three certifiers on a LeNet checkpoint")
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--radii", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--fixed-samples", type=int, default=100100, help="N0 + N of the fixed-N run")
     args = parser.parse_args(argv)
+    if args.timing:
+        return timing(args)
+    if not args.fixed or not args.sequential:
+        parser.error("give FIXED.tsv and at least one SEQUENTIAL.tsv, or --timing CHECKPOINT")
     fixed = load_results(args.fixed).set_index("idx")
     print("| run | images | samples/image | ratio | s/image | speed-up | ACR (diff) | "
           + " | ".join(f"r={r:g} (diff)" for r in args.radii) + " |")
