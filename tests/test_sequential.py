@@ -407,3 +407,20 @@ def test_analyze_reports_mean_samples_when_the_column_is_present(tmp_path, capsy
     # a file without the column: the table is the one it always was
     assert analyze.main([str(fixed), "--radii", "0", "0.5"]) == 0
     assert "samples" not in capsys.readouterr().out
+
+
+def test_certify_c_sequential_writes_the_samples_column(tmp_path):
+    import certify_c
+    from test_eval_scripts import make_mnist_c, save_lenet
+    checkpoint = save_lenet(tmp_path / "checkpoint.pth.tar")
+    base = tmp_path / "mnist_c"
+    labels = make_mnist_c(base, ["identity", "fog"])
+    prefix = str(tmp_path / "out") + "/"
+    certify_c.main([checkpoint, prefix, "--base_c_path", str(base), "--corruptions", "identity,fog", "--N0=20",
+                    "--N-max=400", "--batch=100", "--seed=0", "--sequential", "--radii", "0.25"])
+    for name in ("identity", "fog"):
+        lines = read_rows(f"{prefix}{name}.tsv")
+        assert lines[0] == eval_utils.CERTIFY_HEADER + "\tsamples"
+        body = [line.split("\t") for line in lines[1:-1]]
+        assert [int(row[0]) for row in body] == list(range(len(labels)))
+        assert all(20 < int(row[6]) <= 420 for row in body)
