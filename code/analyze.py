@@ -44,7 +44,8 @@ Command line (run from the repository root)::
         [--title T] [--abstain]
 
 prints, for each file, its ACR and its certified accuracy (percent) at the
-chosen radii as a markdown table (LaTeX with ``--latex``), the best value of
+chosen radii (and, when any file has the ``samples`` column of
+``certify.py --sequential``, the mean samples per image) as a markdown table (LaTeX with ``--latex``), the best value of
 each column in bold, and optionally draws all certified-accuracy curves into
 one figure.  Errors in the inputs print one ``error: ...`` line on stderr and
 exit with status 2 without writing anything.
@@ -252,6 +253,20 @@ class ApproximateAccuracy(Accuracy):
         """Average certified radius: mean over all rows of ``correct * radius``."""
         return float((self.df["correct"] * self.df["radius"]).mean())
 
+    def mean_samples(self) -> float:
+        """Mean of the ``samples`` column (samples drawn per image, ``certify.py --sequential``).
+
+        NaN when the file has no such column (fixed-N CERTIFY draws N0 + N per image).
+        """
+        if "samples" not in self.df.columns:
+            return float("nan")
+        samples = pd.to_numeric(self.df["samples"], errors="coerce")
+        if samples.isna().any() or (samples <= 0).any():
+            row = int(np.flatnonzero(samples.isna().to_numpy() | (samples <= 0).to_numpy())[0])
+            raise ResultsFileError(self.data_file_path, f"line {row + 2}: samples must be a positive number "
+                                                        f"(got {str(self.df['samples'].iloc[row])!r})")
+        return float(samples.mean())
+
     def abstain_rate(self) -> float:
         """Fraction of rows where the smoothed classifier abstained (``predict == -1``).
 
@@ -365,6 +380,11 @@ def format_percent(fraction: float) -> str:
 def format_acr(value: float) -> str:
     """An average certified radius with three decimals."""
     return "n/a" if value is None or np.isnan(value) else f"{value:.3f}"
+
+
+def format_samples(value: float) -> str:
+    """Mean samples per image, a whole number with thousands separators."""
+    return "n/a" if value is None or np.isnan(value) else f"{value:,.0f}"
 
 
 def format_radius(r: float) -> str:
@@ -676,11 +696,18 @@ def summary_table(accuracies: Sequence[ApproximateAccuracy], labels: Sequence[st
                                format_percent))
     if abstain:
         columns.append(_Column("abstain", r"abstain (\%)", format_percent, bold_best=False))
+    # the cost of sequential certification, when a file records it
+    samples = [acc.mean_samples() for acc in accuracies]
+    with_samples = not all(np.isnan(samples))
+    if with_samples:
+        columns.append(_Column("samples/image", "samples/image", format_samples, bold_best=False))
     values = []
-    for acc in accuracies:
+    for acc, mean_samples in zip(accuracies, samples):
         row = [acc.acr()] + list(acc.at_radii(radii))
         if abstain:
             row.append(acc.abstain_rate())
+        if with_samples:
+            row.append(mean_samples)
         values.append(row)
     return render_table(labels, columns, values, style=style, label_header="label")
 
@@ -740,6 +767,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # late in the list must not leave a partial table or plot behind.
         lines = [_line_files(f) for f in args.files]
         accuracies = [ApproximateAccuracy(files) for files in lines]
+        for accuracy in accuracies:
+            accuracy.mean_samples()   # validates the samples column, if any
     except (ResultsFileError, _UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,9 +15,10 @@ data set:
   severity) and ``DIR/labels.npy``; by default every ``.npy`` in DIR but
   ``labels.npy``; the model must be a CIFAR-10 one.
 
-``--corruptions a,b`` picks some. The noise of image idx of a corruption
-comes from its own stream (seed, corruption, idx): the files do not share
-noise, with or without ``--seed``. Each file is resumable and shared among
+``--corruptions a,b`` picks some; ``--sequential`` certifies as certify.py's
+does (rows then end with a ``samples`` column). The noise of image idx of a
+corruption comes from its own stream (seed, corruption, idx): the files do
+not share noise, with or without ``--seed``. Each file is resumable and shared among
 torchrun processes like certify.py's (see eval_utils).
 """
 import hashlib
@@ -26,11 +27,11 @@ import os
 import numpy as np
 import torch
 
-from certify import certify_images, format_row
+from certify import certify_images, result_header, row_formatter
 from common import ArgumentParser, UserError, positive_float, run_cli
 from datasets import get_input_shape
-from eval_utils import (CERTIFY_HEADER, ResultFile, add_engine_arguments, add_image_arguments, add_sampling_arguments,
-                        run_on_image_sets)
+from eval_utils import (ResultFile, add_engine_arguments, add_image_arguments, add_sampling_arguments,
+                        add_sequential_arguments, run_on_image_sets)
 
 MNIST_C_CORRUPTIONS = ["identity", "brightness", "dotted_line", "glass_blur", "impulse_noise", "rotate", "shear",
                        "spatter", "translate", "canny_edges", "fog", "motion_blur", "scale", "shot_noise", "stripe",
@@ -126,14 +127,17 @@ def build_parser() -> ArgumentParser:
     add_image_arguments(parser, split=False)
     add_sampling_arguments(parser, n0=True, alpha=True)
     add_engine_arguments(parser)
+    add_sequential_arguments(parser)
     return parser
 
 
 def run(argv=None):
     args = build_parser().parse_args(argv)
+    evaluate = certify_images(args)
     dataset, sets = find_corrupted_sets(args.base_c_path, _corruption_list(args.corruptions))
-    outputs = [ResultFile(f"{args.outfile}{s.name}.tsv", CERTIFY_HEADER, overwrite=args.overwrite) for s in sets]
-    run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs, certify_images(args), format_row,
+    outputs = [ResultFile(f"{args.outfile}{s.name}.tsv", result_header(args), overwrite=args.overwrite)
+               for s in sets]
+    run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs, evaluate, row_formatter(args),
                       script="certify_c.py", output_settings=[{"corruption": s.name} for s in sets],
                       noise_keys=[corruption_noise_key(s.name) for s in sets])
 

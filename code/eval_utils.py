@@ -3,7 +3,10 @@
 Options
     The published options of each script, plus ``--seed``, ``--batch-images``,
     ``--bf16``, ``--compile``, ``--no-channels-last``, ``--overwrite`` and
-    ``--resume-unverified`` (``add_*_arguments``).
+    ``--resume-unverified`` (``add_*_arguments``), and the opt-in sequential
+    mode of certify.py, certify_c.py and predict.py
+    (``add_sequential_arguments``: its rows have a last column ``samples``,
+    so its files have their own header).
 
 Images
     Image ``idx`` is evaluated when ``idx >= --start``, ``idx % --skip == 0``
@@ -138,7 +141,7 @@ import torch
 from tqdm import tqdm
 
 from common import (ArgumentParser, Distributed, UserError, check_checkpoint_file, file_sha256, load_base_classifier,
-                    nonnegative_int, positive_float, positive_int, probability, replace_atomic)
+                    nonnegative_float, nonnegative_int, positive_float, positive_int, probability, replace_atomic)
 from core import Smooth, noise_generator
 from datasets import DATASETS, get_dataset, get_num_classes
 from provenance import SIDECAR_FORMAT, settings_differences, sidecar_path
@@ -146,6 +149,14 @@ from provenance import read_sidecar as read_record
 
 CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
+# --sequential: the same columns and the samples drawn for the image
+SEQUENTIAL_CERTIFY_HEADER = CERTIFY_HEADER + "\tsamples"
+SEQUENTIAL_PREDICT_HEADER = PREDICT_HEADER + "\tsamples"
+# --sequential's default --radius-tol, in units of sigma. Radii scale with sigma, and so does what a
+# sample size buys: at pA near 1 each doubling of the samples adds about 0.2 sigma to the radius, so a
+# tolerance much below 0.1 sigma makes every confident image run to N-max. At 0.1 sigma the mean loss
+# against fixed-N CERTIFY stays near 0.03 sigma per image (docs/BENCHMARKS.md).
+DEFAULT_RADIUS_TOL_SIGMAS = 0.1
 SMOOTH_PREDICTION_HEADER = "idx\tlabel\tp1\tp2\tc1\tc2\tcorrect\ttime"
 
 # Barriers wait for the slowest process, which may be hours behind on a big job.
@@ -200,6 +211,41 @@ def add_engine_arguments(parser: ArgumentParser):
                        help="continue a result file that has rows but no settings record ({outfile}.meta.json), "
                             "e.g. one written by the published code, taking its rows as made with this "
                             "command's settings")
+
+
+def add_sequential_arguments(parser: ArgumentParser, certify: bool = True):
+    """``--sequential`` and its options (``core.Smooth.certify_sequential_many`` / ``predict_sequential_many``)."""
+    group = parser.add_argument_group("sequential (anytime-valid) mode: same guarantee, fewer samples")
+    group.add_argument("--sequential", action="store_true",
+                       help="draw samples in rounds and stop as soon as the result is decided (alpha-spending "
+                            "over a fixed schedule of looks); adds a column 'samples'")
+    group.add_argument("--N-max", dest="N_max", type=positive_int, default=None,
+                       help="with --sequential: the most estimation samples per image (default: --N)")
+    if certify:
+        group.add_argument("--radii", nargs="+", type=nonnegative_float, default=None, metavar="R",
+                           help="with --sequential: only decide the largest of these radii that is certified "
+                                "(certified accuracy at these radii); default: a radius close to the N-max one")
+        group.add_argument("--radius-tol", dest="radius_tol", type=nonnegative_float, default=None,
+                           help="with --sequential and no --radii: stop when the radius is within this of the "
+                                f"best N-max samples could give (default: {DEFAULT_RADIUS_TOL_SIGMAS} * sigma)")
+
+
+def check_sequential_arguments(args):
+    """Raise ``UserError`` for sequential options without ``--sequential`` or that contradict each other."""
+    given = [name for name, value in (("--N-max", args.N_max), ("--radii", getattr(args, "radii", None)),
+                                      ("--radius-tol", getattr(args, "radius_tol", None))) if value is not None]
+    if given and not args.sequential:
+        raise UserError(f"{', '.join(given)} only apply to --sequential; add --sequential or drop them")
+    if getattr(args, "radii", None) is not None and getattr(args, "radius_tol", None) is not None:
+        raise UserError("--radii and --radius-tol choose different stopping rules; give one of them")
+
+
+def sequential_n_max(args) -> int:
+    return args.N_max if args.N_max is not None else args.N
+
+
+def sequential_radius_tol(args, sigma: float) -> float:
+    return args.radius_tol if args.radius_tol is not None else DEFAULT_RADIUS_TOL_SIGMAS * sigma
 
 
 def select_indices(size: int, skip: int, max_index: int, start: int = 0) -> List[int]:

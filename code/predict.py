@@ -7,10 +7,18 @@ classes have counts nA >= nB; abstain (-1) when the two-sided binomial test of
 nA successes in nA + nB trials at p = 1/2 has p-value > alpha. Writes
 ``idx label predict correct time`` rows. Resumable and shardable with torchrun
 like certify.py (see eval_utils).
+
+``--sequential`` (opt-in) runs the same test in rounds with alpha-spending
+over a fixed schedule of looks (``core.SequentialPredictor``): it stops at the
+first look whose test rejects at that look's level, or, abstaining, once
+``--N-max`` samples (default ``--N``) could not make it reject; same guarantee.
+Rows then end with a column ``samples``, the samples drawn for the image.
 """
 from common import ArgumentParser, run_cli
-from eval_utils import (PREDICT_HEADER, ResultFile, add_engine_arguments, add_image_arguments, add_model_arguments,
-                        add_sampling_arguments, evaluation_dataset, format_time, run_on_image_sets)
+from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, ResultFile, add_engine_arguments,
+                        add_image_arguments, add_model_arguments, add_sampling_arguments, add_sequential_arguments,
+                        check_sequential_arguments, evaluation_dataset, format_time, run_on_image_sets,
+                        sequential_n_max)
 
 
 def build_parser() -> ArgumentParser:
@@ -19,6 +27,7 @@ def build_parser() -> ArgumentParser:
     add_image_arguments(parser)
     add_sampling_arguments(parser, alpha=True)
     add_engine_arguments(parser)
+    add_sequential_arguments(parser, certify=False)
     return parser
 
 
@@ -27,13 +36,25 @@ def format_row(idx: int, label: int, prediction, seconds: float) -> str:
     return "{}\t{}\t{}\t{}\t{}".format(idx, label, prediction, correct, format_time(seconds))
 
 
+def format_sequential_row(idx: int, label: int, result, seconds: float) -> str:
+    prediction, samples = result
+    return format_row(idx, label, prediction, seconds) + "\t{}".format(samples)
+
+
 def run(argv=None):
     args = build_parser().parse_args(argv)
+    check_sequential_arguments(args)
     dataset = evaluation_dataset(args.dataset, args.split)
-    output = ResultFile(args.outfile, PREDICT_HEADER, overwrite=args.overwrite)
-    run_on_image_sets(args, args.dataset, [("predict", dataset)], [output],
-                      lambda smooth, xs, generators: smooth.predict_many(xs, args.N, args.alpha, args.batch, generators),
-                      format_row, script="predict.py")
+    if args.sequential:
+        header, row = SEQUENTIAL_PREDICT_HEADER, format_sequential_row
+        evaluate = lambda smooth, xs, generators: smooth.predict_sequential_many(  # noqa: E731
+            xs, sequential_n_max(args), args.alpha, args.batch, generators)
+    else:
+        header, row = PREDICT_HEADER, format_row
+        evaluate = lambda smooth, xs, generators: smooth.predict_many(  # noqa: E731
+            xs, args.N, args.alpha, args.batch, generators)
+    output = ResultFile(args.outfile, header, overwrite=args.overwrite)
+    run_on_image_sets(args, args.dataset, [("predict", dataset)], [output], evaluate, row, script="predict.py")
 
 
 def main(argv=None):

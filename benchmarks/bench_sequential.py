@@ -1,0 +1,132 @@
+"""Sequential certification against fixed-N CERTIFY on the same images: samples, time, accuracy.
+
+    python benchmarks/bench_sequential.py FIXED.tsv SEQUENTIAL.tsv [SEQUENTIAL.tsv ...] --radii 0 0.25 0.5 ...
+
+FIXED.tsv: a ``certify.py`` run (N0 + N samples per image); each SEQUENTIAL.tsv
+a ``certify.py --sequential`` run of the same model, sigma and ``--seed`` on
+the same images (only the images in both files are compared, and their count
+is printed). Prints a markdown table: mean samples per image and the ratio
+to fixed-N's N0 + N, wall-clock seconds per image (the ``time`` column) and
+the speed-up, ACR, and certified accuracy (percent) at each radius with the
+difference to fixed-N. The time columns compare only when both runs had the
+same load; on a shared machine use the timing mode instead:
+
+    python benchmarks/bench_sequential.py --timing CHECKPOINT --sigma S [--images 3 --radii ...]
+
+certifies the first ``--images`` Fashion-MNIST test images (every 100th) in
+turns with fixed-N CERTIFY (N = 100,000), the radii mode and the ACR mode,
+one image at a time in the same process, and prints each method's mean
+samples and seconds per image, the speed-up in total time and the median of
+the per-image speed-ups.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "code"))
+from analyze import load_results  # noqa: E402
+
+
+def seconds(text: str) -> float:
+    """A ``datetime.timedelta`` string (H:MM:SS[.ffffff], maybe 'N days, ...') in seconds."""
+    days = 0
+    if "day" in text:
+        head, text = text.split(",", 1)
+        days = int(head.split()[0])
+    hours, minutes, secs = text.strip().split(":")
+    return days * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(secs)
+
+
+def summary(df, radii):
+    correct = df["correct"].to_numpy() == 1
+    radius = df["radius"].to_numpy()
+    return {
+        "acr": float((correct * radius).mean()),
+        "accuracy": [100.0 * float(np.mean(correct & (radius >= r))) for r in radii],
+        "seconds": float(np.mean([seconds(t) for t in df["time"]])),
+    }
+
+
+def timing(args):
+    import time
+
+    import torch
+
+    from common import load_base_classifier
+    from core import Smooth, noise_generator
+    from datasets import get_dataset
+
+    torch.set_num_threads(args.threads)
+    model = load_base_classifier(args.timing, "fmnist", "cpu")
+    smooth = Smooth(model, 10, args.sigma)
+    data = get_dataset("fmnist", "test", augment=False)
+    radii = [r for r in args.radii if r > 0]
+    methods = {
+        "fixed-N CERTIFY": lambda x, g: smooth.certify(x, 100, 100000, 0.001, 1000, g) + (100100,),
+        "sequential, radii": lambda x, g: smooth.certify_sequential_many(x[None], 100, 100000, 0.001, 1000, [g],
+                                                                         radii=radii)[0],
+        "sequential, ACR": lambda x, g: smooth.certify_sequential_many(x[None], 100, 100000, 0.001, 1000, [g],
+                                                                       radius_tol=0.1 * args.sigma)[0],
+    }
+    seconds = {name: [] for name in methods}
+    samples = {name: [] for name in methods}
+    for image in range(args.images):
+        x, _ = data[image * 100]
+        names = list(methods)
+        names = names[image % 3:] + names[:image % 3]   # the order rotates, so load changes hit all alike
+        for name in names:
+            started = time.perf_counter()
+            result = methods[name](x, noise_generator(0, image * 100, "cpu"))
+            seconds[name].append(time.perf_counter() - started)
+            samples[name].append(result[-1])
+    fixed = np.array(seconds["fixed-N CERTIFY"])
+    print(f"sigma {args.sigma}, {args.images} images (idx 0, 100, ...), {args.threads} thread(s)")
+    print("| method | samples/image | sample ratio | s/image (mean) | speed-up (total time) | "
+          "speed-up (median per image) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in methods:
+        times = np.array(seconds[name])
+        print(f"| {name} | {np.mean(samples[name]):,.0f} | {100100 / np.mean(samples[name]):.1f}x | "
+              f"{times.mean():.2f} | {fixed.sum() / times.sum():.1f}x | {np.median(fixed / times):.1f}x |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("fixed", nargs="?")
+    parser.add_argument("sequential", nargs="*")
+    parser.add_argument("--timing", metavar="CHECKPOINT", help="time the three certifiers on a LeNet checkpoint")
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--radii", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--fixed-samples", type=int, default=100100, help="N0 + N of the fixed-N run")
+    args = parser.parse_args(argv)
+    if args.timing:
+        return timing(args)
+    if not args.fixed or not args.sequential:
+        parser.error("give FIXED.tsv and at least one SEQUENTIAL.tsv, or --timing CHECKPOINT")
+    fixed = load_results(args.fixed).set_index("idx")
+    print("| run | images | samples/image | ratio | s/image | speed-up | ACR (diff) | "
+          + " | ".join(f"r={r:g} (diff)" for r in args.radii) + " |")
+    print("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.radii))
+    for path in args.sequential:
+        seq = load_results(path).set_index("idx")
+        common = sorted(set(fixed.index) & set(seq.index))
+        if not common:
+            sys.exit(f"error: '{path}' and '{args.fixed}' have no image in common; certify the same images")
+        f, s = fixed.loc[common].reset_index(), seq.loc[common].reset_index()
+        if not np.array_equal(f["label"].to_numpy(), s["label"].to_numpy()):
+            sys.exit(f"error: '{path}' and '{args.fixed}' have different labels: not the same data set")
+        base, run = summary(f, args.radii), summary(s, args.radii)
+        samples = float(s["samples"].mean())
+        cells = [os.path.basename(path), str(len(common)), f"{samples:,.0f}", f"{args.fixed_samples / samples:.1f}x",
+                 f"{run['seconds']:.2f} (fixed {base['seconds']:.2f})", f"{base['seconds'] / run['seconds']:.1f}x",
+                 f"{run['acr']:.3f} ({run['acr'] - base['acr']:+.3f})"]
+        cells += [f"{a:.1f} ({a - b:+.1f})" for a, b in zip(run["accuracy"], base["accuracy"])]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""Sequential (anytime-valid) certification and prediction: ``core.SequentialCertifier``,
+``core.SequentialPredictor``, ``Smooth.certify_sequential_many`` and ``--sequential``.
+
+Soundness is checked two ways.
+
+* On simulated count streams (numpy binomial draws, no network): the decision
+  logic is a pure function of the count after each look, so many runs at a
+  known pA are cheap. A certificate is false when the reported lower bound
+  exceeds pA (its radius then exceeds the true one; in the radii mode the
+  listed radius it decides is then above the true radius). Its rate must
+  stay at or below alpha (one-sided binomial test at level 1e-3), under the
+  certifier's own stopping rules and under the worst stopping rule of all
+  ("stop at the first look whose bound exceeds pA"), which is what validity
+  for every stopping rule means. The classic peeking mistake (the fixed-N
+  Clopper-Pearson bound at level alpha re-checked at every look) must fail
+  the same checks: this is what makes them able to fail. (Under the ACR
+  mode's own stopping rule, which depends on the number of samples far more
+  than on the direction of the count, peeking's failure rate stays close to
+  alpha; the worst stopping rule exposes it for that mode's alpha spending.)
+* End to end on the closed-form linear classifier of
+  tests/test_certify_statistics.py, through certify.py and predict.py.
+"""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import beta, binom, norm
+
+import analyze
+import certify
+import core
+import eval_utils
+import predict
+from core import (SEQUENTIAL_FINAL_SHARE, SequentialCertifier, SequentialPredictor, Smooth, cp_lower, cp_upper,
+                  look_schedule, noise_generator)
+from test_certify_statistics import Linear, points, read_columns, wrong_certificates
+
+
+class Peeking(SequentialCertifier):
+    """The classic mistake: CERTIFY's fixed-N bound, at level alpha, re-checked at every look."""
+
+    def look_alpha(self, look):
+        return self.alpha
+
+
+def simulate(certifier, p, runs, rng, stop_rule=None):
+    """Lower bound at stopping and samples drawn, for ``runs`` count streams with success probability p.
+
+    ``stop_rule(lower)``: an extra stopping rule on top of the certifier's (None: the certifier's own).
+    """
+    lower = np.zeros(runs)
+    samples = np.zeros(runs, dtype=int)
+    count = np.zeros(runs, dtype=int)
+    active = np.ones(runs, dtype=bool)
+    drawn = 0
+    for look, num in enumerate(certifier.looks):
+        count[active] += rng.binomial(num - drawn, p, size=int(active.sum()))
+        drawn = num
+        stop, low = certifier.step(look, count[active])
+        if stop_rule is not None:
+            stop = stop | stop_rule(low)
+        index = np.flatnonzero(active)
+        lower[index[stop]] = low[stop]
+        samples[index[stop]] = num
+        active[index[stop]] = False
+        if not active.any():
+            break
+    return lower, samples
+
+
+def rate_is_at_most(failures, runs, alpha):
+    """True unless the one-sided binomial test rejects 'failure rate <= alpha' at level 1e-3."""
+    return binom.sf(int(failures) - 1, runs, alpha) > 1e-3
+
+
+SIGMA = 0.25
+LOOKS = look_schedule(20000, 500)          # 11 looks
+RADII = [0.25, 0.5, 0.75]
+
+
+# --------------------------------------------------------------------------- the pieces
+
+def test_look_schedule_is_fixed_geometric_and_in_whole_batches():
+    looks = look_schedule(100000, 1000)
+    assert looks[-1] == 100000 and looks[0] == 1000
+    assert all(b > a for a, b in zip(looks, looks[1:]))
+    assert all(n % 1000 == 0 for n in looks)
+    assert all(b / a <= 2.0 for a, b in zip(looks, looks[1:]))
+    assert len(looks) == 13
+    assert look_schedule(100000, 1000) == looks
+    assert look_schedule(500, 1000) == [500]
+    assert look_schedule(2500, 1000, growth=2) == [1000, 2000, 2500]
+    with pytest.raises(ValueError):
+        look_schedule(1000, 100, growth=1.0)
+
+
+def test_clopper_pearson_bounds_are_the_textbook_quantiles():
+    k = np.array([0, 1, 37, 99, 100])
+    n, a = 100, 0.01
+    low, high = np.maximum(k, 1), np.minimum(k, n - 1)
+    assert np.allclose(cp_lower(k, n, a), np.where(k > 0, beta.ppf(a, low, n - low + 1), 0))
+    assert np.allclose(cp_upper(k, n, a), np.where(k < n, beta.ppf(1 - a, high + 1, n - high), 1))
+    for count in (1, 50, 99, 100):
+        assert cp_lower(count, n, a) == pytest.approx(Smooth.lower_confidence_bound(count, n, a))
+
+
+@pytest.mark.parametrize("final_share", [None, 0.5])
+def test_alpha_spending_sums_to_alpha(final_share):
+    certifier = SequentialCertifier(SIGMA, 0.01, LOOKS, final_share=final_share)
+    levels = [certifier.look_alpha(k) for k in range(len(LOOKS))]
+    assert sum(levels) == pytest.approx(0.01)
+    assert min(levels) > 0
+    if final_share:
+        assert levels[-1] == pytest.approx(0.01 * final_share)
+
+
+# --------------------------------------------------------------------------- soundness on simulated counts
+
+@pytest.mark.parametrize("final_share", [None, SEQUENTIAL_FINAL_SHARE])
+@pytest.mark.parametrize("p", [0.6, 0.95, 0.995])
+def test_bounds_hold_under_the_worst_stopping_rule_and_peeking_does_not(final_share, p):
+    """Stop at the first look whose lower bound exceeds pA: still at most alpha false certificates."""
+    alpha, runs = 0.1, 3000
+    adversary = lambda lower: lower > p   # noqa: E731
+    real = SequentialCertifier(SIGMA, alpha, LOOKS, radius_tol=0.0, final_share=final_share)
+    lower, _ = simulate(real, p, runs, np.random.default_rng(1), stop_rule=adversary)
+    assert rate_is_at_most((lower > p).sum(), runs, alpha), (lower > p).mean()
+    peeking = Peeking(SIGMA, alpha, LOOKS, radius_tol=0.0, final_share=final_share)
+    lower, _ = simulate(peeking, p, runs, np.random.default_rng(1), stop_rule=adversary)
+    assert not rate_is_at_most((lower > p).sum(), runs, alpha), (lower > p).mean()
+    assert (lower > p).mean() > 2 * alpha
+
+
+@pytest.mark.parametrize("stop_alpha", [None, core.RADII_STOP_ALPHA])
+@pytest.mark.parametrize("below", [1e-4, 1e-3])
+def test_radii_mode_false_certificates_at_most_alpha_and_peeking_exceeds_it(below, stop_alpha):
+    """pA just below the threshold of radius 0.5: certifying 0.5 is a false certificate."""
+    alpha, runs = 0.1, 3000
+    p = norm.cdf(0.5 / SIGMA) - below
+    real = SequentialCertifier(SIGMA, alpha, LOOKS, radii=RADII, final_share=SEQUENTIAL_FINAL_SHARE,
+                               stop_alpha=stop_alpha)
+    lower, samples = simulate(real, p, runs, np.random.default_rng(2))
+    false = real.radius(lower) >= 0.5
+    assert np.all(lower[false] > p)   # a false certificate is a lower bound above pA
+    assert rate_is_at_most(false.sum(), runs, alpha), false.mean()
+    assert np.all(real.radius(lower) >= 0.25)   # the level below is certified, as it should be
+    peeking = Peeking(SIGMA, alpha, LOOKS, radii=RADII, final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=stop_alpha)
+    lower, _ = simulate(peeking, p, runs, np.random.default_rng(2))
+    false = peeking.radius(lower) >= 0.5
+    assert not rate_is_at_most(false.sum(), runs, alpha), false.mean()
+
+
+@pytest.mark.parametrize("p", [0.3, 0.52, 0.9, 0.99, 0.999, 1.0])
+@pytest.mark.parametrize("tol", [0.0, 0.1, 0.5])
+def test_acr_mode_false_certificates_at_most_alpha(p, tol):
+    alpha, runs = 0.05, 2000
+    real = SequentialCertifier(SIGMA, alpha, LOOKS, radius_tol=tol * SIGMA, final_share=SEQUENTIAL_FINAL_SHARE)
+    lower, samples = simulate(real, p, runs, np.random.default_rng(3))
+    assert rate_is_at_most((lower > p).sum(), runs, alpha), (lower > p).mean()
+    if p < 0.5:
+        assert np.all(lower < 0.5) and np.all(samples == LOOKS[0])   # abstain, decided at once
+
+
+def test_radii_mode_stops_early_when_decided_and_reports_the_decided_level():
+    alpha, runs = 0.001, 500
+    certifier = SequentialCertifier(SIGMA, alpha, look_schedule(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
+                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=core.RADII_STOP_ALPHA)
+    rng = np.random.default_rng(4)
+    # pA = 1: 0.75 is certified after a few thousand samples; 1.0 needs more than 10^5 samples
+    lower, samples = simulate(certifier, 1.0, runs, rng)
+    assert np.all((certifier.radius(lower) >= 0.75) & (certifier.radius(lower) < 1.0))
+    assert np.all(samples <= 8000)
+    # far from every threshold: decided early; the radius lies between the decided level and the next
+    p = norm.cdf(0.37 / SIGMA)
+    lower, samples = simulate(certifier, p, runs, rng)
+    radius = certifier.radius(lower)
+    assert np.mean((radius >= 0.25) & (radius < 0.5)) > 0.99
+    assert np.median(samples) <= 4000
+    # abstain: decided at the first look
+    lower, samples = simulate(certifier, 0.3, runs, rng)
+    assert np.all(lower < 0.5) and np.all(samples == 1000)
+
+
+def test_acr_mode_radius_is_within_the_tolerance_of_fixed_n():
+    """Stopped early, the radius is rarely much below CERTIFY's at N = N_max on the same stream."""
+    alpha, runs, tol = 0.001, 400, 0.1 * SIGMA
+    looks = look_schedule(100000, 1000)
+    certifier = SequentialCertifier(SIGMA, alpha, looks, radius_tol=tol, final_share=SEQUENTIAL_FINAL_SHARE)
+    for p in (0.8, 0.99):
+        seed = int(p * 1000)
+        lower, samples = simulate(certifier, p, runs, np.random.default_rng(seed))
+        fixed = certifier.radius(cp_lower(np.random.default_rng(seed + 1).binomial(100000, p, runs), 100000, alpha))
+        assert np.all(samples < 100000)   # stopped before N_max...
+        assert np.mean(certifier.radius(lower)) >= np.mean(fixed) - tol   # ...within the tolerance
+
+
+def test_sequential_predictor_errs_at_most_alpha_and_peeking_would_not():
+    """On a tie (pA = pB) predicting is an error; with early stopping its rate stays <= alpha."""
+    alpha, runs = 0.1, 3000
+    looks = look_schedule(20000, 500)
+
+    def errors(predictor):
+        rng = np.random.default_rng(5)
+        a = np.zeros(runs, dtype=int)
+        active = np.ones(runs, dtype=bool)
+        predicted = np.zeros(runs, dtype=bool)
+        drawn = 0
+        for look, num in enumerate(looks):
+            a[active] += rng.binomial(num - drawn, 0.5, size=int(active.sum()))
+            drawn = num
+            top, second = np.maximum(a[active], num - a[active]), np.minimum(a[active], num - a[active])
+            stop, decided = predictor.step(look, top, second)
+            index = np.flatnonzero(active)
+            predicted[index[stop & decided]] = True
+            active[index[stop]] = False
+        assert not active.any()
+        return int(predicted.sum())
+
+    assert rate_is_at_most(errors(SequentialPredictor(alpha, looks)), runs, alpha)
+
+    class PeekingPredictor(SequentialPredictor):
+        def look_alpha(self, look):
+            return self.alpha
+    assert not rate_is_at_most(errors(PeekingPredictor(alpha, looks)), runs, alpha)
+
+
+def test_sequential_predictor_uses_the_published_binomial_test():
+    from scipy.stats import binomtest
+    top = np.array([5, 30, 60, 61, 100, 517, 9000])
+    second = np.array([5, 10, 40, 39, 0, 480, 8800])
+    expected = [binomtest(int(a), int(a + b), p=0.5).pvalue for a, b in zip(top, second)]
+    assert np.allclose(core.two_sided_binomial_pvalue(top, top + second), expected, rtol=1e-9, atol=1e-15)
+
+
+def test_sequential_predictor_predicts_a_clear_winner_at_the_first_look():
+    looks = look_schedule(100000, 1000)
+    assert SequentialPredictor(0.001, looks).step(0, 900, 50) == (True, True)
+    assert SequentialPredictor(0.001, looks).step(len(looks) - 1, 50001, 49999) == (True, False)
+    assert SequentialPredictor(0.001, looks).step(0, 560, 440) == (False, False)  # undecided yet
+
+
+# --------------------------------------------------------------------------- the sampling engine
+
+def test_rounds_continue_the_images_stream_like_fixed_n(monkeypatch):
+    """The count at each look is the count of CERTIFY's first n estimation samples (same generator)."""
+    seen = []
+    step = SequentialCertifier.step
+
+    def recording(self, look, count):
+        seen.append((self.looks[look], np.array(count).copy()))
+        return step(self, look, count)
+
+    monkeypatch.setattr(SequentialCertifier, "step", recording)
+    data, distances = points(repeats=1, seed=4)
+    xs = torch.stack([x for x, _ in data])
+    smooth = Smooth(Linear(), 2, 0.5, images_per_batch=3)
+    n0, batch = 30, 200
+    results = smooth.certify_sequential_many(xs, n0, 3000, 0.01, batch,
+                                             [noise_generator(11, i, "cpu") for i in range(len(data))])
+    assert len(seen) >= 2
+    # which images were still running at each look: the first look has all of them
+    active = list(range(len(data)))
+    for num, counts in seen:
+        assert len(counts) == len(active)
+        for i, count in zip(active, counts):
+            generator = noise_generator(11, i, "cpu")
+            selection = smooth.sample_counts(xs[i], n0, batch, generator)
+            estimation = smooth.sample_counts(xs[i], num, batch, generator)
+            assert count == estimation[selection.argmax()]
+        active = [i for i in active if results[i][2] > n0 + num]
+    assert all(n0 < samples <= n0 + 3000 for _, _, samples in results)
+
+
+def test_sequential_results_do_not_depend_on_grouping():
+    data, _ = points(repeats=1, seed=5)
+    xs = torch.stack([x for x, _ in data])
+    run = lambda group: Smooth(Linear(), 2, 0.25, images_per_batch=group).certify_sequential_many(  # noqa: E731
+        xs, 50, 5000, 0.01, 250, [noise_generator(3, i, "cpu") for i in range(len(data))], radii=[0.1, 0.2])
+    assert run(1) == run(4)
+
+
+# --------------------------------------------------------------------------- the scripts
+
+@pytest.fixture
+def linear_script(monkeypatch):
+    data, distances = points(repeats=30, seed=6)
+    monkeypatch.setattr(eval_utils, "get_dataset", lambda dataset, split, *a, **k: data)
+    monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device: Linear().to(device))
+    return data, distances
+
+
+def read_rows(path):
+    with open(path) as handle:
+        return handle.read().split("\n")
+
+
+@pytest.mark.parametrize("mode", [["--radii", "0.1", "0.2", "0.4"], ["--radius-tol", "0.05"], []])
+def test_certify_script_sequential_is_sound_on_a_linear_classifier(linear_script, tmp_path, mode):
+    data, distances = linear_script
+    sigma, n0, n_max, alpha = 0.25, 100, 4000, 0.05
+    out = tmp_path / "seq.tsv"
+    certify.main(["fmnist", "linear", str(sigma), str(out), f"--N0={n0}", f"--N-max={n_max}", f"--alpha={alpha}",
+                  "--batch=500", "--seed=8", "--batch-images=4", "--sequential"] + mode)
+    assert read_rows(out)[0] == eval_utils.CERTIFY_HEADER + "\tsamples"
+    idx, predictions, radii, samples = read_columns(out, "idx", "predict", "radius", "samples")
+    assert list(idx) == list(range(len(data)))
+    predictions = predictions.astype(int)
+    wrong = wrong_certificates(predictions, radii, distances, 1e-9)
+    assert rate_is_at_most(wrong.sum(), len(wrong), alpha), wrong.sum()
+    assert np.all((samples > n0) & (samples <= n0 + n_max))
+    assert np.mean(predictions[distances == 0] == -1) >= 0.8
+    far = np.abs(distances) >= 0.6
+    assert np.all(predictions[far] == (distances[far] > 0))
+    if mode and mode[0] == "--radii":
+        # pA = Phi(0.6 / 0.25) is far above the threshold of 0.4: decided well before N-max
+        assert np.all(radii[far] >= 0.4) and np.all(samples[far] < n0 + n_max)
+
+
+def test_default_certify_output_is_fixed_n_certify_through_the_same_generator(linear_script, tmp_path):
+    """Without --sequential certify.py writes CERTIFY's rows: Smooth.certify with noise_generator(seed, idx)."""
+    data, _ = linear_script
+    sigma, n0, n, alpha, seed = 0.25, 50, 700, 0.01, 12
+    out = tmp_path / "fixed.tsv"
+    certify.main(["fmnist", "linear", str(sigma), str(out), f"--N0={n0}", f"--N={n}", f"--alpha={alpha}",
+                  "--batch=300", f"--seed={seed}", "--max=12"])
+    lines = read_rows(out)
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and lines[-1] == ""
+    smooth = Smooth(Linear(), 2, sigma)
+    for idx, line in enumerate(lines[1:-1]):
+        x, label = data[idx]
+        prediction, radius = smooth.certify(x, n0, n, alpha, 300, noise_generator(seed, idx, "cpu"))
+        fields = line.split("\t")
+        assert fields[:5] == [str(idx), str(label), str(prediction), "{:.3}".format(radius),
+                              str(int(prediction == label))]
+        assert len(fields) == 6
+
+
+def test_predict_script_sequential(linear_script, tmp_path):
+    data, distances = linear_script
+    out = tmp_path / "predict.tsv"
+    alpha, n_max = 0.05, 4000
+    predict.main(["fmnist", "linear", "0.25", str(out), f"--N-max={n_max}", f"--alpha={alpha}", "--seed=9",
+                  "--batch=400", "--sequential"])
+    assert read_rows(out)[0] == eval_utils.PREDICT_HEADER + "\tsamples"
+    predictions, samples = read_columns(out, "predict", "samples")
+    on_plane = distances == 0
+    assert rate_is_at_most(np.sum(predictions[on_plane] != -1), on_plane.sum(), alpha)
+    far = np.abs(distances) >= 0.3
+    assert np.mean(predictions[far] == (distances[far] > 0)) >= 0.95
+    assert np.all(samples[far] < n_max) and np.all((samples > 0) & (samples <= n_max))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--radii", "0.5"], "--sequential"),
+    (["--N-max", "1000"], "--sequential"),
+    (["--radius-tol", "0.1"], "--sequential"),
+    (["--sequential", "--radii", "0.5", "--radius-tol", "0.1"], "one of them"),
+    (["--sequential", "--radii", "-1"], "non-negative"),
+])
+def test_bad_sequential_options_stop_before_any_work(linear_script, tmp_path, capsys, argv, message):
+    out = tmp_path / "x.tsv"
+    with pytest.raises(SystemExit) as exc:
+        certify.main(["fmnist", "linear", "0.25", str(out)] + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_sequential_rows_are_refused_by_a_fixed_n_run_and_resumed_by_a_sequential_one(linear_script, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "seq.tsv"
+    argv = ["fmnist", "linear", "0.25", str(out), "--N0=20", "--N=1000", "--batch=250", "--seed=1", "--max=4"]
+    certify.main(argv + ["--sequential"])
+    first = read_rows(out)
+    with pytest.raises(SystemExit):
+        certify.main(argv)   # a fixed-N run must not append to a sequential file
+    assert "not a result file" in capsys.readouterr().err
+    certify.main(argv + ["--sequential", "--max=6"])
+    rows = read_rows(out)
+    assert rows[:len(first) - 1] == first[:-1] and len(rows) == len(first) + 2
+
+
+def test_floor_3_digits_never_rounds_up():
+    for value in np.concatenate([np.random.default_rng(0).uniform(0, 3, 2000), [0.25, 0.5, 1.0, 0.2496]]):
+        printed = float("{:.3}".format(certify.floor_3_digits(value)))
+        assert printed <= value + 1e-12 and value - printed < 0.01 * max(value, 1e-3) + 1e-12
+    assert certify.floor_3_digits(0.2496) == pytest.approx(0.249)
+    assert certify.floor_3_digits(0.0) == 0.0
+
+
+# --------------------------------------------------------------------------- analysis
+
+def test_analyze_reports_mean_samples_when_the_column_is_present(tmp_path, capsys):
+    header = eval_utils.CERTIFY_HEADER + "\tsamples"
+    seq = tmp_path / "seq.tsv"
+    seq.write_text(header + "\n0\t1\t1\t0.5\t1\t0:00:01\t1100\n1\t2\t2\t0.3\t1\t0:00:01\t4100\n"
+                   "2\t3\t-1\t0.0\t0\t0:00:01\t300\n")
+    fixed = tmp_path / "fixed.tsv"
+    fixed.write_text(eval_utils.CERTIFY_HEADER + "\n0\t1\t1\t0.5\t1\t0:00:01\n")
+    assert analyze.ApproximateAccuracy(seq).mean_samples() == pytest.approx(5500 / 3)
+    assert np.isnan(analyze.ApproximateAccuracy(fixed).mean_samples())
+    assert analyze.main([str(seq), str(fixed), "--radii", "0", "0.5", "--labels", "S", "F"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split("|")[-2].strip() == "samples/image"
+    assert table[2].startswith("| S |") and table[2].split("|")[-2].strip() == "1,833"
+    assert table[3].startswith("| F |") and table[3].split("|")[-2].strip() == "n/a"
+    # a file without the column: the table is the one it always was
+    assert analyze.main([str(fixed), "--radii", "0", "0.5"]) == 0
+    assert "samples" not in capsys.readouterr().out
+
+
+def test_certify_c_sequential_writes_the_samples_column(tmp_path):
+    import certify_c
+    from test_eval_scripts import make_mnist_c, save_lenet
+    checkpoint = save_lenet(tmp_path / "checkpoint.pth.tar")
+    base = tmp_path / "mnist_c"
+    labels = make_mnist_c(base, ["identity", "fog"])
+    prefix = str(tmp_path / "out") + "/"
+    certify_c.main([checkpoint, prefix, "--base_c_path", str(base), "--corruptions", "identity,fog", "--N0=20",
+                    "--N-max=400", "--batch=100", "--seed=0", "--sequential", "--radii", "0.25"])
+    for name in ("identity", "fog"):
+        lines = read_rows(f"{prefix}{name}.tsv")
+        assert lines[0] == eval_utils.CERTIFY_HEADER + "\tsamples"
+        body = [line.split("\t") for line in lines[1:-1]]
+        assert [int(row[0]) for row in body] == list(range(len(labels)))
+        assert all(20 < int(row[6]) <= 420 for row in body)
