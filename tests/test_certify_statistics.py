@@ -119,12 +119,18 @@ def check_against_exact(predictions, radii, distances, sigma, n0, n, alpha):
 
 
 @pytest.fixture
-def linear_script(monkeypatch):
-    """Make certify.py / predict.py evaluate the linear classifier on the synthetic points."""
+def linear_script(monkeypatch, tmp_path):
+    """Make certify.py / predict.py evaluate the linear classifier on the synthetic points.
+
+    Returns the points, their distances to the hyperplane, and a checkpoint file to name on the
+    command line (its content is recorded in the output's settings; the model comes from ``Linear``).
+    """
     data, distances = points(repeats=50)
     monkeypatch.setattr(eval_utils, "get_dataset", lambda dataset, split, *a, **k: data)
     monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device: Linear().to(device))
-    return data, distances
+    checkpoint = tmp_path / "linear.pth.tar"
+    torch.save({"arch": "linear", "state_dict": Linear().state_dict()}, checkpoint)
+    return data, distances, str(checkpoint)
 
 
 def read_columns(path, *columns):
@@ -135,10 +141,10 @@ def read_columns(path, *columns):
 
 
 def test_certify_script_is_sound_on_a_linear_classifier(linear_script, tmp_path):
-    data, distances = linear_script
+    data, distances, checkpoint = linear_script
     sigma, n0, n, alpha = 0.25, 100, 1000, 0.05
     out = tmp_path / "certify.tsv"
-    certify.main(["fmnist", "linear", str(sigma), str(out), f"--N0={n0}", f"--N={n}", f"--alpha={alpha}",
+    certify.main(["fmnist", checkpoint, str(sigma), str(out), f"--N0={n0}", f"--N={n}", f"--alpha={alpha}",
                   "--batch=1000", "--seed=3"])
     idx, predictions, radii = read_columns(out, "idx", "predict", "radius")
     assert list(idx) == list(range(len(data)))
@@ -146,10 +152,10 @@ def test_certify_script_is_sound_on_a_linear_classifier(linear_script, tmp_path)
 
 
 def test_predict_script_abstains_on_the_hyperplane(linear_script, tmp_path):
-    data, distances = linear_script
+    data, distances, checkpoint = linear_script
     sigma, n, alpha = 0.25, 400, 0.05
     out = tmp_path / "predict.tsv"
-    predict.main(["fmnist", "linear", str(sigma), str(out), f"--N={n}", f"--alpha={alpha}", "--seed=4",
+    predict.main(["fmnist", checkpoint, str(sigma), str(out), f"--N={n}", f"--alpha={alpha}", "--seed=4",
                   "--batch=400"])
     predictions, = read_columns(out, "predict")
     truth = (distances > 0).astype(int)

@@ -281,10 +281,14 @@ def test_sequential_results_do_not_depend_on_grouping():
 # --------------------------------------------------------------------------- the scripts
 
 @pytest.fixture
-def linear_script(monkeypatch):
+def linear_script(monkeypatch, tmp_path):
+    """The scripts evaluate ``Linear`` on the points; the checkpoint named "linear" is a file in the working
+    folder (its content goes into the output's settings record)."""
     data, distances = points(repeats=30, seed=6)
     monkeypatch.setattr(eval_utils, "get_dataset", lambda dataset, split, *a, **k: data)
     monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device: Linear().to(device))
+    torch.save({"arch": "linear", "state_dict": Linear().state_dict()}, tmp_path / "linear")
+    monkeypatch.chdir(tmp_path)
     return data, distances
 
 
