@@ -104,12 +104,17 @@ def evaluation(path, indices):
         record=lambda values: values)
 
 
+ORIGINAL_DONE_ROWS, ORIGINAL_WRITE = eval_utils.ResultFile.done_rows, eval_utils.RowWriter.write
+
+
 def run_ranks_as_threads(monkeypatch, path, indices, world=2):
     ranks = ThreadRanks(world)
     monkeypatch.setattr(eval_utils, "Coordinator", fake_coordinator(ranks), raising=False)
     monkeypatch.setattr(eval_utils, "Barrier", fake_coordinator(ranks), raising=False)
     rank_of = {}
-    done_rows, write = eval_utils.ResultFile.done_rows, eval_utils.RowWriter.write
+    # the unpatched methods: a second run in one test must not wrap the first run's wrappers, whose
+    # thread-to-rank map may match a new thread (thread idents are reused) and wait on stale ranks
+    done_rows, write = ORIGINAL_DONE_ROWS, ORIGINAL_WRITE
 
     def slow_done_rows(self):
         if rank_of.get(threading.get_ident()) == 0:
