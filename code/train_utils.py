@@ -365,6 +365,15 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def loader_seed(seed: int) -> int:
+    """The seed of the data order's generator: a stream of its own, derived from ``--seed``.
+
+    Seeding it with ``seed`` itself, like the global generator that draws the initial weights,
+    would make the first epoch's order come from the very numbers that drew the weights.
+    """
+    return int(np.random.SeedSequence(int(seed), spawn_key=(1,)).generate_state(1, dtype=np.uint64)[0])
+
+
 def rng_state(loader_generator: torch.Generator) -> dict:
     numpy_state = np.random.get_state()
     state = {
@@ -562,7 +571,7 @@ def _train(method: Method, args):
         args.seed = random.randint(0, 2 ** 31)
     seed_everything(args.seed + dist.rank)
     loader_generator = torch.Generator()
-    loader_generator.manual_seed(args.seed)
+    loader_generator.manual_seed(loader_seed(args.seed))
 
     train_loader, test_loader = make_loaders(args, method, device, dist, loader_generator)
     model = get_architecture(args.arch, args.dataset, device)

@@ -300,8 +300,10 @@ def test_ctrl_c_exits_130_and_the_same_command_finishes_the_file(checkpoint, tmp
     # the whole test set: the run cannot end by itself between the check for rows and the signal
     command = [sys.executable, "code/certify.py", "fmnist", checkpoint, str(SIGMA), str(out),
                "--N", "100", "--N0", "10", "--batch", "100", "--seed", "0"]
+    # SIGINT at its default in the child: a test run started in the background (nohup, `cmd &` in a
+    # script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     process = subprocess.Popen(command, cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
         if out.exists() and out.read_text().count("\n") >= 6:   # header and at least 5 rows

@@ -301,3 +301,22 @@ def test_methods_without_train_accuracy_say_n_a(tmp_path, script, options):
     assert len(epoch_lines) == 1 and "train acc n/a" in epoch_lines[0] and "noisy test acc" in epoch_lines[0]
     log = next(tmp_path.rglob("log.txt")).read_text().splitlines()
     assert float(log[1].split("\t")[4]) == 0.0  # the published column
+
+
+def test_data_order_does_not_reuse_the_numbers_that_drew_the_initial_weights(monkeypatch, tmp_path):
+    """The loader's generator has a stream of its own: the first epoch's order is not the global stream's."""
+    import train_utils
+    seen = {}
+    make_loaders = train_utils.make_loaders
+
+    def spy(args, method, device, dist, generator):
+        seen["loader"] = generator.get_state()
+        return make_loaders(args, method, device, dist, generator)
+
+    monkeypatch.setattr(train_utils, "make_loaders", spy)
+    train_cohen.main(["fmnist", "lenet", "--epochs", "1", "--seed", "5", "--train-subset", "64", "--test-subset", "64",
+                      "--batch", "32", "--logdir", str(tmp_path), "--id", "0", "--workers", "0"])
+    same_as_weights = torch.Generator().manual_seed(5).get_state()
+    assert not torch.equal(seen["loader"], same_as_weights)
+    assert torch.equal(seen["loader"], torch.Generator().manual_seed(train_utils.loader_seed(5)).get_state())
+    assert train_utils.loader_seed(5) != train_utils.loader_seed(6)
