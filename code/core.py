@@ -589,10 +589,11 @@ class SequentialCertifier:
       alpha-spending part. (3) At the last look, the exact Clopper-Pearson
       bound at alpha * final_share. The reported bound at a look is the
       largest of the parts defined there. With 1/2 on the last look, 1/4 on
-      the sequence and 1/4 spent over 12 checkpoints: an all-cA stream
-      reaches Phi(3) (radius 3 sigma) after 6,100 < n <= 7,000 samples, not
-      after 7,500 as at the checkpoints' level, which the geometric looks
-      only met at 8,000; streams in the interior (p around 0.6 to 0.99,
+      the sequence and 1/4 spent over 12 checkpoints: at alpha = 0.001 an
+      all-cA stream reaches Phi(3) (radius 3 sigma) after 6,500 samples (so
+      at the 7,000-sample look), where Clopper-Pearson at the previous
+      scheme's alpha / 24 needs 7,500 and its geometric looks met that only
+      at 8,000; streams in the interior (p around 0.6 to 0.99,
       where the grid of the mixture is coarse) are decided by part (2),
       and images near a decision by part (3), which is CERTIFY's bound at
       alpha / 2.

@@ -17,6 +17,10 @@ Soundness is checked two ways.
   mode's own stopping rule, which depends on the number of samples far more
   than on the direction of the count, peeking's failure rate stays close to
   alpha; the worst stopping rule exposes it for that mode's alpha spending.)
+* The mixture confidence sequence (``core.mixture_lower``) on its own: on
+  simulated streams looked at every 250 samples it exceeds p on at most
+  alpha of them, where CERTIFY's fixed-n bound re-checked at every look does
+  not.
 * End to end on the closed-form linear classifier of
   tests/test_certify_statistics.py, through certify.py and predict.py.
 """
