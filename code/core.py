@@ -516,7 +516,7 @@ def mixture_log_martingale(count, num, p0):
     return np.logaddexp.reduce(terms, axis=-1)
 
 
-def mixture_lower(count, num, alpha, iterations=60):
+def mixture_lower(count, num, alpha, iterations=40):
     """Anytime-valid (1 - alpha) lower confidence sequence for a binomial proportion (arrays of counts).
 
     Guarantee: for draws X_1, X_2, ... i.i.d. Bernoulli(p), P[exists n: mixture_lower(S_n, n, alpha) > p]

@@ -207,7 +207,7 @@ def test_radii_mode_false_certificates_at_most_alpha_and_peeking_exceeds_it(belo
 @pytest.mark.parametrize("sequence", ["spending", "mixture"])
 def test_acr_mode_false_certificates_at_most_alpha(p, tol, sequence):
     alpha, runs = 0.05, 2000
-    looks = LOOKS if sequence == "spending" else core.batch_looks(20000, 500)
+    looks = LOOKS
     real = SequentialCertifier(SIGMA, alpha, looks, radius_tol=tol * SIGMA, final_share=SEQUENTIAL_FINAL_SHARE,
                                sequence=sequence, checkpoints=LOOKS)
     lower, samples = simulate(real, p, runs, np.random.default_rng(3))
