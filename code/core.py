@@ -263,18 +263,30 @@ class Smooth:
         Same guarantee as ``certify`` (see ``SequentialCertifier``), at most
         ``n0 + n_max`` samples per image. Selection draws ``n0`` samples first,
         as ``certify`` does; then estimation rounds take each image from one
-        look of ``look_schedule(n_max, batch_size, growth)`` to the next, from
-        the image's own stream, so its first n estimation samples are the ones
-        ``certify`` with N >= n would use (the looks are whole batches). Images
-        that have stopped leave the group. ``radii``/``radius_tol``: the
-        stopping rule (see ``SequentialCertifier``). ``samples`` counts the
-        selection samples too (n0 + estimation samples).
+        look to the next, from the image's own stream, so its first n
+        estimation samples are the ones ``certify`` with N >= n would use (the
+        looks are whole batches). Images that have stopped leave the group.
+        With ``radii``: a look after every batch (``batch_looks``) and the
+        ``"mixture"`` scheme of ``SequentialCertifier``, with the geometric
+        looks of ``look_schedule(n_max, batch_size, growth)`` as checkpoints.
+        Without (ACR): the ``"spending"`` scheme on the geometric looks (the
+        mixture scheme stopped the ACR mode about 10 % earlier on a
+        Fashion-MNIST LeNet but lost about twice as much ACR against fixed-N at
+        the same tolerance; docs/BENCHMARKS.md).
+        ``radii``/``radius_tol``: the stopping rule (see
+        ``SequentialCertifier``). ``samples`` counts the selection samples
+        too (n0 + estimation samples).
         """
         generators = self._generators(xs, generators)
-        looks = look_schedule(n_max, batch_size, growth)
-        certifier = SequentialCertifier(self.sigma, alpha, looks, radii=radii, radius_tol=radius_tol,
-                                        final_share=SEQUENTIAL_FINAL_SHARE,
-                                        stop_alpha=RADII_STOP_ALPHA if radii is not None else None)
+        if radii is not None:
+            looks = batch_looks(n_max, batch_size)
+            certifier = SequentialCertifier(self.sigma, alpha, looks, radii=radii, final_share=SEQUENTIAL_FINAL_SHARE,
+                                            stop_alpha=RADII_STOP_ALPHA, sequence="mixture",
+                                            checkpoints=look_schedule(n_max, batch_size, growth))
+        else:
+            looks = look_schedule(n_max, batch_size, growth)
+            certifier = SequentialCertifier(self.sigma, alpha, looks, radius_tol=radius_tol,
+                                            final_share=SEQUENTIAL_FINAL_SHARE, sequence="spending")
         selected = self.sample_counts_many(xs, n0, batch_size, generators).argmax(axis=1)
         counts = np.zeros(xs.shape[0], dtype=np.int64)
         results: List[Optional[Tuple[int, float, int]]] = [None] * xs.shape[0]
@@ -450,6 +462,13 @@ def look_schedule(n_max: int, batch_size: int, growth: float = 1.5) -> List[int]
     return looks + [n_max]
 
 
+def batch_looks(n_max: int, batch_size: int) -> List[int]:
+    """A look after every batch: batch_size, 2 batch_size, ..., and n_max last (fixed in advance)."""
+    if n_max <= 0 or batch_size <= 0:
+        raise ValueError(f"need n_max > 0 and batch_size > 0, got {n_max}, {batch_size}")
+    return list(range(batch_size, n_max, batch_size)) + [n_max]
+
+
 def cp_lower(count, num, alpha):
     """One-sided (1 - alpha) Clopper-Pearson lower bound: the alpha-quantile of Beta(k, n - k + 1).
 
@@ -470,8 +489,73 @@ def cp_upper(count, num, alpha):
     return np.where(count < num, beta.isf(alpha, safe + 1, num - safe), 1.0)
 
 
+# The alternatives of the mixture confidence sequence (``mixture_lower``): p1 = 1 with half of the
+# weight, and p1 = 1 - 2^(-j/2), j = 1..40 (1 - p1 from 0.71 down to 1e-6), sharing the other half.
+MIXTURE_ALTERNATIVES = np.concatenate([[1.0], 1.0 - 2.0 ** (-np.arange(1, 41) / 2.0)])
+MIXTURE_WEIGHTS = np.concatenate([[0.5], np.full(40, 0.5 / 40)])
+
+
+def mixture_log_martingale(count, num, p0):
+    """log M_n(p0) of the one-sided mixture of likelihood ratios, for arrays ``count``, ``p0`` (same shape).
+
+    M_n(p0) = sum over the alternatives p1_j > p0 of w_j prod_i (p1_j / p0)^{X_i} ((1 - p1_j) / (1 - p0))^{1 - X_i},
+    with ``count`` = sum X_i of ``num`` draws. For every fixed p1 > p0 the product's factor has mean
+    p p1 / p0 + (1 - p) (1 - p1) / (1 - p0) <= 1 whenever p <= p0 (it is 1 at p = p0 and increases in p),
+    so M_n(p0) is a nonnegative supermartingale with M_0 <= sum w_j <= 1 under any p <= p0.
+    """
+    count = np.asarray(count, dtype=float)[..., None]
+    p0 = np.asarray(p0, dtype=float)[..., None]
+    p1, weights = MIXTURE_ALTERNATIVES, MIXTURE_WEIGHTS
+    failures = num - count
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # (1 - p1)^failures: 1 when there are no failures (also for p1 = 1), 0 when p1 = 1 and there are some
+        fail_term = np.where(failures > 0, failures * (np.log1p(-np.minimum(p1, 1.0)) - np.log1p(-p0)),
+                             0.0)
+        terms = np.log(weights) + count * (np.log(p1) - np.log(p0)) + fail_term
+    terms = np.where(p1 > p0, terms, -np.inf)
+    return np.logaddexp.reduce(terms, axis=-1)
+
+
+def mixture_lower(count, num, alpha, iterations=40):
+    """Anytime-valid (1 - alpha) lower confidence sequence for a binomial proportion (arrays of counts).
+
+    Guarantee: for draws X_1, X_2, ... i.i.d. Bernoulli(p), P[exists n: mixture_lower(S_n, n, alpha) > p]
+    <= alpha, S_n = X_1 + ... + X_n. Proof: the bound is a p0 with M_n(p0) >= 1 / alpha
+    (``mixture_log_martingale``), and M_n(p0) is decreasing in p0 below the empirical share k / n (each
+    active term decreases there, and terms only drop out as p0 grows) and below 1 from k / n on (there
+    every active term is <= 1 times its weight: p1 > p0 >= k / n is farther from k / n than p0), so
+    {p0: M_n(p0) >= 1 / alpha} is an interval starting at 0; a bound above p therefore means
+    M_n(p) >= 1 / alpha, and by Ville's inequality for the nonnegative supermartingale M_n(p)
+    (M_0 <= 1) that happens at some n with probability at most alpha. Bisection keeps the lower end on
+    the rejected side, so rounding only lowers the bound; 0 when nothing is rejected.
+
+    A mixture of likelihood-ratio martingales (Robbins' method of mixtures; Waudby-Smith and Ramdas,
+    "Estimating means of bounded random variables by betting", JRSS-B 2024, for the general theory;
+    Voracek 2024 and Cullen et al. 2026 use such sequences for randomized smoothing) over a fixed grid
+    of alternatives: the point mass at p1 = 1 (weight 1/2) makes an all-correct stream of n draws give
+    (alpha / 2)^(1 / n), close to the fixed-n Clopper-Pearson bound alpha^(1 / n); the grid
+    1 - 2^(-j/2) serves streams with a few errors at a price of log 80 in log(1 / alpha).
+    """
+    count = np.asarray(count, dtype=float)
+    threshold = math.log(1.0 / alpha)
+    low = np.zeros_like(count)                       # rejected (or 0, where nothing is)
+    high = np.where(num > 0, count / max(num, 1), 0.0)   # not rejected: M_n(k / n) <= 1 < 1 / alpha
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        rejected = mixture_log_martingale(count, num, np.maximum(middle, 1e-300)) >= threshold
+        low = np.where(rejected, middle, low)
+        high = np.where(rejected, high, middle)
+    return low
+
+
+# the share of alpha that the mixture confidence sequence gets (see SequentialCertifier)
+MIXTURE_SHARE = 0.25
 # the share of alpha that sequential certification spends on its last look (see SequentialCertifier)
 SEQUENTIAL_FINAL_SHARE = 0.5
+# what ``Smooth.certify_sequential_many`` computes, recorded with its results (a change of scheme must
+# not continue a file of the old one)
+SEQUENTIAL_SCHEME = ("radii: mixture 1/4 at every batch + Clopper-Pearson 1/4 at geometric looks + 1/2 at the "
+                     "last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
 # the level of the upper bound that stops the radii mode when the next radius is out of reach
 RADII_STOP_ALPHA = 0.05
 
@@ -489,29 +573,45 @@ class SequentialCertifier:
     1 - alpha over the sampling, if the result is not ABSTAIN, the returned
     class equals g(x) and g's prediction is robust within an L2 ball of the
     returned radius sigma * PhiInv(pA_lower) around x. This holds whatever
-    the stopping rule, because the bound is an alpha-spending confidence
-    sequence over a fixed schedule of looks: look k reports the exact
-    one-sided Clopper-Pearson bound at level alpha_k with
-    sum_k alpha_k = alpha, so P[pA_lower at any look exceeds pA] <= alpha
-    (union bound), in particular at the data-dependent look where the run
-    stops. The same holds for the upper bounds, which only steer stopping.
+    the stopping rule, because the reported bound exceeds pA at the
+    data-dependent look where the run stops only if some bound of a fixed
+    family exceeds pA at some look, and the family's levels sum to alpha
+    (union bound; ``union_levels``). Two schemes (``sequence``):
 
-    Why this scheme: with K looks on a geometric schedule the price is
-    about log(K) in log(1 / alpha) (with half of alpha on the last of the
-    13 looks of 1,000 to 100,000 samples at growth 1.5: log 24 = 3.2 at the
-    early looks, log 2 at the last), while exact Clopper-Pearson bounds keep
-    the tightness of CERTIFY's own bound at every look. Mixture-martingale
-    confidence sequences (Robbins' bound, beta-binomial mixtures) are valid at
-    every sample but pay about log(n) / 2 + log(1 / alpha), which is wider
-    than this scheme at the sizes that matter (10^3 to 10^5); looking only
-    after whole rounds of the sampling engine loses nothing they would gain.
+    * ``"mixture"`` (the default, and ``Smooth.certify_sequential_many``'s):
+      three parts. (1) ``mixture_lower`` at alpha * mixture_share at every
+      look: an anytime-valid confidence sequence (Ville's inequality for a
+      mixture of likelihood-ratio martingales; proof in its docstring), so
+      the looks can be as many as the engine's batches (a look after every
+      batch). (2) The exact Clopper-Pearson bound at the ``checkpoints``
+      (geometric looks, fixed in advance) at alpha_c = alpha * (1 -
+      final_share - mixture_share) / (number of checkpoints), an
+      alpha-spending part. (3) At the last look, the exact Clopper-Pearson
+      bound at alpha * final_share. The reported bound at a look is the
+      largest of the parts defined there. With 1/2 on the last look, 1/4 on
+      the sequence and 1/4 spent over 12 checkpoints: at alpha = 0.001 an
+      all-cA stream reaches Phi(3) (radius 3 sigma) after 6,500 samples (so
+      at the 7,000-sample look), where Clopper-Pearson at the previous
+      scheme's alpha / 24 needs 7,500 and its geometric looks met that only
+      at 8,000; streams in the interior (p around 0.6 to 0.99,
+      where the grid of the mixture is coarse) are decided by part (2),
+      and images near a decision by part (3), which is CERTIFY's bound at
+      alpha / 2.
+    * ``"spending"``: look k reports the exact one-sided Clopper-Pearson
+      bound at level alpha_k, sum_k alpha_k = alpha (the previous scheme,
+      kept for comparison): with K looks on a geometric schedule the price
+      is about log(K) in log(1 / alpha) at every look.
+
+    The upper bounds only steer stopping (no validity rests on them).
     Literature: Chen et al., "Input-Specific Robustness Certification for
     Randomized Smoothing" (AAAI 2022) choose the sample size per input;
     Voracek, "Treatment of Statistical Estimation Problems in Randomized
     Smoothing for Adversarial Robustness" (NeurIPS 2024) decides "robust at
     radius r or not" with confidence sequences; Cullen, Montague and
     Rubinstein, "Halt Fast! Early Stopping for Certified Robustness" (2026)
-    stop with anytime-valid E-processes.
+    stop with anytime-valid E-processes; Waudby-Smith and Ramdas,
+    "Estimating means of bounded random variables by betting" (JRSS-B
+    2024) for confidence sequences from nonnegative supermartingales.
 
     Two stopping rules (neither affects validity):
 
@@ -524,8 +624,11 @@ class SequentialCertifier:
       The reported bound is the current lower bound, so the radius is at
       least the largest level reached, and below the next one.
       The upper bound that judges "out of reach" is the (1 - stop_alpha)
-      Clopper-Pearson bound (``stop_alpha`` None: the sequence's own, at
-      alpha_k). ``Smooth.certify_sequential_many`` uses stop_alpha = 0.05
+      Clopper-Pearson bound (``stop_alpha`` None: at ``look_alpha``), judged
+      at the ``checkpoints`` only (more looks would give a level-based
+      futility rule more chances to drop an image that CERTIFY certifies);
+      levels that no stream of ``n_max`` samples can certify are out of
+      reach at every look. ``Smooth.certify_sequential_many`` uses stop_alpha = 0.05
       (``RADII_STOP_ALPHA``): an image stops once fixed-N CERTIFY would
       certify the next level with small probability, instead of waiting
       until it is all but impossible, which on a Fashion-MNIST LeNet draws
@@ -534,23 +637,31 @@ class SequentialCertifier:
     * ``radii`` None (a radius close to the fixed-N one, for ACR): stop once
       the current radius is within ``radius_tol`` of the best radius that
       ``n_max`` samples could give if pA were the current upper bound, or
-      when that best radius is 0 (the image would be abstained on). The
-      upper bound is the sequence's own (at alpha_k).
+      when that best radius is 0 (the image would be abstained on; judged at
+      the checkpoints). The upper bound is Clopper-Pearson at ``look_alpha``
+      (``"mixture"``: alpha * mixture_share; ``"spending"``: alpha_k), and
+      the best includes the mixture sequence's bound at n_max.
 
-    ``final_share``: the fraction of alpha spent on the last look, the rest
-    shared equally by the others (None: all looks equal).
+    ``final_share``: the fraction of alpha spent on the last look (None: no
+    special last look; ``"spending"`` then shares alpha equally by all
+    looks, ``"mixture"`` gives the checkpoints all but mixture_share).
     ``Smooth.certify_sequential_many`` gives the last look half
     (``SEQUENTIAL_FINAL_SHARE``): the images that run to n_max are those
     close to a decision, where the last look's level matters most (there it
     costs log 2 in log(1 / alpha) against fixed-N CERTIFY, so the two agree
-    on nearly every image), while the early looks, at alpha / (2 (K - 1)),
-    decide the clear cases, whose sample count grows only with
-    log(1 / alpha_k).
+    on nearly every image), while the early looks decide the clear cases,
+    whose sample count grows only with the log of 1 / (their level).
+    ``checkpoints``: the looks for futility and for the spending part of
+    ``"mixture"`` (None: every look but the last). ``mixture_share``: the
+    mixture sequence's fraction of alpha (``MIXTURE_SHARE``).
     """
 
     def __init__(self, sigma: float, alpha: float, looks: Sequence[int], radii: Optional[Sequence[float]] = None,
                  radius_tol: float = 0.0, final_share: Optional[float] = None,
-                 stop_alpha: Optional[float] = None):
+                 stop_alpha: Optional[float] = None, sequence: str = "mixture",
+                 checkpoints: Optional[Sequence[int]] = None, mixture_share: float = MIXTURE_SHARE):
+        if sequence not in ("mixture", "spending"):
+            raise ValueError(f"sequence must be 'mixture' or 'spending', got {sequence!r}")
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         if len(looks) == 0 or any(b <= a for a, b in zip(looks, looks[1:])) or looks[0] <= 0:
@@ -564,8 +675,22 @@ class SequentialCertifier:
         self.radii = None if radii is None else sorted(set([0.0] + [float(r) for r in radii]))
         self.radius_tol = float(radius_tol)
         self.stop_alpha = stop_alpha
+        self.sequence = sequence
         num = len(self.looks)
-        if final_share is None or num == 1:
+        # the looks where "out of reach" is judged and, in the mixture scheme, where the spending part
+        # reports a Clopper-Pearson bound (all looks when None)
+        self.checkpoints = sorted(set(int(n) for n in (checkpoints or self.looks)) & set(self.looks[:-1]))
+        if sequence == "mixture":
+            share = 0.0 if final_share is None or num == 1 else float(final_share)
+            if not 0 <= share < 1 or not 0 < mixture_share <= 1 - share:
+                raise ValueError(f"need 0 <= final_share < 1 and 0 < mixture_share <= 1 - final_share, "
+                                 f"got {final_share}, {mixture_share}")
+            self.sequence_alpha = self.alpha * mixture_share
+            self.final_alpha = self.alpha * share   # 0: no Clopper-Pearson bound at the last look
+            spent = self.alpha * (1 - share - mixture_share)
+            self.checkpoint_alpha = spent / len(self.checkpoints) if self.checkpoints and spent > 0 else 0.0
+            self._alphas = [self.sequence_alpha] * (num - 1) + [self.alpha * share or self.sequence_alpha]
+        elif final_share is None or num == 1:
             self._alphas = [self.alpha / num] * num
         else:
             if not 0 < final_share < 1:
@@ -573,8 +698,34 @@ class SequentialCertifier:
             self._alphas = [self.alpha * (1 - final_share) / (num - 1)] * (num - 1) + [self.alpha * final_share]
 
     def look_alpha(self, look: int) -> float:
-        """The level alpha_k spent at look k (the alpha_k sum to alpha)."""
+        """The level of look k's Clopper-Pearson bound.
+
+        ``spending``: alpha_k, and the alpha_k sum to alpha. ``mixture``: the last look's share of alpha
+        at the last look; at the others the sequence's share (the level of the upper bounds that steer
+        the ACR mode; no Clopper-Pearson lower bound is used there).
+        """
         return self._alphas[look]
+
+    def union_levels(self) -> List[float]:
+        """The levels of the events whose union is "some reported lower bound exceeds pA"; they sum to alpha."""
+        if self.sequence == "spending":
+            return list(self._alphas)
+        final = [self.final_alpha] if self.final_alpha > 0 else []
+        spending = [self.checkpoint_alpha] * len(self.checkpoints) if self.checkpoint_alpha > 0 else []
+        return [self.sequence_alpha] + spending + final
+
+    def anytime_lower(self, look: int, count):
+        """The lower bound of the anytime part at look k: P[it exceeds pA at some look] <= its share of alpha.
+
+        ``spending``: Clopper-Pearson at alpha_k. ``mixture``: ``mixture_lower`` at alpha * mixture_share, and
+        at a checkpoint the larger of it and Clopper-Pearson at the checkpoints' level.
+        """
+        if self.sequence == "spending":
+            return cp_lower(count, self.looks[look], self.look_alpha(look))
+        lower = mixture_lower(count, self.looks[look], self.sequence_alpha)
+        if self.checkpoint_alpha > 0 and self.looks[look] in self.checkpoints:
+            lower = np.maximum(lower, cp_lower(count, self.looks[look], self.checkpoint_alpha))
+        return lower
 
     def thresholds(self) -> np.ndarray:
         """pA_lower needed for each level of ``radii`` (1/2 for radius 0), increasing."""
@@ -590,6 +741,15 @@ class SequentialCertifier:
         last = len(self.looks) - 1
         return cp_lower(np.floor(np.asarray(p_upper) * self.n_max), self.n_max, self.look_alpha(last))
 
+    def _ceiling(self) -> float:
+        """The largest lower bound that the last look can report (all n_max samples cA)."""
+        if not hasattr(self, "_ceiling_value"):
+            best = float(self._best_final_lower(1.0))
+            if self.sequence == "mixture":
+                best = max(best, float(mixture_lower(np.array([self.n_max]), self.n_max, self.sequence_alpha)[0]))
+            self._ceiling_value = best
+        return self._ceiling_value
+
     def step(self, look: int, count):
         """After look k (``looks[k]`` samples, ``count`` of them cA): (stop, pA_lower at this look).
 
@@ -598,17 +758,29 @@ class SequentialCertifier:
         count = np.asarray(count)
         num = self.looks[look]
         alpha_k = self.look_alpha(look)
-        lower = cp_lower(count, num, alpha_k)
+        lower = np.asarray(self.anytime_lower(look, count), dtype=float)
         if look == len(self.looks) - 1:
+            if self.sequence == "mixture" and self.final_alpha > 0:
+                # the union of two events of probability <= alpha (1 - share) and <= alpha share
+                lower = np.maximum(lower, cp_lower(count, num, alpha_k))
             return np.ones_like(lower, dtype=bool), lower
+        futile = num in self.checkpoints
         best = self._best_final_lower(cp_upper(count, num, alpha_k if self.stop_alpha is None else self.stop_alpha))
+        if self.sequence == "mixture":
+            # what n_max samples could give includes the sequence's own bound there
+            best = np.maximum(best, mixture_lower(np.floor(cp_upper(
+                count, num, alpha_k if self.stop_alpha is None else self.stop_alpha) * self.n_max),
+                self.n_max, self.sequence_alpha))
         if self.radii is not None:
             thresholds = self.thresholds()
             reached = np.searchsorted(thresholds, lower, side="right")   # levels with lower >= threshold
-            top = reached == len(thresholds)
+            # levels that n_max samples cannot certify even if every one of them is cA are out of reach
+            # whatever the data: stop at every look once the highest of the others is reached
+            reachable = int(np.searchsorted(thresholds, self._ceiling(), side="right"))
+            top = reached >= max(reachable, 1)
             following = thresholds[np.minimum(reached, len(thresholds) - 1)]
-            return top | (best < following), lower
-        stop = (best < 0.5) | (self.radius(lower) >= self.radius(best) - self.radius_tol)
+            return top | (futile & (best < following)), lower
+        stop = (futile & (best < 0.5)) | (self.radius(lower) >= self.radius(best) - self.radius_tol)
         return stop, lower
 
 

@@ -142,7 +142,7 @@ from tqdm import tqdm
 
 from common import (ArgumentParser, Distributed, UserError, check_checkpoint_file, file_sha256, load_base_classifier,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, probability, replace_atomic)
-from core import Smooth, noise_generator
+from core import SEQUENTIAL_SCHEME, Smooth, noise_generator
 from datasets import DATASETS, get_dataset, get_num_classes
 from provenance import SIDECAR_FORMAT, settings_differences, sidecar_path
 from provenance import read_sidecar as read_record
@@ -217,8 +217,9 @@ def add_sequential_arguments(parser: ArgumentParser, certify: bool = True):
     """``--sequential`` and its options (``core.Smooth.certify_sequential_many`` / ``predict_sequential_many``)."""
     group = parser.add_argument_group("sequential (anytime-valid) mode: same guarantee, fewer samples")
     group.add_argument("--sequential", action="store_true",
-                       help="draw samples in rounds and stop as soon as the result is decided (alpha-spending "
-                            "over a fixed schedule of looks); adds a column 'samples'")
+                       help="draw samples in rounds and stop as soon as the result is decided (anytime-valid: "
+                            + ("a confidence sequence looked at after every batch" if certify else
+                               "alpha-spending over a fixed schedule of looks") + "); adds a column 'samples'")
     group.add_argument("--N-max", dest="N_max", type=positive_int, default=None,
                        help="with --sequential: the most estimation samples per image (default: --N)")
     if certify:
@@ -355,6 +356,9 @@ class Provenance:
         settings = {"script": script, "dataset": dataset}
         settings.update((key, value) for key, value in vars(args).items() if key not in NOT_ROW_SETTINGS)
         settings["checkpoint_sha256"] = file_sha256(args.base_classifier)
+        if getattr(args, "sequential", False) and hasattr(args, "radii"):
+            # (certification) the confidence sequence and looks decide the rows: a file of another scheme is not resumed
+            settings["sequential_scheme"] = SEQUENTIAL_SCHEME
         environment = {"checkpoint": os.path.abspath(args.base_classifier), **code_version(),
                        "torch": torch.__version__,
                        "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}

@@ -17,6 +17,10 @@ Soundness is checked two ways.
   mode's own stopping rule, which depends on the number of samples far more
   than on the direction of the count, peeking's failure rate stays close to
   alpha; the worst stopping rule exposes it for that mode's alpha spending.)
+* The mixture confidence sequence (``core.mixture_lower``) on its own: on
+  simulated streams looked at every 250 samples it exceeds p on at most
+  alpha of them, where CERTIFY's fixed-n bound re-checked at every look does
+  not.
 * End to end on the closed-form linear classifier of
   tests/test_certify_statistics.py, through certify.py and predict.py.
 """
@@ -40,6 +44,9 @@ class Peeking(SequentialCertifier):
 
     def look_alpha(self, look):
         return self.alpha
+
+    def anytime_lower(self, look, count):
+        return cp_lower(count, self.looks[look], self.alpha)
 
 
 def simulate(certifier, p, runs, rng, stop_rule=None):
@@ -103,25 +110,70 @@ def test_clopper_pearson_bounds_are_the_textbook_quantiles():
         assert cp_lower(count, n, a) == pytest.approx(Smooth.lower_confidence_bound(count, n, a))
 
 
+@pytest.mark.parametrize("sequence", ["spending", "mixture"])
 @pytest.mark.parametrize("final_share", [None, 0.5])
-def test_alpha_spending_sums_to_alpha(final_share):
-    certifier = SequentialCertifier(SIGMA, 0.01, LOOKS, final_share=final_share)
-    levels = [certifier.look_alpha(k) for k in range(len(LOOKS))]
+def test_alpha_spending_sums_to_alpha(final_share, sequence):
+    certifier = SequentialCertifier(SIGMA, 0.01, LOOKS, final_share=final_share, sequence=sequence)
+    levels = certifier.union_levels()
     assert sum(levels) == pytest.approx(0.01)
     assert min(levels) > 0
     if final_share:
         assert levels[-1] == pytest.approx(0.01 * final_share)
+        assert certifier.look_alpha(len(LOOKS) - 1) == pytest.approx(0.01 * final_share)
+
+
+def test_mixture_lower_for_all_correct_streams_and_monotone_in_the_count():
+    alpha = 5e-4
+    for n in (1000, 6000, 100000):
+        bound = core.mixture_lower(np.array([n]), n, alpha)[0]
+        # the point mass at p1 = 1 (weight 1/2) alone rejects every p0 < (alpha / 2)^(1 / n)
+        assert (alpha / 2) ** (1 / n) - 1e-9 <= bound < 1
+    counts = np.arange(0, 1001, 50)
+    bounds = core.mixture_lower(counts, 1000, alpha)
+    assert np.all(np.diff(bounds) >= 0) and np.all(bounds <= counts / 1000) and bounds[0] == 0
+    # wider than the fixed-n Clopper-Pearson bound at the same level: it pays for holding at every n
+    assert np.all(bounds <= cp_lower(counts, 1000, alpha) + 1e-12)
+
+
+@pytest.mark.parametrize("p", [0.7, 0.99, 0.9995])
+def test_mixture_lower_is_a_confidence_sequence_and_peeking_is_not(p):
+    """Checked after every 250 samples up to 20,000: the bound stays <= p at every look on >= 1 - alpha of streams."""
+    alpha, runs, step, looks = 0.1, 1000, 250, 80
+    rng = np.random.default_rng(11)
+    counts = np.cumsum(rng.binomial(step, p, size=(looks, runs)), axis=0)
+    ever = np.zeros(runs, dtype=bool)
+    peek = np.zeros(runs, dtype=bool)
+    for k in range(looks):
+        ever |= core.mixture_lower(counts[k], step * (k + 1), alpha) > p
+        peek |= cp_lower(counts[k], step * (k + 1), alpha) > p
+    assert rate_is_at_most(ever.sum(), runs, alpha), ever.mean()
+    assert not rate_is_at_most(peek.sum(), runs, alpha), peek.mean()
+
+
+def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
+    """Looks after every batch: pA = 1 certifies 0.75 (pA_lower >= Phi(3)) after 7,000 samples, not at 8,000.
+
+    Radius 1.0 (Phi(4)) is out of reach for every stream of N_max = 10^5 samples, so it is not waited for.
+    """
+    certifier = SequentialCertifier(SIGMA, 0.001, core.batch_looks(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
+                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=core.RADII_STOP_ALPHA,
+                                    checkpoints=look_schedule(100000, 1000))
+    lower, samples = simulate(certifier, 1.0, 5, np.random.default_rng(0))
+    assert np.all(samples == 7000)
+    assert np.all((certifier.radius(lower) >= 0.75) & (certifier.radius(lower) < 1.0))
+    assert core.batch_looks(3500, 1000) == [1000, 2000, 3000, 3500]
 
 
 # --------------------------------------------------------------------------- soundness on simulated counts
 
+@pytest.mark.parametrize("sequence", ["spending", "mixture"])
 @pytest.mark.parametrize("final_share", [None, SEQUENTIAL_FINAL_SHARE])
 @pytest.mark.parametrize("p", [0.6, 0.95, 0.995])
-def test_bounds_hold_under_the_worst_stopping_rule_and_peeking_does_not(final_share, p):
+def test_bounds_hold_under_the_worst_stopping_rule_and_peeking_does_not(final_share, p, sequence):
     """Stop at the first look whose lower bound exceeds pA: still at most alpha false certificates."""
     alpha, runs = 0.1, 3000
     adversary = lambda lower: lower > p   # noqa: E731
-    real = SequentialCertifier(SIGMA, alpha, LOOKS, radius_tol=0.0, final_share=final_share)
+    real = SequentialCertifier(SIGMA, alpha, LOOKS, radius_tol=0.0, final_share=final_share, sequence=sequence)
     lower, _ = simulate(real, p, runs, np.random.default_rng(1), stop_rule=adversary)
     assert rate_is_at_most((lower > p).sum(), runs, alpha), (lower > p).mean()
     peeking = Peeking(SIGMA, alpha, LOOKS, radius_tol=0.0, final_share=final_share)
@@ -130,14 +182,15 @@ def test_bounds_hold_under_the_worst_stopping_rule_and_peeking_does_not(final_sh
     assert (lower > p).mean() > 2 * alpha
 
 
+@pytest.mark.parametrize("sequence", ["spending", "mixture"])
 @pytest.mark.parametrize("stop_alpha", [None, core.RADII_STOP_ALPHA])
 @pytest.mark.parametrize("below", [1e-4, 1e-3])
-def test_radii_mode_false_certificates_at_most_alpha_and_peeking_exceeds_it(below, stop_alpha):
+def test_radii_mode_false_certificates_at_most_alpha_and_peeking_exceeds_it(below, stop_alpha, sequence):
     """pA just below the threshold of radius 0.5: certifying 0.5 is a false certificate."""
     alpha, runs = 0.1, 3000
     p = norm.cdf(0.5 / SIGMA) - below
     real = SequentialCertifier(SIGMA, alpha, LOOKS, radii=RADII, final_share=SEQUENTIAL_FINAL_SHARE,
-                               stop_alpha=stop_alpha)
+                               stop_alpha=stop_alpha, sequence=sequence)
     lower, samples = simulate(real, p, runs, np.random.default_rng(2))
     false = real.radius(lower) >= 0.5
     assert np.all(lower[false] > p)   # a false certificate is a lower bound above pA
@@ -151,9 +204,12 @@ def test_radii_mode_false_certificates_at_most_alpha_and_peeking_exceeds_it(belo
 
 @pytest.mark.parametrize("p", [0.3, 0.52, 0.9, 0.99, 0.999, 1.0])
 @pytest.mark.parametrize("tol", [0.0, 0.1, 0.5])
-def test_acr_mode_false_certificates_at_most_alpha(p, tol):
+@pytest.mark.parametrize("sequence", ["spending", "mixture"])
+def test_acr_mode_false_certificates_at_most_alpha(p, tol, sequence):
     alpha, runs = 0.05, 2000
-    real = SequentialCertifier(SIGMA, alpha, LOOKS, radius_tol=tol * SIGMA, final_share=SEQUENTIAL_FINAL_SHARE)
+    looks = LOOKS
+    real = SequentialCertifier(SIGMA, alpha, looks, radius_tol=tol * SIGMA, final_share=SEQUENTIAL_FINAL_SHARE,
+                               sequence=sequence, checkpoints=LOOKS)
     lower, samples = simulate(real, p, runs, np.random.default_rng(3))
     assert rate_is_at_most((lower > p).sum(), runs, alpha), (lower > p).mean()
     if p < 0.5:
@@ -184,7 +240,8 @@ def test_acr_mode_radius_is_within_the_tolerance_of_fixed_n():
     """Stopped early, the radius is rarely much below CERTIFY's at N = N_max on the same stream."""
     alpha, runs, tol = 0.001, 400, 0.1 * SIGMA
     looks = look_schedule(100000, 1000)
-    certifier = SequentialCertifier(SIGMA, alpha, looks, radius_tol=tol, final_share=SEQUENTIAL_FINAL_SHARE)
+    certifier = SequentialCertifier(SIGMA, alpha, looks, radius_tol=tol, final_share=SEQUENTIAL_FINAL_SHARE,
+                                    sequence="spending")
     for p in (0.8, 0.99):
         seed = int(p * 1000)
         lower, samples = simulate(certifier, p, runs, np.random.default_rng(seed))
