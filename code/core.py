@@ -32,7 +32,7 @@ forward passes, on how a data set is split among processes, or on
 interruptions.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -289,28 +289,17 @@ class Smooth:
                                             final_share=SEQUENTIAL_FINAL_SHARE, sequence="spending")
         selected = self.sample_counts_many(xs, n0, batch_size, generators).argmax(axis=1)
         counts = np.zeros(xs.shape[0], dtype=np.int64)
-        results: List[Optional[Tuple[int, float, int]]] = [None] * xs.shape[0]
-        active = list(range(xs.shape[0]))
-        drawn = 0
-        for look, num in enumerate(looks):
-            index = torch.tensor(active, dtype=torch.long, device=xs.device)
-            more = self.sample_counts_many(xs.index_select(0, index), num - drawn, batch_size,
-                                           [generators[i] for i in active])
-            drawn = num
-            still = []
+
+        def decide(look, num, active, more):
             for i, row in zip(active, more):
                 counts[i] += int(row[selected[i]])
             stops, lowers = certifier.step(look, counts[active])
-            for i, stop, lower in zip(active, stops, lowers):
-                if stop:
-                    results[i] = ((int(selected[i]), float(certifier.radius(lower)), n0 + num) if lower >= 0.5
-                                  else (Smooth.ABSTAIN, 0.0, n0 + num))
-                else:
-                    still.append(i)
-            active = still
-            if not active:
-                break
-        return results
+            return [None if not stop else
+                    (int(selected[i]), float(certifier.radius(lower)), n0 + num) if lower >= 0.5 else
+                    (Smooth.ABSTAIN, 0.0, n0 + num)
+                    for i, stop, lower in zip(active, stops, lowers)]
+
+        return self._sequential_rounds(xs, looks, batch_size, generators, decide)
 
     def predict_sequential_many(self, xs: torch.Tensor, n_max: int, alpha: float, batch_size: int,
                                 generators: Optional[Sequence[Optional[torch.Generator]]] = None,
@@ -325,7 +314,27 @@ class Smooth:
         looks = look_schedule(n_max, batch_size, growth)
         predictor = SequentialPredictor(alpha, looks)
         counts = np.zeros((xs.shape[0], self.num_classes), dtype=np.int64)
-        results: List[Optional[Tuple[int, int]]] = [None] * xs.shape[0]
+
+        def decide(look, num, active, more):
+            results = []
+            for i, row in zip(active, more):
+                counts[i] += row
+                top2 = counts[i].argsort()[::-1][:2]
+                stop, decided = predictor.step(look, int(counts[i][top2[0]]), int(counts[i][top2[1]]))
+                results.append((int(top2[0]) if decided else Smooth.ABSTAIN, num) if stop else None)
+            return results
+
+        return self._sequential_rounds(xs, looks, batch_size, generators, decide)
+
+    def _sequential_rounds(self, xs: torch.Tensor, looks: Sequence[int], batch_size: int,
+                           generators: List[Optional[torch.Generator]], decide: Callable) -> list:
+        """Draw each undecided image's samples up to each look in turn, from its own stream.
+
+        ``decide(look, num, active, more)`` gets the indices of the images still drawing and the
+        class counts [len(active) x num_classes] of their new samples, and returns per image its
+        result, or None to go on. Decided images leave the group; returns the results.
+        """
+        results: list = [None] * xs.shape[0]
         active = list(range(xs.shape[0]))
         drawn = 0
         for look, num in enumerate(looks):
@@ -333,16 +342,10 @@ class Smooth:
             more = self.sample_counts_many(xs.index_select(0, index), num - drawn, batch_size,
                                            [generators[i] for i in active])
             drawn = num
-            still = []
-            for i, row in zip(active, more):
-                counts[i] += row
-                top2 = counts[i].argsort()[::-1][:2]
-                stop, decided = predictor.step(look, int(counts[i][top2[0]]), int(counts[i][top2[1]]))
-                if stop:
-                    results[i] = (int(top2[0]) if decided else Smooth.ABSTAIN, num)
-                else:
-                    still.append(i)
-            active = still
+            decided = decide(look, num, active, more)
+            for i, result in zip(active, decided):
+                results[i] = result
+            active = [i for i, result in zip(active, decided) if result is None]
             if not active:
                 break
         return results

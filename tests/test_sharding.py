@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO, python_env
+from test_eval_scripts import call
 
 import certify  # noqa: E402
 import eval_utils  # noqa: E402
@@ -304,14 +305,6 @@ certify.main(["fmnist", ckpt, "0.25", folder + "/certify.tsv", "--N0=10"] + fast
 predict.main(["fmnist", ckpt, "0.25", folder + "/predict.tsv"] + fast)
 """
 STRESS_OPTIONS = ["--N=100", "--skip=1", "--batch=100", "--max=12", "--seed=3"]
-
-
-def call(module, argv):
-    try:
-        module.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 def without_time(path):
