@@ -79,10 +79,19 @@ COMPARISON = [
 ]
 
 # Runs a published training script on the first N training / test examples (env BENCH_TRAIN_SUBSET,
-# BENCH_TEST_SUBSET) by wrapping its datasets.get_dataset before the script imports it.
+# BENCH_TEST_SUBSET) by wrapping its datasets.get_dataset before the script imports it. Where tensorboardX
+# is not installed, torch's own SummaryWriter stands in for it (the published code imports tensorboardX).
 PUBLISHED_LAUNCHER = """import os, runpy, sys
 from torch.utils.data import Subset
 sys.path.insert(0, os.path.join(os.getcwd(), "code"))
+try:
+    import tensorboardX
+except ImportError:  # the same SummaryWriter, shipped with torch
+    import torch.utils.tensorboard
+    sys.modules["tensorboardX"] = torch.utils.tensorboard
+if os.environ.get("BENCH_SYNTHETIC_CIFAR"):  # random images in the real format: their checksums differ
+    import torchvision.datasets.cifar
+    torchvision.datasets.cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
 import datasets
 _get_dataset = datasets.get_dataset
 def get_dataset(dataset, split):
@@ -132,9 +141,9 @@ def run_once(name, script, options, args, workdir, run_id, smooth_prediction):
     return epoch_seconds(find_log(os.path.join(workdir, "fmnist"), script, run_id))
 
 
-def find_log(root_dir, script, run_id):
+def find_log(root_dir, script, run_id, arch="lenet"):
     logs = [os.path.join(root, "log.txt") for root, _, files in os.walk(root_dir)
-            if "log.txt" in files and root.endswith(os.path.join("lenet", str(run_id)))]
+            if "log.txt" in files and root.endswith(os.path.join(arch, str(run_id)))]
     if len(logs) != 1:
         raise RuntimeError(f"{script}: cannot find the run's log.txt under {root_dir}")
     return logs[0]
@@ -149,20 +158,29 @@ def published_code_dir(path: str) -> str:
                     "give the folder of the published repository")
 
 
-def prepare_published(code_dir, workdir, smooth_prediction):
+# Where the published datasets.py looks: data folders under ./dataset_cache (torchvision names a folder after
+# its class, so the published CAT-RS split of Fashion-MNIST reads FMNIST_Targeted) and the CAT-RS targets.
+PUBLISHED_DATA = {
+    "fmnist": (("FashionMNIST", {"FashionMNIST": "FashionMNIST", "FMNIST_Targeted": "FashionMNIST"}),
+               "test/smooth_prediction/fmnist/0/model_conf_0.25_train.npy"),
+    "cifar10": (("cifar-10-batches-py", {"cifar-10-batches-py": "cifar-10-batches-py"}),
+                "test/smooth_prediction/cifar10/cohen/0/model_conf_0.25_train.npy"),
+}
+
+
+def prepare_published(code_dir, workdir, smooth_prediction, dataset="fmnist", cache=None):
     """A temporary run folder for the published scripts (see the module docstring); returns its path."""
     root = os.path.join(workdir, "published")
     shutil.copytree(code_dir, os.path.join(root, "code"), ignore=shutil.ignore_patterns("__pycache__"))
-    cache = os.path.abspath(os.environ.get("DATASET_CACHE", os.path.join(REPO, "dataset_cache")))
-    if not os.path.isdir(os.path.join(cache, "FashionMNIST")):
-        raise UserError(f"no FashionMNIST folder in the data cache '{cache}'; set DATASET_CACHE")
+    cache = os.path.abspath(cache or os.environ.get("DATASET_CACHE", os.path.join(REPO, "dataset_cache")))
+    (folder, links), targets = PUBLISHED_DATA[dataset]
+    if not os.path.isdir(os.path.join(cache, folder)):
+        raise UserError(f"no {folder} folder in the data cache '{cache}'; set DATASET_CACHE")
     os.makedirs(os.path.join(root, "dataset_cache"))
-    # torchvision looks for a data set under its class name: the published CAT-RS split is FMNIST_Targeted.
-    for name in ("FashionMNIST", "FMNIST_Targeted"):
-        os.symlink(os.path.join(cache, "FashionMNIST"), os.path.join(root, "dataset_cache", name))
-    targets = os.path.join(root, "test", "smooth_prediction", "fmnist", "0")
-    os.makedirs(targets)
-    shutil.copy(smooth_prediction, os.path.join(targets, "model_conf_0.25_train.npy"))
+    for name, target in links.items():
+        os.symlink(os.path.join(cache, target), os.path.join(root, "dataset_cache", name))
+    os.makedirs(os.path.dirname(os.path.join(root, targets)))
+    shutil.copy(smooth_prediction, os.path.join(root, targets))
     with open(os.path.join(root, "run_subset.py"), "w") as handle:
         handle.write(PUBLISHED_LAUNCHER)
     return root

@@ -64,6 +64,23 @@ def normalize_per_example(grad: torch.Tensor, stabilizer: float = 0.0, random_if
     return out
 
 
+def check_unit_interval(inputs: torch.Tensor, who: str):
+    """Refuse inputs outside [0, 1] (the attacks clip to that box).
+
+    On a CPU this raises ValueError at once. On a GPU the check is queued on the
+    device (``torch._assert_async``), so the host does not wait for it every
+    step; a violation stops the run with the same message at the next
+    synchronisation.
+    """
+    message = f"{who}: input values must lie in [0, 1]"
+    inside = (inputs.min() >= 0) & (inputs.max() <= 1)
+    if inputs.device.type == "cpu":
+        if not bool(inside):
+            raise ValueError(message)
+    else:
+        torch._assert_async(inside, message)
+
+
 def project_l2(delta: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale each example of ``delta`` whose L2 norm exceeds ``max_norm`` back onto that sphere."""
     return delta.renorm(p=2, dim=0, maxnorm=max_norm)

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from attacks import normalize_per_example, per_example, project_l2
+from attacks import check_unit_interval, normalize_per_example, per_example, project_l2
 from common import nonnegative_float, nonnegative_int, positive_int
 from train_smoothmix import add_noises
 from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, kl_div_per_example, train_main
@@ -81,8 +81,7 @@ class KL_PGD:
 
     def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                noises: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-        if inputs.min() < 0 or inputs.max() > 1:
-            raise ValueError("KL_PGD: input values must lie in [0, 1]")
+        check_unit_interval(inputs, "KL_PGD")
         if noises is None:
             raise ValueError("KL_PGD attacks noise samples: pass noises=[e_1, ..., e_m]")
         if self.steps == 0:
@@ -128,7 +127,10 @@ def acceptance_probability(logits_clean: Logits, targets: torch.Tensor, pi: torc
 
 def sample_num_accepted(w: torch.Tensor, m: int) -> torch.Tensor:
     """K ~ Binomial(m, w) per example, clamped to >= 1 (a long tensor [b])."""
-    draws = torch.distributions.Binomial(total_count=m, probs=w.detach().float().clamp(0, 1)).sample()
+    probs = w.detach().float().clamp(0, 1)
+    # torch.binomial is what Binomial(m, probs).sample() calls; the count is made on the device, since
+    # copying the number m there would make the host wait for the device (and cannot be put in a CUDA graph)
+    draws = torch.binomial(torch.full_like(probs, float(m)), probs)
     return draws.long().clamp(min=1)
 
 
@@ -197,33 +199,40 @@ def train(ctx, loader, epoch: int):
     m = args.num_noise_vec
     attacker = KL_PGD(steps=args.num_steps, max_norm=attack_radius(args, epoch), device=ctx.device)
     losses, top1 = AverageMeter(), AverageMeter()
+
+    def step(inputs, targets, pi):
+        """One SGD step on one mini-batch: (mean L_low, accuracy on the attacked copies), as tensors."""
+        b = inputs.shape[0]
+        noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
+        with ctx.autocast():
+            logits_clean = ctx.model(add_noises(inputs, noises))
+        logits_clean = logits_clean.view(m, b, -1)
+        num_accepted = sample_num_accepted(
+            acceptance_probability(logits_clean, targets, pi, args.confidence_mask), m)
+        with attack_mode(ctx.base_model) as model, ctx.autocast():
+            attacked = attacker.attack(model, inputs, pi, noises)
+        with ctx.autocast():
+            logits_adv = ctx.model(add_noises(inputs, attacked))
+        loss, loss_low = catrs_loss(logits_clean, logits_adv.view(m, b, -1), targets, pi, num_accepted, args.lbd)
+        ctx.step(loss)
+        # detached: a returned tensor that held the autograd graph would keep it alive into the next step
+        return loss_low.mean().detach(), accuracy(logits_adv, targets.repeat(m))
+
+    step = ctx.graphed(step)
     started = time.time()
     for i, batch in enumerate(loader):
         batch_inputs, batch_targets, batch_pi = ctx.to_device(batch[0], batch[1], batch[2])
         for inputs, targets, pi in chunk_minibatches((batch_inputs, batch_targets, batch_pi.float()), m):
-            b = inputs.shape[0]
-            noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
-            with ctx.autocast():
-                logits_clean = ctx.model(add_noises(inputs, noises))
-            logits_clean = logits_clean.view(m, b, -1)
-            num_accepted = sample_num_accepted(
-                acceptance_probability(logits_clean, targets, pi, args.confidence_mask), m)
-            with attack_mode(ctx.base_model) as model, ctx.autocast():
-                attacked = attacker.attack(model, inputs, pi, noises)
-            with ctx.autocast():
-                logits_adv = ctx.model(add_noises(inputs, attacked))
-            loss, loss_low = catrs_loss(logits_clean, logits_adv.view(m, b, -1), targets, pi, num_accepted,
-                                        args.lbd)
-            ctx.step(loss)
-            losses.update(loss_low.mean().item(), b)
-            top1.update(accuracy(logits_adv, targets.repeat(m)), b)
+            loss_low, acc = step(inputs, targets, pi)
+            losses.update(loss_low, inputs.shape[0])
+            top1.update(acc, inputs.shape[0])
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg
 
 
 METHOD = Method(description="CAT-RS: confidence-aware training of smoothed classifiers (Jeong et al., AAAI 2023)",
                 method_path=method_path, train=train, add_arguments=add_arguments, train_split=train_split,
-                lr_multiplier=lr_multiplier)
+                lr_multiplier=lr_multiplier, supports_cuda_graphs=True)
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ def train(ctx, loader, epoch: int):
             outputs = ctx.model(noisy)
         loss = F.cross_entropy(outputs.float(), targets)
         ctx.step(loss)
-        losses.update(loss.item(), inputs.size(0))
+        losses.update(loss, inputs.size(0))
         top1.update(accuracy(outputs, targets), inputs.size(0))
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg

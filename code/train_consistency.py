@@ -75,7 +75,7 @@ def train(ctx, loader, epoch: int):
             cross_entropy = F.cross_entropy(logits, y_all)
             loss = cross_entropy + consistency_loss(logits.chunk(m), args.lbd, args.eta)
             ctx.step(loss)
-            losses.update(cross_entropy.item(), x.shape[0])  # the published log's train loss
+            losses.update(cross_entropy, x.shape[0])  # the published log's train loss
             top1.update(accuracy(logits, y_all), x.shape[0])
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg

@@ -54,14 +54,17 @@ def macer_loss_parts(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: 
 
     soft = F.softmax(beta * z, dim=2).mean(1)
     top2, top2_index = soft.topk(2, dim=1)
-    correct = top2_index[:, 0] == targets
-    q1, q2 = top2[correct, 0], top2[correct, 1]
+    q1, q2 = top2[:, 0], top2[:, 1]
     with torch.no_grad():
         gap = _standard_normal_quantile(q2) - _standard_normal_quantile(q1)
-        keep = torch.isfinite(gap) & (gap.abs() <= margin)
-    # Recomputed on the kept entries only, so that no infinite quantile enters the backward pass.
-    kept_gap = _standard_normal_quantile(q2[keep]) - _standard_normal_quantile(q1[keep])
-    robustness = (kept_gap + margin).sum() * sigma / 2
+        keep = (top2_index[:, 0] == targets) & torch.isfinite(gap) & (gap.abs() <= margin)
+    # Recomputed with the dropped entries set to 1/2 (a finite quantile, then masked out), so that no
+    # infinite quantile enters the backward pass; masks rather than indexing keep the host from waiting
+    # for the device to count the kept entries.
+    half = torch.full_like(q1, 0.5)
+    kept_gap = _standard_normal_quantile(torch.where(keep, q2, half)) - \
+        _standard_normal_quantile(torch.where(keep, q1, half))
+    robustness = torch.where(keep, kept_gap + margin, torch.zeros_like(kept_gap)).sum() * sigma / 2
     return classification, robustness
 
 
@@ -102,7 +105,7 @@ def train(ctx, loader, epoch: int):
         loss = (classification + lbd * robustness) / inputs.size(0)
         ctx.step(loss)
         # the published log's train loss: the classification loss per example
-        losses.update(classification.item() / inputs.size(0), inputs.size(0))
+        losses.update(classification / inputs.size(0), inputs.size(0))
         ctx.log_batch(epoch, i, len(loader), losses, AverageMeter(), started)
     return losses.avg, 0.0
 

@@ -102,7 +102,7 @@ def train(ctx, loader, epoch: int):
                 outputs = ctx.model(copies + noise)
             loss = F.cross_entropy(outputs.float(), y_copies)
             ctx.step(loss)
-            losses.update(loss.item(), copies.shape[0])
+            losses.update(loss, copies.shape[0])
             top1.update(accuracy(outputs, y_copies), copies.shape[0])
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg

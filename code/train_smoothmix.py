@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from attacks import log_mean_softmax, normalize_per_example, per_example, project_l2
+from attacks import check_unit_interval, log_mean_softmax, normalize_per_example, per_example, project_l2
 from common import nonnegative_float, nonnegative_int, positive_float, positive_int
 from train_utils import AverageMeter, Method, attack_mode, chunk_minibatches, kl_div_per_example, train_main
 
@@ -66,8 +66,7 @@ class SmoothMix_PGD:
 
     def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                noises: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        if inputs.min() < 0 or inputs.max() > 1:
-            raise ValueError("SmoothMix_PGD: input values must lie in [0, 1]")
+        check_unit_interval(inputs, "SmoothMix_PGD")
         if noises is None:
             noises = [torch.zeros_like(inputs)]
         m = len(noises)
@@ -175,7 +174,7 @@ def train(ctx, loader, epoch: int):
             loss = smoothmix_loss(logits_clean.view(m, b, -1), logits_mix.view(m, b, -1), targets, lam,
                                   args.eta * w_e)
             ctx.step(loss)
-            losses.update(loss.item(), b)
+            losses.update(loss, b)
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, 0.0
 

@@ -49,7 +49,7 @@ def train(ctx, loader, epoch: int):
         loss = stability_loss(clean, noisy, targets, ctx.args.lbd)
         ctx.step(loss)
         # the published log's train loss is the cross-entropy term alone
-        losses.update(F.cross_entropy(clean.detach().float(), targets).item(), inputs.size(0))
+        losses.update(F.cross_entropy(clean.detach().float(), targets), inputs.size(0))
         top1.update(accuracy(noisy, targets), inputs.size(0))
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg

@@ -67,6 +67,7 @@ class Method:
     train_split: Callable = lambda args: "train"
     lr_multiplier: Callable = lambda args, epoch: 1.0
     measures_train_accuracy: bool = True
+    supports_cuda_graphs: bool = False   # its ``train`` runs each step through ``TrainingContext.graphed``
 
 
 # --------------------------------------------------------------------------- options
@@ -112,6 +113,11 @@ def build_parser(method: Method) -> ArgumentParser:
                       help="channels-last memory format for the model and its inputs (same formulas, other "
                            "float rounding); auto: on a CPU (oneDNN's channels-last kernels run a LeNet "
                            "forward and backward pass about 1.6x as fast) and with --bf16")
+    fast.add_argument("--cuda-graphs", action="store_true",
+                      help="replay each training step from a CUDA graph (CAT-RS; one CUDA device): a small "
+                           "network's step is a few thousand short kernels, whose launches, not their "
+                           "arithmetic, bound it on a GPU; the random draws differ from an eager run's (same "
+                           "distribution)")
     fast.add_argument("--data-on-device", choices=["auto", "yes", "no"], default="auto",
                       help="keep the whole data set on the device (CIFAR: random crop and flip drawn on the "
                            "device every epoch; not for imagenet); auto: for mnist and fmnist")
@@ -209,6 +215,18 @@ def check_data_on_device(args):
                         "in the loader, and the data set does not fit a device); use --data-on-device no or auto")
 
 
+def check_cuda_graphs(args, method: "Method", device: torch.device, dist: "Distributed"):
+    """``--cuda-graphs`` needs a method that supports it, one process and a CUDA device."""
+    if not getattr(args, "cuda_graphs", False):
+        return
+    if not method.supports_cuda_graphs:
+        raise UserError("--cuda-graphs is not available for this method (CAT-RS only); leave it out")
+    if device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA device, and this run is on {device.type}; leave it out")
+    if dist.enabled:
+        raise UserError("--cuda-graphs runs in one process; leave it out under torchrun")
+
+
 def make_loaders(args, method: Method, device, dist: Distributed, generator: torch.Generator):
     train_split = method.train_split(args)
     on_device = args.data_on_device == "yes" or (args.data_on_device == "auto" and args.dataset in ("mnist", "fmnist"))
@@ -242,24 +260,31 @@ def make_loaders(args, method: Method, device, dist: Distributed, generator: tor
 # --------------------------------------------------------------------------- meters
 
 class AverageMeter:
-    """Running average of a quantity."""
+    """Running average of a quantity.
+
+    ``update`` takes a number or a tensor; tensors are summed where they are
+    (on a GPU, reading a value every step would make the host wait for the
+    device each step), and ``avg`` reads the sum once.
+    """
 
     def __init__(self):
         self.sum, self.count = 0.0, 0
 
     def update(self, value, n=1):
-        self.sum += float(value) * n
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float()
+        self.sum = self.sum + value * n
         self.count += n
 
     @property
-    def avg(self):
-        return self.sum / max(self.count, 1)
+    def avg(self) -> float:
+        return float(self.sum) / max(self.count, 1)
 
 
-def accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
-    """Top-1 accuracy of ``output`` logits in percent."""
+def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy of ``output`` logits in percent, as a 0-d tensor on their device (no host read)."""
     with torch.no_grad():
-        return 100.0 * (output.argmax(1) == target).float().mean().item()
+        return 100.0 * (output.argmax(1) == target).float().mean()
 
 
 # --------------------------------------------------------------------------- context given to methods
@@ -275,6 +300,7 @@ class TrainingContext:
     dist: Distributed
     writer: object = None
     channels_last: bool = False   # ``--channels-last`` resolved for this device (``use_channels_last``)
+    cuda_graphs: bool = False     # ``--cuda-graphs`` (checked by ``check_cuda_graphs``)
 
     @property
     def base_model(self) -> torch.nn.Module:
@@ -283,8 +309,14 @@ class TrainingContext:
 
     def autocast(self):
         if self.args.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            # a graph cannot keep autocast's cache of cast weights between replays
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                  cache_enabled=not self.cuda_graphs)
         return contextlib.nullcontext()
+
+    def graphed(self, step: Callable) -> Callable:
+        """``step`` replayed from CUDA graphs with ``--cuda-graphs`` (see ``GraphedStep``), else ``step``."""
+        return GraphedStep(step) if self.cuda_graphs else step
 
     def to_device(self, *tensors):
         moved = tuple(t.to(self.device, non_blocking=True) for t in tensors)
@@ -304,6 +336,54 @@ class TrainingContext:
             acc_text = f"{acc.avg:.3f}" if acc.count else "n/a"
             print(f"Epoch: [{epoch}][{i}/{num_batches}]\tTime {time.time() - started:.1f}s\t"
                   f"Loss {loss.avg:.4f}\tAcc@1 {acc_text}", flush=True)
+
+
+class GraphedStep:
+    """A method's training step, ``step(*tensors) -> tuple of tensors``, replayed from a CUDA graph.
+
+    ``step`` is one whole SGD step on one mini-batch (forward passes, attack,
+    loss, ``ctx.step``) that reads nothing back to the host and returns
+    detached tensors. For each input
+    shape, its first ``WARMUP`` calls run eagerly on a side stream (real
+    steps: they let cuDNN, the allocator and the optimizer's state settle, as
+    capture requires), the next call is captured into a graph and replayed,
+    and every later call copies its tensors into the graph's inputs and
+    replays it: the same kernels on the same memory, launched with one call.
+    Each call is exactly one step, eager or replayed. Replays advance the CUDA
+    generator as eager steps do, but draw other numbers (same distribution).
+    The learning rate and other optimizer settings are fixed at capture, so a
+    ``GraphedStep`` serves one epoch. The outputs returned are copies.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, step: Callable):
+        self.step = step
+        self.graphs: Dict[tuple, tuple] = {}
+        self.eager_calls: Dict[tuple, int] = {}
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self, *inputs: torch.Tensor):
+        key = tuple((t.shape, t.dtype, t.stride()) for t in inputs)
+        if key not in self.graphs:
+            calls = self.eager_calls.get(key, 0)
+            if calls < self.WARMUP:
+                self.eager_calls[key] = calls + 1
+                self.side_stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.side_stream):
+                    outputs = self.step(*inputs)
+                torch.cuda.current_stream().wait_stream(self.side_stream)
+                return outputs
+            static_inputs = tuple(t.clone() for t in inputs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_outputs = self.step(*static_inputs)
+            self.graphs[key] = (graph, static_inputs, static_outputs)
+        graph, static_inputs, static_outputs = self.graphs[key]
+        for static, given in zip(static_inputs, inputs):
+            static.copy_(given)
+        graph.replay()
+        return tuple(t.clone() for t in static_outputs)
 
 
 @contextlib.contextmanager
@@ -543,6 +623,7 @@ def _train(method: Method, args):
     check_data_on_device(args)
     dist = Distributed()
     device = dist.device
+    check_cuda_graphs(args, method, device, dist)
     folder = run_folder(args, method.method_path(args))
     checkpoint_path = os.path.join(folder, CHECKPOINT_NAME)
     log_path = os.path.join(folder, "log.txt")
@@ -573,6 +654,9 @@ def _train(method: Method, args):
     loader_generator = torch.Generator()
     loader_generator.manual_seed(loader_seed(args.seed))
 
+    if device.type == "cuda":
+        # the shapes repeat every step, so cuDNN's timed choice of kernels pays off (as in torchvision's references)
+        torch.backends.cudnn.benchmark = True
     train_loader, test_loader = make_loaders(args, method, device, dist, loader_generator)
     model = get_architecture(args.arch, args.dataset, device)
     if args.pretrained_model:
@@ -627,7 +711,7 @@ def _train(method: Method, args):
                   "column holds 0.0 and the console shows n/a", flush=True)
     ctx = TrainingContext(args=args, model=ddp_model, optimizer=optimizer, device=device,
                           num_classes=get_num_classes(args.dataset), dist=dist, writer=writer,
-                          channels_last=channels_last)
+                          channels_last=channels_last, cuda_graphs=bool(getattr(args, "cuda_graphs", False)))
 
     for epoch in range(start_epoch, args.epochs):
         if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):

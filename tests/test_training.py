@@ -131,6 +131,7 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     (["fmnist", "lenet", "--pretrained-model", "/nonexistent/checkpoint.pth.tar"], "not found"),
     (["fmnist", "lenet", "--epochs", "0"], "--epochs 0 trains nothing"),
     (["imagenet", "resnet50", "--data-on-device", "yes"], "--data-on-device yes is not available for imagenet"),
+    (["fmnist", "lenet", "--cuda-graphs"], "--cuda-graphs is not available for this method"),
 ])
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words):
     with pytest.raises(SystemExit) as exit_info:
