@@ -18,6 +18,19 @@ turns with fixed-N CERTIFY (N = 100,000), the radii mode and the ACR mode,
 one image at a time in the same process, and prints each method's mean
 samples and seconds per image, the speed-up in total time and the median of
 the per-image speed-ups.
+
+    python benchmarks/bench_sequential.py FIXED.tsv --oracle --sigma S --radii 0 0.25 0.5 ...
+
+prints a lower bound on the mean samples per image of any certifier in radii
+mode that gives every image of FIXED.tsv the answer fixed-N gave it (the
+largest listed radius it certified, or abstain): a clairvoyant one that
+knows each image's p_A (the share of the top class whose Clopper-Pearson
+bound at N is the image's certified bound), sees exactly that share in
+every prefix of its draws, tests once, at the whole of alpha, at the
+smallest n whose Clopper-Pearson lower bound reaches Phi(r / sigma) (or 1/2
+for r = 0), and stops there; N0 selection samples are added, and an image
+fixed-N abstained on costs N0. A real certifier must also pay for not
+knowing n in advance, so it needs more.
 """
 import argparse
 import os
@@ -47,6 +60,41 @@ def summary(df, radii):
         "accuracy": [100.0 * float(np.mean(correct & (radius >= r))) for r in radii],
         "seconds": float(np.mean([seconds(t) for t in df["time"]])),
     }
+
+
+def clairvoyant_samples(radius: float, sigma: float, radii, alpha: float, n: int, n0: int) -> int:
+    """Samples the clairvoyant certifier of ``--oracle`` draws for an image with fixed-N radius ``radius``."""
+    from scipy.stats import norm
+
+    from core import cp_lower
+    target = max(r for r in radii if r <= radius)
+    threshold = max(float(norm.cdf(target / sigma)), 0.5 + 1e-12)
+    bound = float(norm.cdf(radius / sigma))
+    # the count k at N whose bound is the certified one: the largest k with cp_lower(k, N) <= bound
+    low, high = 0, n
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if cp_lower(mid, n, alpha) <= bound else (low, mid - 1)
+    share = low / n
+    # the smallest m with cp_lower(round(share * m), m) >= threshold (it exists: m = N qualifies or nearly)
+    low, high = 1, n
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if cp_lower(round(share * mid), mid, alpha) >= threshold else (mid + 1, high)
+    return n0 + low
+
+
+def oracle(args):
+    fixed = load_results(args.fixed)
+    radii = sorted(set(args.radii) | {0.0})
+    samples = [args.N0 if predict == -1 else
+               clairvoyant_samples(radius, args.sigma, radii, args.alpha, args.N, args.N0)
+               for predict, radius in zip(fixed["predict"], fixed["radius"])]
+    mean = float(np.mean(samples))
+    print(f"{os.path.basename(args.fixed)}: sigma {args.sigma}, {len(samples)} images, radii "
+          f"{' '.join(f'{r:g}' for r in radii)}: clairvoyant lower bound {mean:,.0f} samples per image, "
+          f"{(args.N0 + args.N) / mean:.1f}x fewer than {args.N0 + args.N:,} (per image: median "
+          f"{np.median(samples):,.0f}, max {max(samples):,})")
 
 
 def timing(args):
@@ -102,9 +150,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--radii", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--fixed-samples", type=int, default=100100, help="N0 + N of the fixed-N run")
+    parser.add_argument("--oracle", action="store_true", help="the clairvoyant lower bound on FIXED.tsv")
+    parser.add_argument("--alpha", type=float, default=0.001, help="--oracle: alpha of the fixed-N run")
+    parser.add_argument("--N", type=int, default=100000, help="--oracle: N of the fixed-N run")
+    parser.add_argument("--N0", type=int, default=100, help="--oracle: N0 of the fixed-N run")
     args = parser.parse_args(argv)
     if args.timing:
         return timing(args)
+    if args.oracle:
+        if not args.fixed:
+            parser.error("--oracle needs FIXED.tsv")
+        return oracle(args)
     if not args.fixed or not args.sequential:
         parser.error("give FIXED.tsv and at least one SEQUENTIAL.tsv, or --timing CHECKPOINT")
     fixed = load_results(args.fixed).set_index("idx")

@@ -492,10 +492,11 @@ def cp_upper(count, num, alpha):
     return np.where(count < num, beta.isf(alpha, safe + 1, num - safe), 1.0)
 
 
-# The alternatives of the mixture confidence sequence (``mixture_lower``): p1 = 1 with half of the
-# weight, and p1 = 1 - 2^(-j/2), j = 1..40 (1 - p1 from 0.71 down to 1e-6), sharing the other half.
+# The alternatives of the mixture confidence sequence (``mixture_lower``): p1 = 1 with weight
+# MIXTURE_POINT_WEIGHT, and p1 = 1 - 2^(-j/2), j = 1..40 (1 - p1 from 0.71 down to 1e-6), sharing the rest.
+MIXTURE_POINT_WEIGHT = 0.9
 MIXTURE_ALTERNATIVES = np.concatenate([[1.0], 1.0 - 2.0 ** (-np.arange(1, 41) / 2.0)])
-MIXTURE_WEIGHTS = np.concatenate([[0.5], np.full(40, 0.5 / 40)])
+MIXTURE_WEIGHTS = np.concatenate([[MIXTURE_POINT_WEIGHT], np.full(40, (1 - MIXTURE_POINT_WEIGHT) / 40)])
 
 
 def mixture_log_martingale(count, num, p0):
@@ -535,9 +536,9 @@ def mixture_lower(count, num, alpha, iterations=40):
     A mixture of likelihood-ratio martingales (Robbins' method of mixtures; Waudby-Smith and Ramdas,
     "Estimating means of bounded random variables by betting", JRSS-B 2024, for the general theory;
     Voracek 2024 and Cullen et al. 2026 use such sequences for randomized smoothing) over a fixed grid
-    of alternatives: the point mass at p1 = 1 (weight 1/2) makes an all-correct stream of n draws give
-    (alpha / 2)^(1 / n), close to the fixed-n Clopper-Pearson bound alpha^(1 / n); the grid
-    1 - 2^(-j/2) serves streams with a few errors at a price of log 80 in log(1 / alpha).
+    of alternatives: the point mass at p1 = 1 (weight w = ``MIXTURE_POINT_WEIGHT``) makes an all-correct
+    stream of n draws give (w alpha)^(1 / n), close to the fixed-n Clopper-Pearson bound alpha^(1 / n);
+    the grid 1 - 2^(-j/2) serves streams with a few errors at a price of log(40 / (1 - w)) in log(1 / alpha).
     """
     count = np.asarray(count, dtype=float)
     threshold = math.log(1.0 / alpha)
@@ -552,13 +553,14 @@ def mixture_lower(count, num, alpha, iterations=40):
 
 
 # the share of alpha that the mixture confidence sequence gets (see SequentialCertifier)
-MIXTURE_SHARE = 0.25
+MIXTURE_SHARE = 0.35
 # the share of alpha that sequential certification spends on its last look (see SequentialCertifier)
 SEQUENTIAL_FINAL_SHARE = 0.5
 # what ``Smooth.certify_sequential_many`` computes, recorded with its results (a change of scheme must
 # not continue a file of the old one)
-SEQUENTIAL_SCHEME = ("radii: mixture 1/4 at every batch + Clopper-Pearson 1/4 at geometric looks + 1/2 at the "
-                     "last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
+SEQUENTIAL_SCHEME = ("radii: mixture 0.35 (weight 0.9 at p1 = 1) at every batch + Clopper-Pearson 0.15 at "
+                     "geometric looks + 1/2 at the last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 "
+                     "at the last look")
 # the level of the upper bound that stops the radii mode when the next radius is out of reach
 RADII_STOP_ALPHA = 0.05
 
@@ -591,15 +593,21 @@ class SequentialCertifier:
       final_share - mixture_share) / (number of checkpoints), an
       alpha-spending part. (3) At the last look, the exact Clopper-Pearson
       bound at alpha * final_share. The reported bound at a look is the
-      largest of the parts defined there. With 1/2 on the last look, 1/4 on
-      the sequence and 1/4 spent over 12 checkpoints: at alpha = 0.001 an
-      all-cA stream reaches Phi(3) (radius 3 sigma) after 6,500 samples (so
-      at the 7,000-sample look), where Clopper-Pearson at the previous
-      scheme's alpha / 24 needs 7,500 and its geometric looks met that only
-      at 8,000; streams in the interior (p around 0.6 to 0.99,
-      where the grid of the mixture is coarse) are decided by part (2),
-      and images near a decision by part (3), which is CERTIFY's bound at
-      alpha / 2.
+      largest of the parts defined there. ``Smooth.certify_sequential_many``
+      gives 1/2 to the last look, 0.35 to the sequence (0.9 of its weight on
+      p1 = 1) and 0.15 to 12 checkpoints (alpha / 80 each): at alpha = 0.001
+      an all-cA stream reaches Phi(3) (radius 3 sigma, the largest listed
+      radius that 100,000 samples can certify at sigma 0.25 and 0.5 in the
+      published tables) after 5,969 samples, so at the 6,000-sample look
+      with 1,000-sample batches (a single Clopper-Pearson test at the whole
+      of alpha needs 5,113); streams in the interior (p around 0.6 to 0.99,
+      where the grid of the mixture is coarse) are decided by part (2), and
+      images near a decision by part (3), which is CERTIFY's bound at
+      alpha / 2. (With 1/4 to the sequence, half of it on p1 = 1, and 1/4
+      to the checkpoints, such a stream needed 6,650 samples, i.e. the
+      7,000-sample look; giving the sequence 1/2 and the checkpoints
+      nothing sent the interior images of a Fashion-MNIST LeNet to n_max
+      more often and drew more samples overall, docs/BENCHMARKS.md.)
     * ``"spending"``: look k reports the exact one-sided Clopper-Pearson
       bound at level alpha_k, sum_k alpha_k = alpha (the previous scheme,
       kept for comparison): with K looks on a geometric schedule the price

@@ -24,6 +24,8 @@ Soundness is checked two ways.
 * End to end on the closed-form linear classifier of
   tests/test_certify_statistics.py, through certify.py and predict.py.
 """
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -151,15 +153,19 @@ def test_mixture_lower_is_a_confidence_sequence_and_peeking_is_not(p):
 
 
 def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
-    """Looks after every batch: pA = 1 certifies 0.75 (pA_lower >= Phi(3)) after 7,000 samples, not at 8,000.
+    """Looks after every batch: pA = 1 certifies 0.75 (pA_lower >= Phi(3)) at the first 1,000-sample look
+    where the mixture's point mass at p1 = 1 alone rejects: w (1 / Phi(3))^n >= 1 / (alpha * share), i.e.
+    after 6,000 samples (5,969 needed), not at a later geometric look.
 
     Radius 1.0 (Phi(4)) is out of reach for every stream of N_max = 10^5 samples, so it is not waited for.
     """
+    needed = math.log(1 / (0.001 * core.MIXTURE_SHARE * core.MIXTURE_POINT_WEIGHT)) / -math.log(norm.cdf(3.0))
+    assert 5000 < needed <= 6000
     certifier = SequentialCertifier(SIGMA, 0.001, core.batch_looks(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
                                     final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=core.RADII_STOP_ALPHA,
                                     checkpoints=look_schedule(100000, 1000))
     lower, samples = simulate(certifier, 1.0, 5, np.random.default_rng(0))
-    assert np.all(samples == 7000)
+    assert np.all(samples == 6000)
     assert np.all((certifier.radius(lower) >= 0.75) & (certifier.radius(lower) < 1.0))
     assert core.batch_looks(3500, 1000) == [1000, 2000, 3000, 3500]
 
