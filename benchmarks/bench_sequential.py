@@ -30,7 +30,11 @@ every prefix of its draws, tests once, at the whole of alpha, at the
 smallest n whose Clopper-Pearson lower bound reaches Phi(r / sigma) (or 1/2
 for r = 0), and stops there; N0 selection samples are added, and an image
 fixed-N abstained on costs N0. A real certifier must also pay for not
-knowing n in advance, so it needs more.
+knowing n in advance, so it needs more. With ``--acr-tol T`` it also
+prints the least mean sample count at which such a clairvoyant certifier
+(each image's radius at n samples: sigma PhiInv of that Clopper-Pearson
+bound, n a multiple of 100) keeps the ACR within T of fixed-N's: a
+Lagrangian (dual) lower bound on that knapsack problem.
 """
 import argparse
 import os
@@ -62,6 +66,20 @@ def summary(df, radii):
     }
 
 
+def fixed_share(radius: float, sigma: float, alpha: float, n: int) -> float:
+    """The share k / N whose Clopper-Pearson bound at N is fixed-N's certified bound Phi(radius / sigma)."""
+    from scipy.stats import norm
+
+    from core import cp_lower
+    bound = float(norm.cdf(radius / sigma))
+    # the largest k with cp_lower(k, N) <= bound
+    low, high = 0, n
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if cp_lower(mid, n, alpha) <= bound else (low, mid - 1)
+    return low / n
+
+
 def clairvoyant_samples(radius: float, sigma: float, radii, alpha: float, n: int, n0: int) -> int:
     """Samples the clairvoyant certifier of ``--oracle`` draws for an image with fixed-N radius ``radius``."""
     from scipy.stats import norm
@@ -69,13 +87,7 @@ def clairvoyant_samples(radius: float, sigma: float, radii, alpha: float, n: int
     from core import cp_lower
     target = max(r for r in radii if r <= radius)
     threshold = max(float(norm.cdf(target / sigma)), 0.5 + 1e-12)
-    bound = float(norm.cdf(radius / sigma))
-    # the count k at N whose bound is the certified one: the largest k with cp_lower(k, N) <= bound
-    low, high = 0, n
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if cp_lower(mid, n, alpha) <= bound else (low, mid - 1)
-    share = low / n
+    share = fixed_share(radius, sigma, alpha, n)
     # the smallest m with cp_lower(round(share * m), m) >= threshold (it exists: m = N qualifies or nearly)
     low, high = 1, n
     while low < high:
@@ -95,6 +107,32 @@ def oracle(args):
           f"{' '.join(f'{r:g}' for r in radii)}: clairvoyant lower bound {mean:,.0f} samples per image, "
           f"{(args.N0 + args.N) / mean:.1f}x fewer than {args.N0 + args.N:,} (per image: median "
           f"{np.median(samples):,.0f}, max {max(samples):,})")
+    if args.acr_tol is not None:
+        print(f"  ACR within {args.acr_tol:g} of fixed-N's: at least {clairvoyant_acr_samples(fixed, args):,.0f} "
+              f"samples per image, at most {(args.N0 + args.N) / clairvoyant_acr_samples(fixed, args):.1f}x fewer")
+
+
+def clairvoyant_acr_samples(fixed, args) -> float:
+    """A lower bound on the mean samples per image of a clairvoyant certifier whose ACR is within --acr-tol."""
+    from scipy.stats import norm
+
+    from core import cp_lower
+    sizes = np.arange(100, args.N + 1, 100)
+    costs, losses = [], []
+    for predict, radius, correct in zip(fixed["predict"], fixed["radius"], fixed["correct"]):
+        if predict == -1 or correct != 1 or radius <= 0:   # adds nothing to the ACR: N0 samples suffice
+            costs.append(np.array([args.N0]))
+            losses.append(np.array([0.0]))
+            continue
+        lower = cp_lower(np.round(fixed_share(radius, args.sigma, args.alpha, args.N) * sizes), sizes, args.alpha)
+        reached = np.where(lower > 0.5, args.sigma * norm.ppf(np.clip(lower, 0.5, 1 - 1e-16)), 0.0)
+        costs.append(args.N0 + sizes)
+        losses.append(np.maximum(radius - reached, 0.0))
+    # min sum(cost) s.t. sum(loss) <= budget is at least sum_i min_n (cost + lam loss) - lam budget, any lam >= 0
+    budget = args.acr_tol * len(costs)
+    dual = max(sum(float(np.min(c + lam * l)) for c, l in zip(costs, losses)) - lam * budget
+               for lam in np.logspace(0, 9, 500))
+    return dual / len(costs)
 
 
 def timing(args):
@@ -154,6 +192,7 @@ def main(argv=None):
     parser.add_argument("--alpha", type=float, default=0.001, help="--oracle: alpha of the fixed-N run")
     parser.add_argument("--N", type=int, default=100000, help="--oracle: N of the fixed-N run")
     parser.add_argument("--N0", type=int, default=100, help="--oracle: N0 of the fixed-N run")
+    parser.add_argument("--acr-tol", type=float, default=None, help="--oracle: also the bound for ACR within this")
     args = parser.parse_args(argv)
     if args.timing:
         return timing(args)

@@ -25,6 +25,8 @@ Soundness is checked two ways.
   tests/test_certify_statistics.py, through certify.py and predict.py.
 """
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -36,6 +38,7 @@ import certify
 import core
 import eval_utils
 import predict
+from conftest import REPO
 from core import (SEQUENTIAL_FINAL_SHARE, SequentialCertifier, SequentialPredictor, Smooth, cp_lower, cp_upper,
                   look_schedule, noise_generator)
 from test_certify_statistics import Linear, points, read_columns, wrong_certificates
@@ -491,3 +494,24 @@ def test_certify_c_sequential_writes_the_samples_column(tmp_path):
         body = [line.split("\t") for line in lines[1:-1]]
         assert [int(row[0]) for row in body] == list(range(len(labels)))
         assert all(20 < int(row[6]) <= 420 for row in body)
+
+
+# --------------------------------------------------------------------------- the clairvoyant bound of the benchmark
+
+def test_clairvoyant_bound_is_the_single_look_clopper_pearson_sample_size(tmp_path, capsys):
+    """An all-correct image certified at 3 sigma needs ln(1 / alpha) / -ln Phi(3) samples (+ N0); an abstention N0."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_sequential
+    fixed = tmp_path / "fixed.tsv"
+    # radius 0.953 at sigma 0.25: the bound of 100,000 correct samples out of 100,000
+    fixed.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.953\t1\t0:00:01\n"
+                     "1\t2\t-1\t0.0\t0\t0:00:01\n")
+    needed = math.ceil(math.log(1000) / -math.log(norm.cdf(3.0)))
+    assert bench_sequential.clairvoyant_samples(0.953, 0.25, [0.0, 0.25, 0.5, 0.75, 1.0], 0.001, 100000, 100) \
+        == 100 + needed
+    bench_sequential.main([str(fixed), "--oracle", "--sigma", "0.25", "--radii", "0.25", "0.5", "0.75", "1.0",
+                           "--acr-tol", "0.02"])
+    out = capsys.readouterr().out
+    assert f"clairvoyant lower bound {(200 + needed) / 2:,.0f} samples per image" in out
+    bound = float(out.split("at least ")[1].split(" samples")[0].replace(",", ""))
+    assert 100 < bound < 100100
