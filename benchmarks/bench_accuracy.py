@@ -32,12 +32,10 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_train import (COMPARISON, REPO, find_log, load_text, prepare_published,  # noqa: E402
-                         published_code_dir)
+from bench_train import (COMPARISON, REPO, find_log, load_text, prepare_published, print_method_table,  # noqa: E402
+                         published_code_dir, random_targets, select_methods)
 from common import (ArgumentParser, UserError, nonnegative_int, positive_float, positive_int,  # noqa: E402
                     run_cli)
 
@@ -133,18 +131,14 @@ def summary(values):
 
 
 def print_table(methods, accuracy, errors):
-    print("| method | options | published test acc (mean ± sd) | ours | ours - published | seeds |")
-    print("|---|---|---|---|---|---|")
-    for name, _, options in methods:
-        shown = " ".join(options)
-        if name in errors:
-            print(f"| {name} | {shown} | failed: {errors[name]} | | | |")
-            continue
+    def cells(name, _script):
         published, ours = accuracy[name]["published"], accuracy[name]["ours"]
         if not published or not ours:
-            continue
-        print(f"| {name} | {shown} | {summary(published)} | {summary(ours)} | "
-              f"{statistics.mean(ours) - statistics.mean(published):+.1f} | {len(published)} / {len(ours)} |")
+            return None
+        return [summary(published), summary(ours), f"{statistics.mean(ours) - statistics.mean(published):+.1f}",
+                f"{len(published)} / {len(ours)}"]
+    print_method_table(["published test acc (mean ± sd)", "ours", "ours - published", "seeds"], methods, errors,
+                       cells)
 
 
 HEADER = re.compile(r"^# \S+  (OMP_NUM_THREADS=.*), seeds \d+\.\.\d+, published code from ")
@@ -184,12 +178,8 @@ def summarise(paths):
 
 def compare(args):
     code_dir = published_code_dir(args.published)
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(wanted) - {m[0] for m in COMPARISON})
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(m[0] for m in COMPARISON)}")
-    methods = [(name, script, OVERRIDES.get(name, options)) for name, script, options in COMPARISON
-               if name in wanted]
+    methods = [(name, script, OVERRIDES.get(name, options))
+               for name, script, options in select_methods(args.methods, COMPARISON)]
     print(f"# {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}  "
           f"OMP_NUM_THREADS={args.threads}  fmnist lenet --lr {args.lr} --epochs {args.epochs} --batch {args.batch}, "
           f"--train-subset {args.train_subset} --test-subset {args.test_subset}, "
@@ -198,8 +188,7 @@ def compare(args):
     accuracy = {name: {"published": [], "ours": []} for name, _, _ in methods}
     errors = {}
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as workdir:
-        smooth_prediction = os.path.join(workdir, "model_conf_0.25_train.npy")
-        np.save(smooth_prediction, np.random.default_rng(0).dirichlet(np.ones(10), size=60000).astype(np.float32))
+        smooth_prediction = random_targets(workdir)
         root = prepare_published(code_dir, workdir, smooth_prediction)
         with open(os.path.join(root, "run_seeded.py"), "w") as handle:
             handle.write(SEEDED_LAUNCHER)

@@ -118,6 +118,22 @@ def build_parser():
     return parser
 
 
+def select_methods(text: str, table):
+    """The rows of ``table`` named in the comma-separated ``text``, in the table's order; unknown names refused."""
+    wanted = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - {row[0] for row in table})
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(row[0] for row in table)}")
+    return [row for row in table if row[0] in wanted]
+
+
+def random_targets(folder: str, rows: int = 60000) -> str:
+    """Random Dirichlet CAT-RS targets pi (rows x 10, the same file for both sides), saved in ``folder``."""
+    path = os.path.join(folder, "model_conf_0.25_train.npy")
+    np.save(path, np.random.default_rng(0).dirichlet(np.ones(10), size=rows).astype(np.float32))
+    return path
+
+
 def epoch_seconds(log_path: str) -> float:
     with open(log_path, newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
@@ -208,19 +224,14 @@ def load_text() -> str:
 def compare_with_published(args):
     """Published and ours, alternately, per method; ratio = published s/epoch / ours."""
     code_dir = published_code_dir(args.published)
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(wanted) - {m[0] for m in COMPARISON})
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(m[0] for m in COMPARISON)}")
-    methods = [m for m in COMPARISON if m[0] in wanted]
+    methods = select_methods(args.methods, COMPARISON)
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  OMP_NUM_THREADS={args.threads}  "
           f"fmnist lenet --lr 0.01, --train-subset {args.train_subset} --test-subset {args.test_subset}, "
           f"one epoch, {args.repeats} repeats, published code from {code_dir}; {load_text()}", flush=True)
     times = {name: {"published": [], "ours": []} for name, _, _ in methods}
     errors = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
-        smooth_prediction = os.path.join(workdir, "model_conf_0.25_train.npy")
-        np.save(smooth_prediction, np.random.default_rng(0).dirichlet(np.ones(10), size=60000).astype(np.float32))
+        smooth_prediction = random_targets(workdir)
         root = prepare_published(code_dir, workdir, smooth_prediction)
         run_id = 0
         for repeat in range(args.repeats):
@@ -240,37 +251,27 @@ def compare_with_published(args):
                         continue
                     times[name][side].append(seconds)
                     print(f"#   repeat {repeat} {name} {side}: {seconds:.2f} s ({load_text()})", flush=True)
-    print("| method | options | published s/epoch | ours s/epoch | ours vs published (speed) | min-max |")
-    print("|---|---|---|---|---|---|")
-    for name, _, options in methods:
-        shown = " ".join(options)
-        if name in errors:
-            print(f"| {name} | {shown} | failed: {errors[name]} | | | |")
-            continue
+    def cells(name, _script):
         published, ours = times[name]["published"], times[name]["ours"]
         ratios = [p / o for p, o in zip(published, ours)]
-        print(f"| {name} | {shown} | {statistics.median(published):.2f} | {statistics.median(ours):.2f} | "
-              f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x |")
+        return [f"{statistics.median(published):.2f}", f"{statistics.median(ours):.2f}",
+                f"{statistics.median(ratios):.2f}x", f"{min(ratios):.2f}-{max(ratios):.2f}x"]
+    print_method_table(["published s/epoch", "ours s/epoch", "ours vs published (speed)", "min-max"], methods,
+                       errors, cells)
     print(f"# finished {datetime.datetime.now().isoformat(timespec='seconds')}; {load_text()}")
 
 
 def benchmark(args):
     if args.published is not None:
         return compare_with_published(args)
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(wanted) - {m[0] for m in METHODS})
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(m[0] for m in METHODS)}")
-    methods = [m for m in METHODS if m[0] in wanted]
+    methods = select_methods(args.methods, METHODS)
     present = [m for m in methods if os.path.isfile(os.path.join(REPO, "code", m[1]))]
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  OMP_NUM_THREADS={args.threads}  "
           f"fmnist lenet, --train-subset {args.train_subset}, one epoch, {args.repeats} repeats", flush=True)
     seconds = {m[0]: [] for m in present}
     errors = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
-        smooth_prediction = os.path.join(workdir, "model_conf_0.25_train.npy")
-        rng = np.random.default_rng(0)
-        np.save(smooth_prediction, rng.dirichlet(np.ones(10), size=60000).astype(np.float32))
+        smooth_prediction = random_targets(workdir)
         run_id = 0
         for repeat in range(args.repeats):
             for name, script, options in present:
@@ -281,18 +282,26 @@ def benchmark(args):
                     seconds[name].append(run_once(name, script, options, args, workdir, run_id, smooth_prediction))
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     errors[name] = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
-    print("| method | options | examples/s | min-max | s per epoch |")
-    print("|---|---|---|---|---|")
+    def cells(name, script):
+        if not seconds.get(name):
+            return [f"missing ({script} not found)", "", ""]
+        rates = [args.train_subset / s for s in seconds[name]]
+        return [f"{statistics.median(rates):.0f}", f"{min(rates):.0f}-{max(rates):.0f}",
+                f"{statistics.median(seconds[name]):.2f}"]
+    print_method_table(["examples/s", "min-max", "s per epoch"], methods, errors, cells)
+
+
+def print_method_table(columns, methods, errors, cells):
+    """A markdown table with a row per method: its name, options and ``cells(name, script)``.
+
+    A method in ``errors`` gets "failed: ..." instead; ``cells`` returning None leaves the method out.
+    """
+    print("| method | options | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (len(columns) + 2))
     for name, script, options in methods:
-        shown = " ".join(options)
-        if name in errors:
-            print(f"| {name} | {shown} | failed: {errors[name]} | | |")
-        elif not seconds.get(name):
-            print(f"| {name} | {shown} | missing ({script} not found) | | |")
-        else:
-            rates = [args.train_subset / s for s in seconds[name]]
-            print(f"| {name} | {shown} | {statistics.median(rates):.0f} | {min(rates):.0f}-{max(rates):.0f} | "
-                  f"{statistics.median(seconds[name]):.2f} |")
+        row = [f"failed: {errors[name]}"] + [""] * (len(columns) - 1) if name in errors else cells(name, script)
+        if row is not None:
+            print(f"| {name} | {' '.join(options)} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

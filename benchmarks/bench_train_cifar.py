@@ -30,8 +30,8 @@ import tempfile
 
 import numpy as np
 
-from bench_train import (METHODS, PUBLISHED_DATA, REPO, epoch_seconds, find_log, prepare_published,
-                         published_code_dir)
+from bench_train import (METHODS, REPO, epoch_seconds, find_log, prepare_published, published_code_dir,
+                         random_targets)
 
 sys.path.insert(0, os.path.join(REPO, "code"))
 from common import ArgumentParser, UserError, positive_int, run_cli  # noqa: E402
@@ -95,8 +95,7 @@ def benchmark(args):
         if synthetic:
             cache = os.path.join(workdir, "dataset_cache")
             write_synthetic_cifar10(os.path.join(cache, "cifar-10-batches-py"))
-        targets = os.path.join(workdir, "model_conf_0.25_train.npy")
-        np.save(targets, np.random.default_rng(0).dirichlet(np.ones(10), size=50000).astype(np.float32))
+        targets = random_targets(workdir, rows=50000)
         env = dict(os.environ, DATASET_CACHE=cache)
         if synthetic:
             env["BENCH_SYNTHETIC_CIFAR"] = "1"
