@@ -35,7 +35,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_train import (COMPARISON, REPO, find_log, load_text, prepare_published, print_method_table,  # noqa: E402
-                         published_code_dir, random_targets, select_methods)
+                         published_code_dir, random_targets, run_env, run_script, select_methods)
 from common import (ArgumentParser, UserError, nonnegative_int, positive_float, positive_int,  # noqa: E402
                     run_cli)
 
@@ -103,23 +103,16 @@ def run_ours(name, script, options, args, workdir, run_id, seed, smooth_predicti
         "--id", str(run_id), "--logdir", workdir] + options
     if name == "catrs":
         command += ["--smooth-prediction", smooth_prediction]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    env.setdefault("DATASET_CACHE", os.path.join(REPO, "dataset_cache"))
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"{script} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    run_script(command, REPO, run_env(args.threads), args.timeout, script)
     return final_test_accuracy(find_log(os.path.join(workdir, "fmnist"), script, run_id), args.epochs)
 
 
 def run_published(script, options, args, root, run_id, seed):
     command = [sys.executable, "run_seeded.py", "run_subset.py", os.path.join("code", script)] + \
         common_options(args) + ["--id", str(run_id)] + options
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               BENCH_TRAIN_SUBSET=str(args.train_subset), BENCH_TEST_SUBSET=str(args.test_subset),
-               BENCH_SEED=str(seed))
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"published {script} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    env = run_env(args.threads, BENCH_TRAIN_SUBSET=str(args.train_subset), BENCH_TEST_SUBSET=str(args.test_subset),
+                  BENCH_SEED=str(seed))
+    run_script(command, root, env, args.timeout, f"published {script}")
     return final_test_accuracy(find_log(os.path.join(root, "logs", "fmnist"), script, run_id), args.epochs)
 
 

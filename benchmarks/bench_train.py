@@ -142,6 +142,21 @@ def epoch_seconds(log_path: str) -> float:
     return float(rows[0]["time"])
 
 
+def run_env(threads: int, **extra: str) -> dict:
+    """The environment of one run: ``threads`` intra-op threads, the ``extra`` variables, and the
+    repository's data cache unless DATASET_CACHE names another (the published code reads ./dataset_cache)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra)
+    env.setdefault("DATASET_CACHE", os.path.join(REPO, "dataset_cache"))
+    return env
+
+
+def run_script(command, cwd: str, env: dict, timeout: int, label: str, stderr_tail: int = 300):
+    """Run one training script to its end; a failure raises RuntimeError with the end of its stderr."""
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{label} failed ({done.returncode}): {done.stderr.strip()[-stderr_tail:]}")
+
+
 def run_once(name, script, options, args, workdir, run_id, smooth_prediction):
     command = [sys.executable, os.path.join(REPO, "code", script), "fmnist", "lenet", "--lr", "0.01",
                "--epochs", "1", "--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset),
@@ -149,11 +164,7 @@ def run_once(name, script, options, args, workdir, run_id, smooth_prediction):
                "--seed", "0", "--id", str(run_id), "--logdir", workdir, "--print-freq", "1000000"] + options
     if name == "catrs":
         command += ["--smooth-prediction", smooth_prediction]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    env.setdefault("DATASET_CACHE", os.path.join(REPO, "dataset_cache"))
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"{script} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    run_script(command, REPO, run_env(args.threads), args.timeout, script)
     return epoch_seconds(find_log(os.path.join(workdir, "fmnist"), script, run_id))
 
 
@@ -205,11 +216,8 @@ def prepare_published(code_dir, workdir, smooth_prediction, dataset="fmnist", ca
 def run_published(script, options, args, root, run_id):
     command = [sys.executable, "run_subset.py", os.path.join("code", script), "fmnist", "lenet", "--lr", "0.01",
                "--epochs", "1", "--workers", "0", "--id", str(run_id), "--print-freq", "1000000"] + options
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               BENCH_TRAIN_SUBSET=str(args.train_subset), BENCH_TEST_SUBSET=str(args.test_subset))
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"published {script} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    env = run_env(args.threads, BENCH_TRAIN_SUBSET=str(args.train_subset), BENCH_TEST_SUBSET=str(args.test_subset))
+    run_script(command, root, env, args.timeout, f"published {script}")
     return epoch_seconds(find_log(os.path.join(root, "logs", "fmnist"), script, run_id))
 
 

@@ -24,14 +24,13 @@ import os
 import pickle
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 
 import numpy as np
 
 from bench_train import (METHODS, REPO, epoch_seconds, find_log, prepare_published, published_code_dir,
-                         random_targets)
+                         random_targets, run_script)
 
 sys.path.insert(0, os.path.join(REPO, "code"))
 from common import ArgumentParser, UserError, positive_int, run_cli  # noqa: E402
@@ -78,9 +77,7 @@ def build_parser():
 
 
 def run(command, cwd, env, timeout, log_root, run_id, label):
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"{label} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    run_script(command, cwd, env, timeout, label, stderr_tail=500)
     return epoch_seconds(find_log(log_root, label, run_id, arch=ARCH))
 
 
