@@ -217,7 +217,7 @@ def check_data_on_device(args):
 
 def check_cuda_graphs(args, method: "Method", device: torch.device, dist: "Distributed"):
     """``--cuda-graphs`` needs a method that supports it, one process and a CUDA device."""
-    if not getattr(args, "cuda_graphs", False):
+    if not args.cuda_graphs:
         return
     if not method.supports_cuda_graphs:
         raise UserError("--cuda-graphs is not available for this method (CAT-RS only); leave it out")
@@ -711,7 +711,7 @@ def _train(method: Method, args):
                   "column holds 0.0 and the console shows n/a", flush=True)
     ctx = TrainingContext(args=args, model=ddp_model, optimizer=optimizer, device=device,
                           num_classes=get_num_classes(args.dataset), dist=dist, writer=writer,
-                          channels_last=channels_last, cuda_graphs=bool(getattr(args, "cuda_graphs", False)))
+                          channels_last=channels_last, cuda_graphs=args.cuda_graphs)
 
     for epoch in range(start_epoch, args.epochs):
         if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
