@@ -134,12 +134,17 @@ def random_targets(folder: str, rows: int = 60000) -> str:
     return path
 
 
-def epoch_seconds(log_path: str) -> float:
+def epoch_times(log_path: str, epochs: int) -> list:
+    """The ``time`` column of a run's log.txt, which must hold ``epochs`` rows."""
     with open(log_path, newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
-    if len(rows) != 1:
-        raise RuntimeError(f"expected one epoch in {log_path}, found {len(rows)}")
-    return float(rows[0]["time"])
+    if len(rows) != epochs:
+        raise RuntimeError(f"expected {epochs} epoch(s) in {log_path}, found {len(rows)}")
+    return [float(row["time"]) for row in rows]
+
+
+def epoch_seconds(log_path: str) -> float:
+    return epoch_times(log_path, 1)[0]
 
 
 def run_env(threads: int, **extra: str) -> dict:

@@ -8,7 +8,11 @@ script with the same options (see ``bench_train``: it runs unmodified, from a
 temporary folder). The time is the ``time`` column of each run's
 ``log.txt``: the training epoch plus the noisy test pass, as in the
 published logs (the published CAT-RS CIFAR-10 sigma 0.25 log reads 352 to
-355 s per epoch). Runs take turns, in an order that switches every repeat.
+355 s per epoch). With ``--epochs N`` each run trains N epochs and the
+table gives the last one's time: a run's first epoch also holds one-off
+work (cuDNN's timed choice of kernels, ``--compile``'s compilation), which a
+150-epoch run pays once. Runs take turns, in an order that switches every
+repeat.
 
 CIFAR-10 is read from the data cache; ``--synthetic`` (or a cache without
 CIFAR-10) writes random images and labels in the real format to a temporary
@@ -29,7 +33,7 @@ import tempfile
 
 import numpy as np
 
-from bench_train import (METHODS, REPO, epoch_seconds, find_log, prepare_published, published_code_dir,
+from bench_train import (METHODS, REPO, epoch_times, find_log, prepare_published, published_code_dir,
                          random_targets, run_script)
 
 sys.path.insert(0, os.path.join(REPO, "code"))
@@ -70,21 +74,23 @@ def build_parser():
     parser.add_argument("--train-subset", type=positive_int, default=None, help="training images (default: all)")
     parser.add_argument("--test-subset", type=positive_int, default=None, help="test images (default: all)")
     parser.add_argument("--workers", type=int, default=4, help="loader processes (both sides)")
+    parser.add_argument("--epochs", type=positive_int, default=1,
+                        help="epochs per run; the table gives the last epoch's time")
     parser.add_argument("--repeats", type=positive_int, default=1)
     parser.add_argument("--synthetic", action="store_true", help="random images in the CIFAR-10 format")
     parser.add_argument("--timeout", type=positive_int, default=3600, help="seconds allowed per run")
     return parser
 
 
-def run(command, cwd, env, timeout, log_root, run_id, label):
+def run(command, cwd, env, timeout, log_root, run_id, label, epochs):
     run_script(command, cwd, env, timeout, label, stderr_tail=500)
-    return epoch_seconds(find_log(log_root, label, run_id, arch=ARCH))
+    return epoch_times(find_log(log_root, label, run_id, arch=ARCH), epochs)
 
 
 def benchmark(args):
     name, script, options = next(m for m in METHODS if m[0] == args.method)
     variants = args.variant or [("fast", ["--bf16", "--channels-last", "yes", "--data-on-device", "yes"])]
-    common_options = ["--lr", "0.1", "--batch", "256", "--epochs", "1", "--workers", str(args.workers),
+    common_options = ["--lr", "0.1", "--batch", "256", "--epochs", str(args.epochs), "--workers", str(args.workers),
                       "--print-freq", "1000000"] + options
     with tempfile.TemporaryDirectory(prefix="bench_train_cifar_") as workdir:
         cache = os.path.abspath(os.environ.get("DATASET_CACHE", os.path.join(REPO, "dataset_cache")))
@@ -108,6 +114,7 @@ def benchmark(args):
               f"{args.test_subset or 10000}{', synthetic images' if synthetic else ''}", flush=True)
         runs = ([("published", None)] if root else []) + [(label, extra) for label, extra in variants]
         times = {label: [] for label, _ in runs}
+        first = {label: [] for label, _ in runs}
         run_id = 0
         for repeat in range(args.repeats):
             for label, extra in (runs if repeat % 2 == 0 else runs[::-1]):
@@ -116,22 +123,26 @@ def benchmark(args):
                     command = [sys.executable, "run_subset.py", os.path.join("code", script), "cifar10", ARCH,
                                "--id", str(run_id)] + common_options
                     seconds = run(command, root, published_env, args.timeout, os.path.join(root, "logs"),
-                                  run_id, "published " + script)
+                                  run_id, "published " + script, args.epochs)
                 else:
                     command = [sys.executable, os.path.join(REPO, "code", script), "cifar10", ARCH,
                                "--id", str(run_id), "--seed", "0", "--logdir", os.path.join(workdir, "ours"),
                                "--smooth-prediction", targets] + common_options + subset + extra
-                    seconds = run(command, REPO, env, args.timeout, os.path.join(workdir, "ours"), run_id, script)
-                times[label].append(seconds)
-                print(f"#   repeat {repeat} {label}: {seconds:.1f} s", flush=True)
+                    seconds = run(command, REPO, env, args.timeout, os.path.join(workdir, "ours"), run_id, script,
+                                  args.epochs)
+                times[label].append(seconds[-1])
+                first[label].append(seconds[0])
+                print(f"#   repeat {repeat} {label}: {', '.join(f'{s:.1f}' for s in seconds)} s", flush=True)
     published = statistics.median(times["published"]) if root else None
-    print("| run | extra options | s per epoch | ratio vs published (speed) |")
-    print("|---|---|---|---|")
+    last = "s per epoch" if args.epochs == 1 else f"s in epoch {args.epochs - 1} | s in epoch 0"
+    print(f"| run | extra options | {last} | ratio vs published (speed) |")
+    print("|---|---|---|---|" + ("---|" if args.epochs > 1 else ""))
     for label, extra in runs:
         seconds = statistics.median(times[label])
         ratio = f"{published / seconds:.2f}x" if published else ""
         shown = "(published code)" if extra is None else " ".join(extra)
-        print(f"| {label} | {shown} | {seconds:.1f} | {ratio} |")
+        epoch0 = f" {statistics.median(first[label]):.1f} |" if args.epochs > 1 else ""
+        print(f"| {label} | {shown} | {seconds:.1f} |{epoch0} {ratio} |")
 
 
 def main(argv=None):

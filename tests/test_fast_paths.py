@@ -5,9 +5,13 @@
   gradients as the built-in convolution;
 * ``--channels-last`` is on by default on a CPU, and ``--channels-last`` alone
   still means yes;
-* the noisy test pass gives the batch-size weighted mean loss and accuracy.
+* the noisy test pass gives the batch-size weighted mean loss and accuracy;
+* ``--compile`` compiles a ResNet block by block, keeps the checkpoint's
+  parameter names, and trains.
 """
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,8 +20,10 @@ import torch.nn.functional as F
 
 import train_macer
 import train_utils
+from architectures import get_architecture
 from archs.lenet import LeNet, _SingleChannelConv2d
-from train_utils import use_channels_last
+from conftest import REPO, python_env
+from train_utils import compile_model, use_channels_last
 
 
 def test_single_channel_conv_gradients_match_finite_differences():
@@ -142,3 +148,28 @@ def test_bench_published_refuses_a_folder_without_the_scripts(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "train_cohen.py" in err[0]
+
+
+def test_compile_is_regional_for_resnets_and_whole_for_lenet():
+    resnet = get_architecture("cifar_resnet20", "cifar10", "cpu")
+    names = list(resnet.state_dict())
+    compiled = compile_model(resnet)
+    # 3 stages of 3 BasicBlocks; the blocks share their code, so they compile once per shape and mode
+    assert len(compiled) == 9 and {type(m).__name__ for m in compiled} == {"BasicBlock"}
+    assert list(resnet.state_dict()) == names        # in place: a checkpoint keeps the published keys
+    lenet = get_architecture("lenet", "fmnist", "cpu")
+    assert compile_model(lenet) == [lenet]
+
+
+def test_compiled_training_run_writes_a_loadable_checkpoint(tmp_path):
+    args = ["fmnist", "lenet", "--lr", "0.01", "--epochs", "1", "--noise", "0.25", "--id", "0", "--seed", "0",
+            "--train-subset", "256", "--test-subset", "128", "--batch", "64", "--workers", "0", "--compile",
+            "--logdir", str(tmp_path)]
+    result = subprocess.run([sys.executable, os.path.join(REPO, "code", "train_cohen.py")] + args,
+                            env=python_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "0"
+    checkpoint = torch.load(folder / "checkpoint.pth.tar", weights_only=True)
+    get_architecture("lenet", "fmnist", "cpu").load_state_dict(checkpoint["state_dict"])   # strict: same keys
+    assert checkpoint["args"]["compile"] is True
+    assert np.isfinite(float((folder / "log.txt").read_text().splitlines()[1].split("\t")[3]))
