@@ -1,7 +1,7 @@
 """What only a GPU shows: the training steps leave the host free to run ahead of the device,
-and the fast paths (bf16 autocast, channels-last) train and certify there.
+and the fast paths (bf16 autocast, channels-last, CUDA graphs, compiled blocks) train and certify there.
 
-Every test here but the first two is skipped without a CUDA device (CI has none)."""
+Every test here but the first three is skipped without a CUDA device (CI has none)."""
 import copy
 import os
 import sys
