@@ -108,8 +108,9 @@ def oracle(args):
           f"{(args.N0 + args.N) / mean:.1f}x fewer than {args.N0 + args.N:,} (per image: median "
           f"{np.median(samples):,.0f}, max {max(samples):,})")
     if args.acr_tol is not None:
-        print(f"  ACR within {args.acr_tol:g} of fixed-N's: at least {clairvoyant_acr_samples(fixed, args):,.0f} "
-              f"samples per image, at most {(args.N0 + args.N) / clairvoyant_acr_samples(fixed, args):.1f}x fewer")
+        acr_samples = clairvoyant_acr_samples(fixed, args)
+        print(f"  ACR within {args.acr_tol:g} of fixed-N's: at least {acr_samples:,.0f} "
+              f"samples per image, at most {(args.N0 + args.N) / acr_samples:.1f}x fewer")
 
 
 def clairvoyant_acr_samples(fixed, args) -> float:

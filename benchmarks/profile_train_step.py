@@ -40,7 +40,8 @@ def random_epoch(module, options, arch="cifar_resnet20", batches=2, batch=32, bf
     """``module.train`` over ``batches`` random CIFAR-sized batches on the GPU: ``epoch()`` runs it once
     (``epoch.ctx`` is its ``TrainingContext``); channels-last goes with ``bf16``."""
     args = build_parser(module.METHOD).parse_args(["cifar10", arch, "--lr", str(lr), "--print-freq", "1000000"] +
-                                                  options + (["--bf16"] if bf16 else []))
+                                                  options + (["--bf16"] if bf16 else []) +
+                                                  (["--cuda-graphs"] if cuda_graphs else []))
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = get_architecture(arch, "cifar10", device)
@@ -50,8 +51,7 @@ def random_epoch(module, options, arch="cifar_resnet20", batches=2, batch=32, bf
         compile_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=device, num_classes=10,
-                          dist=types.SimpleNamespace(is_main=False, enabled=False), channels_last=bf16,
-                          cuda_graphs=cuda_graphs)
+                          dist=types.SimpleNamespace(is_main=False, enabled=False), channels_last=bf16)
     loader = []
     for _ in range(batches):
         item = [torch.rand(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)]
@@ -89,10 +89,10 @@ def profile(args):
         raise UserError("profile_train_step.py profiles GPU kernels and needs a CUDA device")
     import train_catrs
     torch.backends.cudnn.benchmark = True
-    m = 4
-    steps = args.batches * m              # CAT-RS takes one SGD step per mini-batch of batch / m examples
     make = dict(arch=args.arch, batches=args.batches, batch=args.batch, bf16=args.bf16, compile=args.compile)
     eager = random_epoch(train_catrs, CATRS_OPTIONS, **make)
+    m = eager.ctx.args.num_noise_vec
+    steps = args.batches * m              # CAT-RS takes one SGD step per mini-batch of batch / m examples
     eager()                               # cuDNN's choice of kernels, compilation
     eager_ms = min(ms_per_step(eager, steps) for _ in range(2))
     # each epoch warms up and captures anew (3 eager steps, 1 captured), so the replays' time is the

@@ -307,7 +307,6 @@ class TrainingContext:
     dist: Distributed
     writer: object = None
     channels_last: bool = False   # ``--channels-last`` resolved for this device (``use_channels_last``)
-    cuda_graphs: bool = False     # ``--cuda-graphs`` (checked by ``check_cuda_graphs``)
 
     @property
     def base_model(self) -> torch.nn.Module:
@@ -318,12 +317,12 @@ class TrainingContext:
         if self.args.bf16:
             # a graph cannot keep autocast's cache of cast weights between replays
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                                  cache_enabled=not self.cuda_graphs)
+                                  cache_enabled=not self.args.cuda_graphs)
         return contextlib.nullcontext()
 
     def graphed(self, step: Callable) -> Callable:
         """``step`` replayed from CUDA graphs with ``--cuda-graphs`` (see ``GraphedStep``), else ``step``."""
-        return GraphedStep(step) if self.cuda_graphs else step
+        return GraphedStep(step) if self.args.cuda_graphs else step
 
     def to_device(self, *tensors):
         moved = tuple(t.to(self.device, non_blocking=True) for t in tensors)
@@ -441,10 +440,10 @@ def compile_model(model: torch.nn.Module) -> List[torch.nn.Module]:
     for limit in ("recompile_limit", "cache_size_limit"):  # the name changed between torch versions
         if hasattr(config, limit):
             setattr(config, limit, max(getattr(config, limit), 64))
-    blocks = [module for module in model.modules() if type(module).__name__ in COMPILED_BLOCKS]
-    for module in blocks or [model]:
+    compiled = [module for module in model.modules() if type(module).__name__ in COMPILED_BLOCKS] or [model]
+    for module in compiled:
         module.compile(dynamic=False)
-    return blocks or [model]
+    return compiled
 
 
 def test(ctx: TrainingContext, loader, noise_sd: float):
@@ -749,7 +748,7 @@ def _train(method: Method, args):
                   "column holds 0.0 and the console shows n/a", flush=True)
     ctx = TrainingContext(args=args, model=ddp_model, optimizer=optimizer, device=device,
                           num_classes=get_num_classes(args.dataset), dist=dist, writer=writer,
-                          channels_last=channels_last, cuda_graphs=args.cuda_graphs)
+                          channels_last=channels_last)
 
     for epoch in range(start_epoch, args.epochs):
         if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
