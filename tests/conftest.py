@@ -22,9 +22,15 @@ def repo():
     return REPO
 
 
-def python_env():
-    """Environment for subprocesses that run the scripts: one thread, the shared data cache."""
+def python_env(temp_dir=None):
+    """Environment for subprocesses that run the scripts: one thread, the shared data cache.
+
+    ``temp_dir`` becomes the subprocess's TMPDIR: torchrun writes a log folder there per run
+    and leaves it behind, so its tests point it at their own tmp_path instead of /tmp.
+    """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DATASET_CACHE", os.path.join(REPO, "dataset_cache"))
+    if temp_dir is not None:
+        env["TMPDIR"] = str(temp_dir)
     return env

@@ -509,7 +509,7 @@ def test_torchrun_two_processes_give_the_rows_of_one(checkpoint, tmp_path, refer
     folder = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(worker), checkpoint, str(folder)]
-    done = subprocess.run(command, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=400)
+    done = subprocess.run(command, cwd=REPO, env=python_env(tmp_path), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("certify", "predict", "smooth"):
         path = folder / "smooth" / "noise_test.tsv" if name == "smooth" else folder / f"{name}.tsv"

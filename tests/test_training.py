@@ -159,7 +159,7 @@ def test_torchrun_two_processes_train_with_ddp(tmp_path):
             "--logdir", str(tmp_path)] + SMALL
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              os.path.join(REPO, "code", "train_cohen.py")] + args,
-                            cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+                            cwd=REPO, env=python_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     folder = tmp_path / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "0"
     rows = (folder / "log.txt").read_text().splitlines()
