@@ -32,6 +32,7 @@ forward passes, on how a data set is split among processes, or on
 interruptions.
 """
 import math
+from fractions import Fraction
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -557,10 +558,12 @@ MIXTURE_SHARE = 0.35
 # the share of alpha that sequential certification spends on its last look (see SequentialCertifier)
 SEQUENTIAL_FINAL_SHARE = 0.5
 # what ``Smooth.certify_sequential_many`` computes, recorded with its results (a change of scheme must
-# not continue a file of the old one)
-SEQUENTIAL_SCHEME = ("radii: mixture 0.35 (weight 0.9 at p1 = 1) at every batch + Clopper-Pearson 0.15 at "
-                     "geometric looks + 1/2 at the last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 "
-                     "at the last look")
+# not continue a file of the old one); written from the constants above, so that changing one changes it
+SEQUENTIAL_SCHEME = (
+    f"radii: mixture {MIXTURE_SHARE:g} (weight {MIXTURE_POINT_WEIGHT:g} at p1 = 1) at every batch + Clopper-Pearson "
+    f"{round(1 - SEQUENTIAL_FINAL_SHARE - MIXTURE_SHARE, 10):g} at geometric looks + "
+    f"{Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look; ACR: Clopper-Pearson {Fraction(1 - SEQUENTIAL_FINAL_SHARE)} "
+    f"over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look")
 # the level of the upper bound that stops the radii mode when the next radius is out of reach
 RADII_STOP_ALPHA = 0.05
 
