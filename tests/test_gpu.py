@@ -69,18 +69,13 @@ METHODS = [
 ]
 
 
-def _cuda_epoch(module, options, **kwargs):
-    """``module.train`` for one epoch on random CIFAR-sized data held on the GPU (``epoch.ctx``: its context)."""
-    return random_epoch(module, options, **kwargs)
-
-
 @needs_cuda
 @pytest.mark.parametrize("module,options", METHODS, ids=[m.__name__ for m, _ in METHODS])
 def test_training_epoch_reads_from_the_device_only_at_its_end(module, options):
     """A host read inside the step loop (``.item()``, a Python ``if`` on a tensor, boolean indexing) makes
     the host wait for the device every step, so the GPU idles while the next step's kernels are launched."""
-    _cuda_epoch(module, options)()  # warm-up: cuDNN's and the allocator's first calls
-    epoch = _cuda_epoch(module, options, batches=3)
+    random_epoch(module, options)()  # warm-up: cuDNN's and the allocator's first calls
+    epoch = random_epoch(module, options, batches=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -97,7 +92,7 @@ def test_training_epoch_reads_from_the_device_only_at_its_end(module, options):
 @needs_cuda
 @pytest.mark.parametrize("module,options", METHODS, ids=[m.__name__ for m, _ in METHODS])
 def test_bf16_channels_last_training_epoch_is_finite(module, options):
-    loss, acc = _cuda_epoch(module, options, bf16=True)()
+    loss, acc = random_epoch(module, options, bf16=True)()
     assert torch.isfinite(torch.tensor(loss)) and 0.0 <= acc <= 100.0
 
 
@@ -158,8 +153,8 @@ def test_catrs_epoch_with_cuda_graphs_takes_every_step_once(bf16, compile):
     """12 mini-batches: 3 eager warm-up steps, a captured one and 8 replays; each step runs the model twice
     in train mode (clean and attacked copies), which batch norm counts. The same with the blocks compiled
     (``--compile``): their kernels are captured like cuDNN's."""
-    epoch = _cuda_epoch(train_catrs, METHODS[-1][1], bf16=bf16, batches=3, batch=64, cuda_graphs=True,
-                        compile=compile)
+    epoch = random_epoch(train_catrs, METHODS[-1][1], bf16=bf16, batches=3, batch=64, cuda_graphs=True,
+                         compile=compile)
     model = epoch.ctx.model
     before = [p.detach().clone() for p in model.parameters()]
     loss, acc = epoch()

@@ -259,7 +259,6 @@ def readme_torchrun_certify_line():
 def torchrun_env(tmp_path):
     env = python_env(tmp_path)
     env["PET_STANDALONE"] = "1"    # torchrun's --standalone (a free port) without changing the line
-    env["DATASET_CACHE"] = os.environ.get("DATASET_CACHE", os.path.join(REPO, "dataset_cache"))
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
 
