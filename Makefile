@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: demo test test-slow install data clean-demo
+.PHONY: demo test test-slow install data clean-demo reproduce
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test-slow: $(STAMP) data
 
 demo: $(STAMP) data
 	PY=$(PY) bash scripts/demo.sh
+
+# The paper's Fashion-MNIST table with the project's own runs (hours to days of CPU; resumable, see README).
+reproduce: $(STAMP) data
+	PY=$(PY) bash scripts/reproduce.sh fmnist
 
 clean-demo:
 	rm -rf demo

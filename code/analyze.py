@@ -42,13 +42,15 @@ Command line (run from the repository root)::
     python code/analyze.py RESULT.tsv[.gz][+PART.tsv ...] [RESULT.tsv ...] [--radii 0 0.25 ...]
         [--labels L1 L2 ...] [--latex] [--plot FILE.png] [--max-radius R]
         [--title T] [--abstain]
+    python code/analyze.py compare data/fmnist PUBLISHED_DIR [--out REPORT.md]
 
 prints, for each file, its ACR and its certified accuracy (percent) at the
 chosen radii (and, when any file has the ``samples`` column of
 ``certify.py --sequential``, the mean samples per image) as a markdown table (LaTeX with ``--latex``), the best value of
 each column in bold, and optionally draws all certified-accuracy curves into
 one figure.  Errors in the inputs print one ``error: ...`` line on stderr and
-exit with status 2 without writing anything.
+exit with status 2 without writing anything.  ``compare`` writes the report of
+a reproduced table against the published per-image results (see comparison.py).
 """
 
 from __future__ import annotations
@@ -754,6 +756,10 @@ def _line_files(argument: str) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:   # our reproduced table against the published results (comparison.py)
+        import comparison
+        return comparison.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.labels is not None and len(args.labels) != len(args.files):

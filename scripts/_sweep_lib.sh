@@ -22,32 +22,34 @@ fi
 run() { echo "+ $*"; if [ "${DRY_RUN:-0}" != 1 ]; then "$@"; fi; }
 stage() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
 
-# pretrain D A "OPTIONS": the sigma = 0.25 Gaussian model and its smoothed prediction on the
-# training set, which CAT-RS reads for every sigma.
-pretrain() {
-  local D=$1 A=$2 OPTS=$3
-  run $PY code/train_cohen.py $D $A $OPTS --noise 0.25
-  run $PY code/smooth_prediction.py $D logs/$D/cohen/noise_0.25/$A/0/checkpoint.pth.tar 0.25 \
-      test/smooth_prediction/$D/cohen/0/noise_train_0.25.tsv --N=10000 --skip=1 --split=train
+SETTINGS=scripts/published_settings.tsv
+
+# settings D: the lines of published_settings.tsv for data set D (CIFAR-100 runs the CIFAR-10 settings),
+# as "method sigma id options".
+settings() {
+  local source=$1
+  [ "$source" = cifar100 ] && source=cifar10
+  awk -F'\t' -v d="$source" '$1 == d { print $2, $3, $4, $5 }' "$SETTINGS"
 }
 
-# train_all D A "BASELINE OPTIONS" "CAT-RS OPTIONS": every method at sigma 0.25, 0.5 and 1.0 with the
-# hyperparameters of the published experiments (Gaussian at 0.25 comes from `pretrain`).
+# pretrain D A: the sigma = 0.25 Gaussian model and its smoothed prediction on the training set, which
+# CAT-RS reads for every sigma.
+pretrain() {
+  local D=$1 A=$2 method sigma id opts
+  read -r method sigma id opts < <(settings $D | awk '$1 == "pretrain"')
+  run $PY code/train_cohen.py $D $A $opts --noise $sigma --id $id
+  run $PY code/smooth_prediction.py $D logs/$D/cohen/noise_$sigma/$A/$id/checkpoint.pth.tar $sigma \
+      test/smooth_prediction/$D/cohen/$id/noise_train_$sigma.tsv --N=10000 --skip=1 --split=train
+}
+
+# train_all D A: every other run of D's published settings. A Gaussian run with the pretrain's options
+# and id is the pretrain itself (CIFAR), trained once by `pretrain`.
 train_all() {
-  local D=$1 A=$2 BASE=$3 CATRS=$4 s
-  for s in 0.25 0.5 1.0; do
-    [ $s = 0.25 ] || run $PY code/train_cohen.py $D $A $BASE --noise $s
-    run $PY code/train_stab.py $D $A $BASE --noise $s --lbd 2.0
-    run $PY code/train_salman.py $D $A $BASE --noise $s --attack PGD --epsilon 256.0 --num-steps 10 --warmup 10 --num-noise-vec 4
-    run $PY code/train_macer.py $D $A $BASE --noise $s --num-noise-vec 16 --beta 16.0 --margin 8.0 --lbd 12.0 --deferred
-  done
-  run $PY code/train_consistency.py $D $A $BASE --noise 0.25 --num-noise-vec 2 --lbd 20
-  run $PY code/train_consistency.py $D $A $BASE --noise 0.5 --num-noise-vec 2 --lbd 20
-  run $PY code/train_consistency.py $D $A $BASE --noise 1.0 --num-noise-vec 2 --lbd 10
-  run $PY code/train_smoothmix.py $D $A $BASE --noise 0.25 --num-noise-vec 2 --num-steps 4 --alpha 0.5 --mix_step 0 --eta 5.0
-  run $PY code/train_smoothmix.py $D $A $BASE --noise 0.5 --num-noise-vec 2 --num-steps 4 --alpha 1.0 --mix_step 1 --eta 5.0
-  run $PY code/train_smoothmix.py $D $A $BASE --noise 1.0 --num-noise-vec 2 --num-steps 4 --alpha 2.0 --mix_step 1 --eta 5.0
-  run $PY code/train_catrs.py $D $A $CATRS --num-noise-vec 4 --noise 0.25 --eps 256.0 --num-steps 4 --lbd 0.5
-  run $PY code/train_catrs.py $D $A $CATRS --num-noise-vec 4 --noise 0.5 --eps 256.0 --num-steps 4 --lbd 1.0
-  run $PY code/train_catrs.py $D $A $CATRS --num-noise-vec 4 --noise 1.0 --eps 256.0 --num-steps 4 --lbd 2.0
+  local D=$1 A=$2 method sigma id opts pretrain_line
+  pretrain_line=$(settings $D | awk '$1 == "pretrain" { $1 = "cohen"; print }')
+  while read -r method sigma id opts; do
+    [ "$method" = pretrain ] && continue
+    [ "$method $sigma $id $opts" = "$pretrain_line" ] && continue
+    run $PY code/train_$method.py $D $A $opts --noise $sigma --id $id
+  done < <(settings $D)
 }

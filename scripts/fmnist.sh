@@ -6,8 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_sweep_lib.sh
 D=fmnist; A=lenet
-BASE="--lr 0.01 --lr_step_size 30 --epochs 90 --id 0"
-CATRS="--lr 0.01 --lr_step_size 50 --epochs 150 --id 0"
-if stage pretrain; then pretrain $D $A "$BASE"; fi
-if stage train; then train_all $D $A "$BASE" "$CATRS"; fi
+if stage pretrain; then pretrain $D $A; fi
+if stage train; then train_all $D $A; fi
 if stage certify; then bash scripts/certify_all.sh $D; fi

@@ -1,0 +1,424 @@
+"""Reproduce a paper table: train, certify and keep every cell of it, resumably.
+
+    python code/reproduce.py fmnist [--cells "cohen:0.25 stab:*"] [--dry-run]
+
+(``scripts/reproduce.sh fmnist`` is the same, with ``CELLS=...`` and ``DRY_RUN=1``.)
+
+A cell is one method at one sigma, trained with the settings of
+``scripts/published_settings.tsv`` and ``--seed 0``, then certified twice:
+
+* fixed-N CERTIFY (Cohen et al. 2019; N0 = 100, N = 100,000, alpha = 0.001)
+  on every 100th test image, for the ACR compared image by image with the
+  published results;
+* sequential radii mode (``--sequential --radii 0.25 0.5 0.75 1.0 1.5 2.0``,
+  at most 100,000 samples) on every 10th test image, for the certified
+  accuracy at those radii on 1,000 images.
+
+The ``pretrain`` cell is the sigma = 0.25 Gaussian model whose smoothed
+prediction on the training set (N = 10,000) CAT-RS reads at every sigma; a
+CAT-RS cell selects it too.
+
+Each step is one of the project's scripts, which skip finished work and
+continue interrupted work, so the driver can be stopped at any moment and run
+again. A finished cell is copied to ``data/{dataset}/noise_{sigma}/{method}/``
+(``data/{dataset}/pretrain/``): the checkpoint without optimizer state,
+``log.txt``, the gzipped result files with their settings records, and
+``cell.json`` (the commands, the measured times), written last. A finished
+cell is skipped; one finished with other commands is refused, never replaced.
+Two drivers may run at once on different cells (``--cells``): a cell another
+driver holds is skipped.
+"""
+import argparse
+import fnmatch
+import fcntl
+import gzip
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = os.path.join(REPO, "scripts", "published_settings.tsv")
+ARCHITECTURE = {"mnist": "lenet", "fmnist": "lenet", "cifar10": "cifar_resnet110",
+                "cifar100": "cifar100_resnet110", "imagenet": "resnet50"}
+RADII = ["0.25", "0.5", "0.75", "1.0", "1.5", "2.0"]
+# Cheapest first, so that a session's CPU finishes whole cells; the pretrain comes before CAT-RS, which reads it.
+METHOD_ORDER = ["cohen", "stab", "consistency", "macer", "salman", "smoothmix", "pretrain", "catrs"]
+# Minutes per cell (training and both certifications) for LeNet on 2 CPU cores, for the estimate of the time
+# left until a cell of the same method has been measured.
+LENET_CPU_MINUTES = {"cohen": 30, "stab": 50, "consistency": 45, "macer": 155, "salman": 400,
+                     "smoothmix": 300, "pretrain": 560, "catrs": 560}
+
+
+class ReproduceError(Exception):
+    """A problem with the request or the data folder; the message says what to do."""
+
+
+@dataclass
+class Cell:
+    method: str          # a training script's suffix, or "pretrain"
+    sigma: str           # as written in the settings, e.g. "0.25"
+    run_id: str
+    options: List[str]   # schedule and method options
+
+    @property
+    def name(self) -> str:
+        return "pretrain" if self.method == "pretrain" else f"{self.method}:{self.sigma}"
+
+    @property
+    def script(self) -> str:
+        return "train_cohen.py" if self.method == "pretrain" else f"train_{self.method}.py"
+
+
+# --------------------------------------------------------------------------- which cells
+
+def table_cells(dataset: str, settings_path: str = SETTINGS) -> List[Cell]:
+    """Every training run of ``dataset`` in the settings table, cheapest first."""
+    source = "cifar10" if dataset == "cifar100" else dataset
+    cells = []
+    with open(settings_path) as handle:
+        for line in handle:
+            if line.startswith("#") or not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if fields[0] == source:
+                cells.append(Cell(fields[1], fields[2], fields[3], shlex.split(fields[4])))
+    if not cells:
+        raise ReproduceError(f"no published settings for data set '{dataset}' in {settings_path}")
+    return sorted(cells, key=lambda c: (METHOD_ORDER.index(c.method), float(c.sigma)))
+
+
+def select_cells(cells: List[Cell], patterns: Optional[str]) -> List[Cell]:
+    """The cells matching ``patterns`` ("method:sigma" globs, or "pretrain"), with the pretrain CAT-RS needs."""
+    if not patterns or not patterns.split():
+        chosen = set(c.name for c in cells)
+    else:
+        chosen = set()
+        for pattern in patterns.split():
+            matched = [c.name for c in cells if fnmatch.fnmatchcase(c.name, pattern)]
+            if not matched:
+                names = " ".join(c.name for c in cells)
+                raise ReproduceError(f"cell pattern '{pattern}' matches no cell; the cells are: {names}")
+            chosen.update(matched)
+    if any(name.startswith("catrs:") for name in chosen):
+        chosen.add("pretrain")
+    return [c for c in cells if c.name in chosen]
+
+
+# --------------------------------------------------------------------------- the commands of a cell
+
+@dataclass
+class Scale:
+    """What the driver runs beyond the settings table; the defaults are the paper's."""
+    train_args: List[str]
+    n: int = 100_000
+    fixed_skip: int = 100
+    sequential_skip: int = 10
+    max_images: int = -1
+    smooth_n: int = 10_000
+    smooth_max: int = -1
+
+
+def run_folder(dataset: str, cell: Cell, logdir: str, train_argv: List[str]) -> str:
+    """Where the cell's training script writes (its ``--logdir``/dataset/method path/arch/id)."""
+    sys.path.insert(0, os.path.join(REPO, "code"))
+    import importlib
+    import train_utils
+    module = importlib.import_module(cell.script[:-3])
+    args = train_utils.parse_args(module.METHOD, train_argv)
+    return train_utils.run_folder(args, module.METHOD.method_path(args))
+
+
+def cell_commands(dataset: str, cell: Cell, scale: Scale, logdir: str, outdir: str) -> Dict[str, List[str]]:
+    """The cell's steps as command lines (``python`` standing for the interpreter), keyed by step name."""
+    arch = ARCHITECTURE[dataset]
+    train = [dataset, arch, *cell.options, "--noise", cell.sigma, "--id", cell.run_id, "--seed", "0",
+             "--logdir", logdir, *scale.train_args]
+    prediction = os.path.join(outdir, "smooth_prediction", dataset, "cohen", "0", "model_conf_0.25_train.npy")
+    if cell.method == "catrs" and os.path.normpath(outdir) != "test":   # else train_catrs.py reads it by default
+        train += ["--smooth-prediction", prediction]
+    folder = run_folder(dataset, cell, logdir, train)
+    checkpoint = os.path.join(folder, "checkpoint.pth.tar")
+    commands = {"train": ["python", f"code/{cell.script}", *train, "--resume"]}
+    if cell.method == "pretrain":
+        out = os.path.join(outdir, "smooth_prediction", dataset, "cohen", cell.run_id, f"noise_train_{cell.sigma}.tsv")
+        commands["smooth_prediction"] = ["python", "code/smooth_prediction.py", dataset, checkpoint, cell.sigma, out,
+                                         f"--N={scale.smooth_n}", "--skip=1", "--split=train", "--seed", "0",
+                                         "--max", str(scale.smooth_max)]
+        return commands
+    # test/certify/{dataset}/{method path without noise_s}/{id}/, as scripts/certify_all.sh names it
+    method_dir = os.path.dirname(os.path.relpath(os.path.dirname(os.path.dirname(folder)), os.path.join(logdir, dataset)))
+    base = os.path.join(outdir, "certify", dataset, method_dir, cell.run_id, f"noise_{cell.sigma}")
+    common = ["python", "code/certify.py", dataset, checkpoint, cell.sigma]
+    commands["certify"] = [*common, f"{base}_skip{scale.fixed_skip}.tsv", "--N0", "100", "--N", str(scale.n),
+                           "--alpha", "0.001", "--skip", str(scale.fixed_skip), "--max", str(scale.max_images),
+                           "--seed", "0"]
+    commands["sequential"] = [*common, f"{base}_sequential_skip{scale.sequential_skip}.tsv", "--sequential",
+                              "--radii", *RADII, "--N0", "100", "--N-max", str(scale.n), "--alpha", "0.001",
+                              "--skip", str(scale.sequential_skip), "--max", str(scale.max_images), "--seed", "0"]
+    return commands
+
+
+def output_of(command: List[str]) -> str:
+    """The output file of a certify / smooth_prediction command (its fourth positional argument)."""
+    return command[5]
+
+
+# --------------------------------------------------------------------------- the kept results
+
+def data_folder(data_dir: str, cell: Cell) -> str:
+    return os.path.join(data_dir, "pretrain" if cell.method == "pretrain" else os.path.join(f"noise_{cell.sigma}", cell.method))
+
+
+def finished_record(data_dir: str, cell: Cell, commands: Dict[str, List[str]]) -> Optional[dict]:
+    """The cell's ``cell.json`` when it is finished; refuses a cell finished with other commands."""
+    path = os.path.join(data_folder(data_dir, cell), "cell.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        record = json.load(handle)
+    if record.get("commands") != commands:
+        step = next((s for s in commands if record.get("commands", {}).get(s) != commands[s]), "train")
+        raise ReproduceError(f"{cell.name} in '{os.path.dirname(path)}' was made with another {step} command "
+                             f"({shlex.join(record.get('commands', {}).get(step, []))}); move that folder away "
+                             "to make it again, or pass another --data-dir")
+    return record
+
+
+def _gzip_copy(source: str, target: str):
+    with open(source, "rb") as src, open(target, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def _slim_checkpoint(source: str, target: str):
+    """The weights and arguments of a training checkpoint, without optimizer or random states."""
+    import torch
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    kept = {key: checkpoint[key] for key in ("epoch", "arch", "state_dict", "args") if key in checkpoint}
+    torch.save(kept, target)
+
+
+def _log_seconds(log_path: str) -> float:
+    with open(log_path) as handle:
+        rows = [line.split("\t") for line in handle.read().splitlines()[1:] if line.strip()]
+    return sum(float(row[1]) for row in rows)
+
+
+def _rows_seconds(tsv_path: str) -> float:
+    """The summed ``time`` column (``H:MM:SS.ffffff``) of a result file."""
+    with open(tsv_path) as handle:
+        header = handle.readline().rstrip("\n").split("\t")
+        column = header.index("time")
+        total = 0.0
+        for line in handle:
+            hours, minutes, seconds = line.rstrip("\n").split("\t")[column].split(":")
+            total += 3600 * int(hours) + 60 * int(minutes) + float(seconds)
+    return total
+
+
+def _copy_result(source: str, folder: str, name: str):
+    """``source`` gzipped as ``name.gz``, with its settings record as ``name.meta.json``."""
+    _gzip_copy(source, os.path.join(folder, name + ".gz"))
+    shutil.copyfile(source + ".meta.json", os.path.join(folder, name + ".meta.json"))
+
+
+def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started: float) -> dict:
+    """Copy a finished cell into the data folder; ``cell.json`` is written last, so a torn copy is redone."""
+    target = data_folder(data_dir, cell)
+    staging = target + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    run = _train_folder(commands)
+    _slim_checkpoint(os.path.join(run, "checkpoint.pth.tar"), os.path.join(staging, "checkpoint.pth.tar"))
+    shutil.copyfile(os.path.join(run, "log.txt"), os.path.join(staging, "log.txt"))
+    seconds = {"train": _log_seconds(os.path.join(run, "log.txt"))}
+    for step in commands:
+        if step == "train":
+            continue
+        source = output_of(commands[step])
+        name = {"certify": "certify.tsv", "sequential": "certify_sequential.tsv",
+                "smooth_prediction": "smooth_prediction_train.tsv"}[step]
+        _copy_result(source, staging, name)
+        seconds[step] = _rows_seconds(source)
+        if step == "smooth_prediction":
+            for npy in _smooth_prediction_arrays(source, cell.sigma):
+                _gzip_copy(npy, os.path.join(staging, os.path.basename(npy) + ".gz"))
+                if os.path.exists(npy + ".meta.json"):
+                    shutil.copyfile(npy + ".meta.json", os.path.join(staging, os.path.basename(npy) + ".meta.json"))
+    record = {"cell": cell.name, "commands": commands, "seconds": seconds,
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "driver_seconds": round(time.time() - started, 1)}
+    with open(os.path.join(staging, "cell.json"), "w") as handle:
+        json.dump(record, handle, indent=1)
+        handle.write("\n")
+    # a folder without cell.json is an unfinished copy; a finished cell never gets here (checked under the lock)
+    shutil.rmtree(target, ignore_errors=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(staging, target)
+    return record
+
+
+def _train_folder(commands: Dict[str, List[str]]) -> str:
+    step = "certify" if "certify" in commands else "smooth_prediction"
+    return os.path.dirname(commands[step][3])
+
+
+def _smooth_prediction_arrays(tsv: str, sigma: str) -> List[str]:
+    folder = os.path.dirname(tsv)
+    names = [f"model_conf_{sigma}_train.npy", f"model_conf_{sigma}_train.covered.npy"]
+    return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+
+
+# --------------------------------------------------------------------------- progress
+
+def _format_duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def estimate_seconds(cell: Cell, dataset: str, data_dir: str, commands: Dict[str, List[str]],
+                     measured: Dict[str, float]) -> Optional[float]:
+    """Seconds the cell still needs: a measured cell of its method, else the table for LeNet; None if unknown."""
+    per_cell = measured.get(cell.method)
+    if per_cell is None and ARCHITECTURE[dataset] == "lenet":
+        per_cell = 60.0 * LENET_CPU_MINUTES[cell.method]
+    if per_cell is None:
+        return None
+    log = os.path.join(_train_folder(commands), "log.txt")
+    if os.path.exists(log):   # a started training: what it measured so far replaces the guess for its epochs
+        with open(log) as handle:
+            rows = [line.split("\t") for line in handle.read().splitlines()[1:] if line.strip()]
+        epochs = int(_option(commands["train"], "--epochs"))
+        if rows:
+            per_epoch = sum(float(r[1]) for r in rows) / len(rows)
+            guessed_training = measured.get(cell.method + ":train", per_cell * 0.7)
+            return max(0.0, per_cell - guessed_training) + per_epoch * max(0, epochs - len(rows))
+    return per_cell
+
+
+def _option(command: List[str], name: str) -> str:
+    return command[len(command) - 1 - command[::-1].index(name) + 1]
+
+
+def measured_seconds(data_dir: str) -> Dict[str, float]:
+    """Per method, the mean measured seconds of its finished cells (and of their training, as METHOD:train)."""
+    totals: Dict[str, List[float]] = {}
+    for root, _, files in os.walk(data_dir):
+        if "cell.json" in files:
+            with open(os.path.join(root, "cell.json")) as handle:
+                record = json.load(handle)
+            method = record["cell"].split(":")[0]
+            totals.setdefault(method, []).append(sum(record["seconds"].values()))
+            totals.setdefault(method + ":train", []).append(record["seconds"]["train"])
+    return {key: sum(v) / len(v) for key, v in totals.items()}
+
+
+def time_left(pending, dataset, data_dir, measured) -> str:
+    estimates = [estimate_seconds(cell, dataset, data_dir, commands, measured) for cell, commands in pending]
+    if any(e is None for e in estimates):
+        return "unknown"
+    return "about " + _format_duration(sum(estimates))
+
+
+# --------------------------------------------------------------------------- running
+
+def hold(lock_dir: str, cell: Cell):
+    """An exclusive lock on the cell, or None when another driver holds it."""
+    os.makedirs(lock_dir, exist_ok=True)
+    handle = open(os.path.join(lock_dir, cell.name.replace(":", "_") + ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def run_step(command: List[str], python: str, dry_run: bool):
+    print("+ " + shlex.join([python, *command[1:]]), flush=True)
+    if dry_run:
+        return
+    result = subprocess.run([python, *command[1:]], cwd=REPO)
+    if result.returncode != 0:
+        raise ReproduceError(f"'{shlex.join(command[1:3])} ...' failed (exit status {result.returncode}); "
+                             "fix what it printed and run the same reproduce command again to continue")
+
+
+def reproduce(args) -> int:
+    cells = select_cells(table_cells(args.dataset), args.cells)
+    scale = Scale(shlex.split(args.train_args), args.N, args.fixed_skip, args.sequential_skip, args.max,
+                  args.smooth_N, args.smooth_max)
+    data_dir = args.data_dir or os.path.join("data", args.dataset)
+    plans = [(cell, cell_commands(args.dataset, cell, scale, args.logdir, args.outdir)) for cell in cells]
+    pending = [(cell, commands) for cell, commands in plans if finished_record(data_dir, cell, commands) is None]
+    for cell, _ in plans:
+        if (cell, _) not in pending:
+            print(f"[reproduce] {cell.name}: finished, in {data_folder(data_dir, cell)}", flush=True)
+    measured = measured_seconds(data_dir)
+    for k, (cell, commands) in enumerate(pending, 1):
+        left = time_left(pending[k - 1:], args.dataset, data_dir, measured)
+        print(f"[reproduce] cell {k} of {len(pending)}: {cell.name} ({', '.join(commands)}); "
+              f"time left for the selected cells: {left}", flush=True)
+        lock = None if args.dry_run else hold(os.path.join(args.outdir, "reproduce", args.dataset), cell)
+        if lock is None and not args.dry_run:
+            print(f"[reproduce] {cell.name}: another reproduce.py runs it; skipped", flush=True)
+            continue
+        if not args.dry_run and finished_record(data_dir, cell, commands) is not None:
+            print(f"[reproduce] {cell.name}: finished meanwhile by another reproduce.py", flush=True)
+            lock.close()
+            continue
+        started = time.time()
+        for step, command in commands.items():
+            run_step(command, args.python, args.dry_run)
+        if not args.dry_run:
+            record = keep_cell(data_dir, cell, commands, started)
+            measured = measured_seconds(data_dir)
+            print(f"[reproduce] {cell.name}: kept in {data_folder(data_dir, cell)} "
+                  f"({_format_duration(sum(record['seconds'].values()))} of computing)", flush=True)
+            lock.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train, certify and keep the cells of a paper table (resumable).")
+    parser.add_argument("dataset", choices=sorted(ARCHITECTURE))
+    parser.add_argument("--cells", default=os.environ.get("CELLS"),
+                        help='cells to run, "method:sigma" globs or "pretrain" (default $CELLS, else all), '
+                             'e.g. "cohen:0.25 stab:*"')
+    parser.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN") == "1",
+                        help="print the commands without running them (default: $DRY_RUN=1)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the steps (default: this one)")
+    parser.add_argument("--data-dir", default=None, help="where finished cells are kept (default data/DATASET)")
+    parser.add_argument("--logdir", default="logs", help="training runs (default logs)")
+    parser.add_argument("--outdir", default="test", help="certification outputs (default test)")
+    small = parser.add_argument_group("scale (for trials; the defaults are the paper's)")
+    small.add_argument("--train-args", default="", help='extra training options, e.g. "--train-subset 512 --epochs 1"')
+    small.add_argument("--N", type=int, default=100_000, help="CERTIFY's N and the sequential N-max")
+    small.add_argument("--fixed-skip", type=int, default=100, help="fixed-N CERTIFY on every K-th test image")
+    small.add_argument("--sequential-skip", type=int, default=10, help="sequential CERTIFY on every K-th test image")
+    small.add_argument("--max", type=int, default=-1, help="stop at this test image index (-1: all)")
+    small.add_argument("--smooth-N", type=int, default=10_000, help="samples per image of the smoothed prediction")
+    small.add_argument("--smooth-max", type=int, default=-1, help="smoothed prediction of the first K training images")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return reproduce(args)
+    except ReproduceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue (finished work is kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
