@@ -142,7 +142,7 @@ from tqdm import tqdm
 
 from common import (ArgumentParser, Distributed, UserError, check_checkpoint_file, file_sha256, load_base_classifier,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, probability, replace_atomic)
-from core import SEQUENTIAL_SCHEME, Smooth, noise_generator
+from core import Smooth, noise_generator, sequential_scheme
 from datasets import DATASETS, get_dataset, get_num_classes
 from provenance import SIDECAR_FORMAT, settings_differences, sidecar_path
 from provenance import read_sidecar as read_record
@@ -358,7 +358,7 @@ class Provenance:
         settings["checkpoint_sha256"] = file_sha256(args.base_classifier)
         if getattr(args, "sequential", False) and hasattr(args, "radii"):
             # (certification) the confidence sequence and looks decide the rows: a file of another scheme is not resumed
-            settings["sequential_scheme"] = SEQUENTIAL_SCHEME
+            settings["sequential_scheme"] = sequential_scheme(sequential_n_max(args), args.batch)
         environment = {"checkpoint": os.path.abspath(args.base_classifier), **code_version(),
                        "torch": torch.__version__,
                        "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}

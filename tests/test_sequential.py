@@ -173,6 +173,39 @@ def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
     assert core.batch_looks(3500, 1000) == [1000, 2000, 3000, 3500]
 
 
+def test_a_single_look_spends_the_whole_alpha_as_fixed_n_certify_does():
+    """N-max at most one batch: one look, at which both modes report Clopper-Pearson at the whole of alpha."""
+    alpha = 0.001
+    for mode in ({"radii": [0.25, 0.5, 0.75]}, {"radius_tol": 0.1 * SIGMA}):
+        certifier = core.sequential_certifier(SIGMA, alpha, 500, 1000, **mode)
+        assert certifier.looks == [500]
+        assert sum(certifier.union_levels()) == pytest.approx(alpha) and len(certifier.union_levels()) == 1
+        counts = np.array([500, 490, 400, 200])
+        stop, lower = certifier.step(0, counts)
+        assert np.all(stop)
+        assert np.allclose(lower, cp_lower(counts, 500, alpha), rtol=1e-12, atol=0)
+        assert round(float(lower[0]), 4) == 0.9863   # alpha^(1 / 500)
+    # end to end: the same row as fixed-N CERTIFY at N = N-max from the same stream
+    data, _ = points(repeats=1, seed=7)
+    xs = torch.stack([x for x, _ in data])
+    smooth = Smooth(Linear(), 2, SIGMA)
+    for mode in ({"radii": [0.1, 0.2]}, {}):
+        sequential = smooth.certify_sequential_many(xs, 50, 500, alpha, 1000,
+                                                    [noise_generator(2, i, "cpu") for i in range(len(data))], **mode)
+        fixed = smooth.certify_many(xs, 50, 500, alpha, 1000, [noise_generator(2, i, "cpu") for i in range(len(data))])
+        assert [(c, pytest.approx(r, abs=1e-12), 550) for c, r in fixed] == sequential
+
+
+def test_the_recorded_scheme_names_a_single_look_and_keeps_the_multi_look_text():
+    """Runs in progress with many looks must keep resuming: their recorded scheme text is unchanged."""
+    assert core.SEQUENTIAL_SCHEME == (
+        "radii: mixture 0.35 (weight 0.9 at p1 = 1) at every batch + Clopper-Pearson 0.15 at geometric looks + "
+        "1/2 at the last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
+    assert core.sequential_scheme(100000, 1000) == core.sequential_scheme(1001, 1000) == core.SEQUENTIAL_SCHEME
+    assert core.sequential_scheme(1000, 1000) == core.sequential_scheme(500, 1000) \
+        == core.SEQUENTIAL_SINGLE_LOOK_SCHEME != core.SEQUENTIAL_SCHEME
+
+
 # --------------------------------------------------------------------------- soundness on simulated counts
 
 @pytest.mark.parametrize("sequence", ["spending", "mixture"])
@@ -448,6 +481,15 @@ def test_sequential_rows_are_refused_by_a_fixed_n_run_and_resumed_by_a_sequentia
     certify.main(argv + ["--sequential", "--max=6"])
     rows = read_rows(out)
     assert rows[:len(first) - 1] == first[:-1] and len(rows) == len(first) + 2
+
+
+@pytest.mark.parametrize("n_max, scheme", [(500, core.SEQUENTIAL_SINGLE_LOOK_SCHEME), (2000, core.SEQUENTIAL_SCHEME)])
+def test_certify_records_the_scheme_of_its_looks(linear_script, tmp_path, n_max, scheme):
+    import json
+    out = tmp_path / "seq.tsv"
+    certify.main(["fmnist", "linear", "0.25", str(out), "--N0=20", f"--N-max={n_max}", "--batch=1000", "--seed=1",
+                  "--max=2", "--sequential", "--radii", "0.1"])
+    assert json.loads((tmp_path / "seq.tsv.meta.json").read_text())["settings"]["sequential_scheme"] == scheme
 
 
 def test_floor_3_digits_never_rounds_up():
