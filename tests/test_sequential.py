@@ -337,6 +337,70 @@ def test_sequential_predictor_predicts_a_clear_winner_at_the_first_look():
     assert SequentialPredictor(0.001, looks).step(0, 560, 440) == (False, False)  # undecided yet
 
 
+# --------------------------------------------------------------------------- exact false-certificate rates
+
+def bench_sequential_module():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_sequential
+    return bench_sequential
+
+
+def test_exact_law_of_a_run_matches_enumerating_every_count_path():
+    """The dynamic programme of bench_sequential --exact-worst-case against all count paths of three looks."""
+    exact = bench_sequential_module().exact_false_certificates
+    looks, p, alpha = [8, 16, 24], 0.8, 0.2
+    paths = np.array(np.meshgrid(*[np.arange(9)] * 3, indexing="ij")).reshape(3, -1)   # increments per look
+    weight = np.prod(binom.pmf(paths, 8, p), axis=0)
+    for certifier in (SequentialCertifier(SIGMA, alpha, looks, radius_tol=0.0, final_share=0.5, sequence="spending"),
+                      Peeking(SIGMA, alpha, looks, radius_tol=0.0)):
+        for adversary in (None, lambda lower: lower > p):
+            running, false, last = np.ones(weight.size, dtype=bool), 0.0, 0.0
+            for look in range(3):
+                stop, lower = certifier.step(look, paths[:look + 1].sum(axis=0))
+                if adversary is not None:
+                    stop = stop | adversary(lower)
+                if look == 2:
+                    last = weight[running].sum()
+                false += weight[running & stop & (lower > p)].sum()
+                running &= ~stop
+            law = exact(certifier, p, stop_rule=adversary, tail=0.0)
+            assert law["false"] == pytest.approx(false, rel=1e-9, abs=1e-15) and law["lost"] < 1e-12
+            assert law["last"] == pytest.approx(last, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("alpha", [0.001, 0.05])
+def test_exact_worst_case_false_certificate_rate_is_at_most_alpha_and_peeking_exceeds_it(alpha):
+    """Computed exactly (no sampling): the worst pA of each mode, and the same rule peeking uncorrected.
+
+    Radii mode (a look after every batch): pA just below Phi(3), the threshold of the largest listed
+    radius that N-max samples can certify, where a certificate of it is false. ACR mode: a few pA,
+    under its own stopping rule and under the worst one (stop once the bound exceeds pA; with radius
+    tolerance 0, so that the mode's own rule rarely stops the run first).
+    """
+    exact = bench_sequential_module().exact_false_certificates
+    n_max, batch = 20000, 500
+    radii = [0.25, 0.5, 0.75, 1.0]
+    certifier = core.sequential_certifier(SIGMA, alpha, n_max, batch, radii=radii)
+    assert certifier.thresholds()[-2] <= certifier._ceiling() < certifier.thresholds()[-1]   # 0.75 is the largest
+    p = norm.cdf(0.75 / SIGMA) - 1e-9
+    law = exact(certifier, p)
+    assert law["lost"] < 1e-12
+    assert 0.1 * alpha < law["false"] + law["lost"] <= alpha, law
+    peeking = Peeking(SIGMA, alpha, certifier.looks, radii=radii, final_share=SEQUENTIAL_FINAL_SHARE,
+                      stop_alpha=core.RADII_STOP_ALPHA, checkpoints=look_schedule(n_max, batch))
+    assert exact(peeking, p)["false"] > 2 * alpha
+    own = core.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.1 * SIGMA)
+    patient = core.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.0)
+    peeking = Peeking(SIGMA, alpha, patient.looks, radius_tol=0.0, final_share=SEQUENTIAL_FINAL_SHARE)
+    for p in (0.7, 0.99, 0.999):
+        adversary = lambda lower: lower > p   # noqa: E731
+        for certifier, rule in ((own, None), (patient, adversary)):
+            law = exact(certifier, p, stop_rule=rule)
+            assert law["lost"] < 1e-12 and law["false"] + law["lost"] <= alpha, (p, rule, law)
+        if p < 0.999:   # (at 0.999 the early looks have too few samples for any bound to exceed pA)
+            assert exact(peeking, p, stop_rule=adversary)["false"] > 2 * alpha
+
+
 # --------------------------------------------------------------------------- the sampling engine
 
 def test_rounds_continue_the_images_stream_like_fixed_n(monkeypatch):
@@ -542,8 +606,7 @@ def test_certify_c_sequential_writes_the_samples_column(tmp_path):
 
 def test_clairvoyant_bound_is_the_single_look_clopper_pearson_sample_size(tmp_path, capsys):
     """An all-correct image certified at 3 sigma needs ln(1 / alpha) / -ln Phi(3) samples (+ N0); an abstention N0."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import bench_sequential
+    bench_sequential = bench_sequential_module()
     fixed = tmp_path / "fixed.tsv"
     # radius 0.953 at sigma 0.25: the bound of 100,000 correct samples out of 100,000
     fixed.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.953\t1\t0:00:01\n"
