@@ -45,7 +45,8 @@ pA_lower above the true pA, i.e. certifies a radius larger than the true
 one: dynamic programming over the distribution of the count at each look of
 a Bernoulli(pA) stream, no sampling. Radii mode: pA just below
 Phi(r / sigma) for the largest listed radius r that N samples can certify
-(a certificate of r is then false). ACR mode (``--radius-tol`` 0.1 sigma):
+(a certificate of r is then false), and pA one standard deviation of the
+share at N below it. ACR mode (``--radius-tol`` 0.1 sigma):
 a grid of pA values, and the largest rate. Both also give the rate among
 the runs that went on to the last look (the guarantee is over the whole
 procedure, not conditional on the samples drawn). Counts whose probability
@@ -53,6 +54,7 @@ at a look is below 1e-18 are dropped; the dropped mass is printed, and the
 exact rate lies between the rate and the rate plus it.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -214,9 +216,10 @@ def exact_worst_case(args):
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
 
     def row(mode, alpha, p, law):
-        given = law["false_last"] / law["last"] if law["last"] > 0 else float("nan")
+        # (a conditional rate given an event of negligible probability says nothing)
+        given = law["false_last"] / law["last"] if law["last"] > 1e-9 else float("nan")
         print(f"| {mode} | {alpha:g} | {p:.10g} | {law['false']:.3g} | {law['false'] / alpha:.3f} | "
-              f"{law['lost']:.1e} | {law['last']:.3g} | {given:.3g} |")
+              f"{law['lost']:.1e} | {law['last']:.3g} | {'-' if math.isnan(given) else f'{given:.3g}'} |")
 
     for alpha in (0.001, 0.05):
         certifier = sequential_certifier(args.sigma, alpha, args.N, args.batch, radii=radii)
@@ -226,9 +229,13 @@ def exact_worst_case(args):
             print(f"| radii | {alpha:g} | no listed radius can be certified with N-max samples | | | | | |")
         else:
             top = max(reachable)
+            threshold = float(norm.cdf(top / args.sigma))
             # just below the threshold: certifying ``top`` is then a false certificate
-            p = float(norm.cdf(top / args.sigma)) - 1e-9
-            row(f"radii, pA below Phi({top / args.sigma:g})", alpha, p, exact_false_certificates(certifier, p))
+            row(f"radii, pA just below Phi({top / args.sigma:g})", alpha, threshold - 1e-9,
+                exact_false_certificates(certifier, threshold - 1e-9))
+            # one standard deviation of the share at N-max below it: what the runs to N-max look like
+            p = threshold - math.sqrt(threshold * (1 - threshold) / args.N)
+            row("radii, pA 1 sd below", alpha, p, exact_false_certificates(certifier, p))
         certifier = sequential_certifier(args.sigma, alpha, args.N, args.batch, radius_tol=0.1 * args.sigma)
         worst = None
         for p in args.acr_p:
@@ -299,7 +306,8 @@ def main(argv=None):
     parser.add_argument("--exact-worst-case", action="store_true",
                         help="exact false-certificate rates of both modes at alpha = 0.001 and 0.05 (N: N-max)")
     parser.add_argument("--batch", type=int, default=1000, help="--exact-worst-case: samples per batch")
-    parser.add_argument("--acr-p", type=float, nargs="+", default=[0.55, 0.7, 0.9, 0.99, 0.999, 0.9999],
+    parser.add_argument("--acr-p", type=float, nargs="+",
+                        default=[0.55, 0.7, 0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999],
                         help="--exact-worst-case: the pA values of the ACR mode")
     args = parser.parse_args(argv)
     if args.exact_worst_case:

@@ -605,7 +605,13 @@ class SequentialCertifier:
     the stopping rule, because the reported bound exceeds pA at the
     data-dependent look where the run stops only if some bound of a fixed
     family exceeds pA at some look, and the family's levels sum to alpha
-    (union bound; ``union_levels``). Two schemes (``sequence``):
+    (union bound; ``union_levels``). The probability is over the whole
+    procedure: conditionally on how many samples a run drew (e.g. on its
+    having run to n_max, which the images near a decision do) the bound
+    exceeds pA far more often than alpha (0.069 of the runs to n_max for pA
+    one standard deviation below Phi(3) in the radii mode at alpha = 0.001;
+    ``benchmarks/bench_sequential.py --exact-worst-case``). Two schemes
+    (``sequence``):
 
     * ``"mixture"`` (the default, and ``Smooth.certify_sequential_many``'s):
       three parts. (1) ``mixture_lower`` at alpha * mixture_share at every
@@ -622,13 +628,13 @@ class SequentialCertifier:
       p1 = 1) and 0.15 to 12 checkpoints (alpha / 80 each): at alpha = 0.001
       an all-cA stream reaches Phi(3) (radius 3 sigma, the largest listed
       radius that 100,000 samples can certify at sigma 0.25 and 0.5 in the
-      published tables) after 5,969 samples, so at the 6,000-sample look
+      published tables) after 5,942 samples, so at the 6,000-sample look
       with 1,000-sample batches (a single Clopper-Pearson test at the whole
-      of alpha needs 5,113); streams in the interior (p around 0.6 to 0.99,
+      of alpha needs 5,114); streams in the interior (p around 0.6 to 0.99,
       where the grid of the mixture is coarse) are decided by part (2), and
       images near a decision by part (3), which is CERTIFY's bound at
       alpha / 2. (With 1/4 to the sequence, half of it on p1 = 1, and 1/4
-      to the checkpoints, such a stream needed 6,650 samples, i.e. the
+      to the checkpoints, such a stream needed 6,438 samples, i.e. the
       7,000-sample look; giving the sequence 1/2 and the checkpoints
       nothing sent the interior images of a Fashion-MNIST LeNet to n_max
       more often and drew more samples overall, docs/BENCHMARKS.md.)

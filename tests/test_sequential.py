@@ -158,12 +158,16 @@ def test_mixture_lower_is_a_confidence_sequence_and_peeking_is_not(p):
 def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
     """Looks after every batch: pA = 1 certifies 0.75 (pA_lower >= Phi(3)) at the first 1,000-sample look
     where the mixture's point mass at p1 = 1 alone rejects: w (1 / Phi(3))^n >= 1 / (alpha * share), i.e.
-    after 6,000 samples (5,969 needed), not at a later geometric look.
+    after 6,000 samples (5,969 needed by the point mass alone, 5,942 by the whole mixture; a single
+    Clopper-Pearson test at the whole of alpha needs 5,114), not at a later geometric look.
 
     Radius 1.0 (Phi(4)) is out of reach for every stream of N_max = 10^5 samples, so it is not waited for.
     """
     needed = math.log(1 / (0.001 * core.MIXTURE_SHARE * core.MIXTURE_POINT_WEIGHT)) / -math.log(norm.cdf(3.0))
-    assert 5000 < needed <= 6000
+    assert 5000 < needed <= 6000 and math.ceil(needed) == 5969
+    share = 0.001 * core.MIXTURE_SHARE
+    assert [core.mixture_lower(np.array([n]), n, share)[0] >= norm.cdf(3.0) for n in (5941, 5942)] == [False, True]
+    assert [cp_lower(n, n, 0.001) >= norm.cdf(3.0) for n in (5113, 5114)] == [False, True]
     certifier = SequentialCertifier(SIGMA, 0.001, core.batch_looks(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
                                     final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=core.RADII_STOP_ALPHA,
                                     checkpoints=look_schedule(100000, 1000))
