@@ -35,8 +35,26 @@ prints the least mean sample count at which such a clairvoyant certifier
 (each image's radius at n samples: sigma PhiInv of that Clopper-Pearson
 bound, n a multiple of 100) keeps the ACR within T of fixed-N's: a
 Lagrangian (dual) lower bound on that knapsack problem.
+
+    python benchmarks/bench_sequential.py --exact-worst-case [--sigma S --radii ... --N 100000 --batch 1000]
+
+prints, for alpha = 0.001 and 0.05, the exact probability that
+``certify.py --sequential`` (the decision rule ``core.sequential_certifier``
+builds, every decision through ``SequentialCertifier.step``) reports
+pA_lower above the true pA, i.e. certifies a radius larger than the true
+one: dynamic programming over the distribution of the count at each look of
+a Bernoulli(pA) stream, no sampling. Radii mode: pA just below
+Phi(r / sigma) for the largest listed radius r that N samples can certify
+(a certificate of r is then false), and pA one standard deviation of the
+share at N below it. ACR mode (``--radius-tol`` 0.1 sigma):
+a grid of pA values, and the largest rate. Both also give the rate among
+the runs that went on to the last look (the guarantee is over the whole
+procedure, not conditional on the samples drawn). Counts whose probability
+at a look is below 1e-18 are dropped; the dropped mass is printed, and the
+exact rate lies between the rate and the rate plus it.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -136,6 +154,97 @@ def clairvoyant_acr_samples(fixed, args) -> float:
     return dual / len(costs)
 
 
+def count_window(num: int, p: float, tail: float):
+    """Counts lo..hi of Binomial(num, p) outside of which each side has probability at most ``tail``."""
+    from scipy.stats import binom
+    lo = int(binom.ppf(tail, num, p)) if p < 1 else num
+    hi = int(binom.isf(tail, num, p)) if p > 0 else 0
+    return max(lo, 0), min(max(hi, lo), num)
+
+
+def exact_false_certificates(certifier, p: float, stop_rule=None, tail: float = 1e-18) -> dict:
+    """The exact law of a sequential run on i.i.d. Bernoulli(p) draws: how often its bound exceeds p.
+
+    Dynamic programming over P[still running, count = c] after each look of ``certifier.looks``: the
+    count grows by a Binomial(looks[k] - looks[k - 1], p) increment, and ``certifier.step`` on every
+    count decides which counts stop and with which lower bound. ``stop_rule(lower)``: an extra stopping
+    rule on top of the certifier's (as ``tests/test_sequential.simulate``), e.g. the adversary "stop as
+    soon as the bound exceeds p". Returns ``false`` (P[it stops with lower bound > p]), ``lost`` (mass
+    of counts dropped for having probability below ``tail`` at a look: the exact rate lies in
+    [false, false + lost]), ``last`` (P[it runs to the last look]) and ``false_last`` (P[it runs to the
+    last look and its bound there exceeds p]).
+    """
+    from scipy.stats import binom
+    mass, lo = np.ones(1), 0          # P[running, count = lo + i]
+    false = lost = last = false_last = 0.0
+    drawn = 0
+    final = len(certifier.looks) - 1
+    for look, num in enumerate(certifier.looks):
+        inc_lo, inc_hi = count_window(num - drawn, p, tail)
+        increment = binom.pmf(np.arange(inc_lo, inc_hi + 1), num - drawn, p)
+        before = float(mass.sum())
+        mass, lo = np.convolve(mass, increment), lo + inc_lo
+        keep_lo, keep_hi = count_window(num, p, tail)
+        start, stop_at = max(keep_lo - lo, 0), max(min(keep_hi - lo + 1, len(mass)), 0)
+        mass, lo = mass[start:stop_at], lo + start
+        lost += max(before - float(mass.sum()), 0.0)
+        drawn = num
+        if not len(mass):
+            break
+        stop, lower = certifier.step(look, np.arange(lo, lo + len(mass)))
+        stop, lower = np.asarray(stop, dtype=bool), np.asarray(lower, dtype=float)
+        if stop_rule is not None:
+            stop = stop | np.asarray(stop_rule(lower), dtype=bool)
+        wrong = stop & (lower > p)
+        false += float(mass[wrong].sum())
+        if look == final:
+            last, false_last = float(mass.sum()), float(mass[wrong].sum())
+        mass = np.where(stop, 0.0, mass)
+        if not mass.any():
+            break
+    return {"false": false, "lost": lost, "last": last, "false_last": false_last}
+
+
+def exact_worst_case(args):
+    from scipy.stats import norm
+
+    from core import sequential_certifier
+    radii = [r for r in args.radii if r > 0]
+    print(f"exact false-certificate rates: sigma {args.sigma}, N-max {args.N:,}, batch {args.batch}, "
+          f"radii {' '.join(f'{r:g}' for r in radii)} (radii mode), radius tolerance 0.1 sigma (ACR mode)")
+    print("| mode | alpha | pA | rate | rate / alpha | dropped mass | P[to N-max] | rate given N-max |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def row(mode, alpha, p, law):
+        # (a conditional rate given an event of negligible probability says nothing)
+        given = law["false_last"] / law["last"] if law["last"] > 1e-9 else float("nan")
+        print(f"| {mode} | {alpha:g} | {p:.10g} | {law['false']:.3g} | {law['false'] / alpha:.3f} | "
+              f"{law['lost']:.1e} | {law['last']:.3g} | {'-' if math.isnan(given) else f'{given:.3g}'} |")
+
+    for alpha in (0.001, 0.05):
+        certifier = sequential_certifier(args.sigma, alpha, args.N, args.batch, radii=radii)
+        ceiling = certifier._ceiling()
+        reachable = [r for r, t in zip(certifier.radii, certifier.thresholds()) if r > 0 and t <= ceiling]
+        if not reachable:
+            print(f"| radii | {alpha:g} | no listed radius can be certified with N-max samples | | | | | |")
+        else:
+            top = max(reachable)
+            threshold = float(norm.cdf(top / args.sigma))
+            # just below the threshold: certifying ``top`` is then a false certificate
+            row(f"radii, pA just below Phi({top / args.sigma:g})", alpha, threshold - 1e-9,
+                exact_false_certificates(certifier, threshold - 1e-9))
+            # one standard deviation of the share at N-max below it: what the runs to N-max look like
+            p = threshold - math.sqrt(threshold * (1 - threshold) / args.N)
+            row("radii, pA 1 sd below", alpha, p, exact_false_certificates(certifier, p))
+        certifier = sequential_certifier(args.sigma, alpha, args.N, args.batch, radius_tol=0.1 * args.sigma)
+        worst = None
+        for p in args.acr_p:
+            law = exact_false_certificates(certifier, p)
+            row("ACR", alpha, p, law)
+            worst = max(worst or (law["false"], p), (law["false"], p))
+        print(f"| ACR, largest | {alpha:g} | {worst[1]:.10g} | {worst[0]:.3g} | {worst[0] / alpha:.3f} | | | |")
+
+
 def timing(args):
     import time
 
@@ -194,7 +303,15 @@ def main(argv=None):
     parser.add_argument("--N", type=int, default=100000, help="--oracle: N of the fixed-N run")
     parser.add_argument("--N0", type=int, default=100, help="--oracle: N0 of the fixed-N run")
     parser.add_argument("--acr-tol", type=float, default=None, help="--oracle: also the bound for ACR within this")
+    parser.add_argument("--exact-worst-case", action="store_true",
+                        help="exact false-certificate rates of both modes at alpha = 0.001 and 0.05 (N: N-max)")
+    parser.add_argument("--batch", type=int, default=1000, help="--exact-worst-case: samples per batch")
+    parser.add_argument("--acr-p", type=float, nargs="+",
+                        default=[0.55, 0.7, 0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999],
+                        help="--exact-worst-case: the pA values of the ACR mode")
     args = parser.parse_args(argv)
+    if args.exact_worst_case:
+        return exact_worst_case(args)
     if args.timing:
         return timing(args)
     if args.oracle:

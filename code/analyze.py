@@ -51,6 +51,14 @@ each column in bold, and optionally draws all certified-accuracy curves into
 one figure.  Errors in the inputs print one ``error: ...`` line on stderr and
 exit with status 2 without writing anything.  ``compare`` writes the report of
 a reproduced table against the published per-image results (see comparison.py).
+
+Radii-mode sequential files (``certify.py --sequential --radii R1 R2 ...``,
+as their settings record says) decide only whether each listed radius is
+certified: a row's radius is the bound at which sampling stopped once that
+was decided, a lower bound on the fixed-N radius.  For them the certified
+accuracy is shown at 0 and the listed radii only (``n/a`` at other radii; by
+default the table's columns are those radii), the ACR is ``n/a``, and the
+plot marks the values at those radii, nothing between or beyond them.
 """
 
 from __future__ import annotations
@@ -218,8 +226,25 @@ def load_line(paths: Sequence[PathLike]) -> pd.DataFrame:
 # Accuracy quantities
 # --------------------------------------------------------------------------
 
+def listed_radii(settings: Optional[dict]) -> Optional[tuple]:
+    """0 and the ``--radii`` of a radii-mode sequential certification record, sorted; None for any other.
+
+    Such a run decides, per image, the largest of these radii that is certified and stops: the
+    certified accuracy is measured there and nowhere else, and its radii understate the fixed-N ones.
+    """
+    if not settings or not settings.get("sequential") or not settings.get("radii"):
+        return None
+    return tuple(sorted({0.0} | {float(r) for r in settings["radii"]}))
+
+
 class Accuracy(ABC):
-    """Something that has a certified accuracy at every radius."""
+    """Something that has a certified accuracy at every radius.
+
+    ``listed_radii``: None, or the only radii at which it is measured (a radii-mode sequential run;
+    see `listed_radii`).
+    """
+
+    listed_radii: Optional[tuple] = None
 
     @abstractmethod
     def at_radii(self, radii) -> np.ndarray:
@@ -231,13 +256,17 @@ class ApproximateAccuracy(Accuracy):
 
     ``data_file_path``: one result file, or a list of files that make one run
     (see `load_line`).  The files are read and validated once, when the
-    object is created.
+    object is created.  A radii-mode sequential run (its settings record
+    says so) has `listed_radii`: `at_radii` is NaN at any other radius and
+    `acr` is NaN.
     """
 
     def __init__(self, data_file_path: Union[PathLike, Sequence[PathLike]]):
         self.data_file_path = data_file_path
         paths = [data_file_path] if isinstance(data_file_path, (str, Path)) else list(data_file_path)
         self.df = load_line(paths)
+        # (load_line has checked that the files of a line share their settings)
+        self.listed_radii = listed_radii(result_settings(paths[0]))
         correct = self.df["correct"].to_numpy() == 1
         # Radii of the correctly classified images, sorted, so that the count
         # with radius >= r is one binary search per radius.
@@ -245,14 +274,27 @@ class ApproximateAccuracy(Accuracy):
         self.num_examples = len(self.df)
 
     def at_radii(self, radii) -> np.ndarray:
-        """Fraction of all rows with ``correct == 1`` and ``radius >= r``, for each r."""
+        """Fraction of all rows with ``correct == 1`` and ``radius >= r``, for each r.
+
+        NaN at a radius that is not one of `listed_radii` (when there are listed radii).
+        """
         r = np.asarray(radii, dtype=float)
         below = np.searchsorted(self._correct_radii, r.ravel(), side="left")
         counts = len(self._correct_radii) - below
-        return (counts / self.num_examples).reshape(r.shape)
+        values = counts / self.num_examples
+        if self.listed_radii is not None:
+            listed = np.isclose(r.ravel()[:, None], np.asarray(self.listed_radii)[None, :], rtol=0, atol=1e-9)
+            values = np.where(listed.any(axis=1), values, np.nan)
+        return values.reshape(r.shape)
 
     def acr(self) -> float:
-        """Average certified radius: mean over all rows of ``correct * radius``."""
+        """Average certified radius: mean over all rows of ``correct * radius``.
+
+        NaN for a radii-mode sequential run: its radii are where sampling stopped once the listed
+        radius was decided, so their mean would understate the fixed-N ACR.
+        """
+        if self.listed_radii is not None:
+            return float("nan")
         return float((self.df["correct"] * self.df["radius"]).mean())
 
     def mean_samples(self) -> float:
@@ -335,6 +377,7 @@ class HighProbAccuracy(Accuracy):
         self.bound = bound
         self._approx = ApproximateAccuracy(data_file_path)
         self.num_examples = self._approx.num_examples
+        self.listed_radii = self._approx.listed_radii
 
     def correction(self) -> float:
         """The amount subtracted from the approximate accuracy at every radius."""
@@ -574,9 +617,26 @@ def _pyplot():
 
 def _draw_curves(ax, max_radius: float, lines: Sequence[Line], radius_step: float) -> None:
     radii = radius_grid(0.0, max_radius, radius_step)
+    # open markers of different shapes and shrinking sizes, so that lines with equal values stay apart
+    shapes = iter([(shape, max(11 - 2.5 * k, 4)) for k, shape in enumerate(("o", "s", "^", "D", "v", "<", ">", "p")
+                                                                             * len(lines))])
     for line in lines:
-        ax.plot(radii * line.scale_x, line.quantity.at_radii(radii), line.plot_fmt,
-                label=line.legend)
+        listed = getattr(line.quantity, "listed_radii", None)
+        if listed is None:
+            ax.plot(radii * line.scale_x, line.quantity.at_radii(radii), line.plot_fmt,
+                    label=line.legend)
+            continue
+        # measured at the listed radii only: a marker at each, no curve between or beyond them
+        at = np.array([r for r in listed if r <= max_radius + 1e-9])
+        drawn, = ax.plot(at * line.scale_x, line.quantity.at_radii(at), line.plot_fmt, label=line.legend)
+        drawn.set_linestyle("none")
+        if drawn.get_marker() in (None, "", "None", "none"):
+            shape, size = next(shapes)
+            drawn.set_marker(shape)
+            drawn.set_fillstyle("none")
+            drawn.set_markersize(size)
+            drawn.set_markeredgewidth(1.5)
+        drawn.set_clip_on(False)   # a marker on the axes' edge stays whole
     ax.set_ylim((0, 1))
     ax.set_xlim((0, max_radius))
 
@@ -690,7 +750,10 @@ def default_labels(paths: Sequence[PathLike]) -> List[str]:
 def summary_table(accuracies: Sequence[ApproximateAccuracy], labels: Sequence[str],
                   radii: Sequence[float], style: str = "markdown",
                   abstain: bool = False) -> str:
-    """The command line's table: label, ACR, certified accuracy (%) at each radius[, abstain %]."""
+    """The command line's table: label, ACR, certified accuracy (%) at each radius[, abstain %].
+
+    ``n/a`` where a file does not measure the quantity (a radii-mode run: the ACR, unlisted radii).
+    """
     columns = [_Column("ACR", "ACR", format_acr)]
     for k, r in enumerate(radii):
         head = f"r={format_radius(r)}" if k == 0 else format_radius(r)
@@ -719,9 +782,22 @@ class _UsageError(Exception):
 
 
 def _default_max_radius(accuracies: Sequence[ApproximateAccuracy]) -> float:
-    """Far enough to show every certified radius: the largest one rounded up to 0.25."""
-    largest = max([0.0] + [float(a._correct_radii[-1]) for a in accuracies if len(a._correct_radii)])
+    """Far enough to show every certified radius (of a radii-mode run: every listed radius), rounded up to 0.25."""
+    largest = max([0.0] + [float(a.listed_radii[-1]) if a.listed_radii is not None else float(a._correct_radii[-1])
+                           for a in accuracies if a.listed_radii is not None or len(a._correct_radii)])
     return max(0.25, math.ceil(largest * 4 - 1e-9) / 4)
+
+
+def default_table_radii(accuracies: Sequence[Accuracy]) -> List[float]:
+    """The table's columns without ``--radii``: the papers' radii, and the listed radii of radii-mode runs.
+
+    Only the listed radii (with 0) when every line is a radii-mode run: nothing else is measured.
+    """
+    listed = [a.listed_radii for a in accuracies if a.listed_radii is not None]
+    radii = set() if len(listed) == len(accuracies) else set(DEFAULT_RADII)
+    for each in listed:
+        radii |= set(each)
+    return sorted(radii)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -733,8 +809,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("files", nargs="+", metavar="RESULT.tsv",
                         help="certify.py output files (plain or .gz), one per line; A.tsv+B.tsv makes one line of "
                              "files that together make one run (other images, the same settings)")
-    parser.add_argument("--radii", nargs="+", type=float, default=list(DEFAULT_RADII),
-                        metavar="R", help="radii of the table columns (default: %(default)s)")
+    parser.add_argument("--radii", nargs="+", type=float, default=None,
+                        metavar="R", help="radii of the table columns (default: "
+                                          f"{' '.join(format_radius(r) for r in DEFAULT_RADII)}; for radii-mode "
+                                          "sequential files (certify.py --sequential --radii) 0 and their listed "
+                                          "radii, the only ones they are measured at)")
     parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                         help="row labels, one per file (default: derived from the paths)")
     parser.add_argument("--latex", action="store_true", help="print a LaTeX tabular instead of markdown")
@@ -766,7 +845,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise _UsageError(f"--labels got {len(args.labels)} label(s) for {len(args.files)} file(s)")
         if args.max_radius is not None and args.max_radius <= 0:
             raise _UsageError(f"--max-radius must be positive, got {args.max_radius}")
-        bad = [r for r in args.radii if not (math.isfinite(r) and r >= 0)]
+        bad = [r for r in args.radii or [] if not (math.isfinite(r) and r >= 0)]
         if bad:
             raise _UsageError(f"--radii must be non-negative numbers, got {bad[0]:g}")
         # Read every file before printing or writing anything: a bad file
@@ -780,7 +859,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     labels = args.labels if args.labels is not None else default_labels([files[0] for files in lines])
-    table = summary_table(accuracies, labels, args.radii,
+    radii = args.radii if args.radii is not None else default_table_radii(accuracies)
+    table = summary_table(accuracies, labels, radii,
                           style="latex" if args.latex else "markdown", abstain=args.abstain)
 
     plot_path = None

@@ -28,6 +28,11 @@ Sequential rows have the published columns and a last column ``samples``:
 the samples drawn for the image, selection (N0) included, i.e. the number of
 forward passes (fixed-N CERTIFY draws N0 + N). Their radius is rounded down
 to 3 significant digits (never up, so a printed radius is always certified).
+Each row is a false certificate with probability at most alpha over the whole
+procedure, not conditionally on its ``samples``: rows that ran to N-max are
+near a decision and are wrong more often, so rows selected by ``samples`` are
+not each at level 1 - alpha. With ``--radii``, analyze.py shows the certified
+accuracy at the listed radii only, and no ACR.
 """
 import math
 

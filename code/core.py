@@ -279,15 +279,8 @@ class Smooth:
         too (n0 + estimation samples).
         """
         generators = self._generators(xs, generators)
-        if radii is not None:
-            looks = batch_looks(n_max, batch_size)
-            certifier = SequentialCertifier(self.sigma, alpha, looks, radii=radii, final_share=SEQUENTIAL_FINAL_SHARE,
-                                            stop_alpha=RADII_STOP_ALPHA, sequence="mixture",
-                                            checkpoints=look_schedule(n_max, batch_size, growth))
-        else:
-            looks = look_schedule(n_max, batch_size, growth)
-            certifier = SequentialCertifier(self.sigma, alpha, looks, radius_tol=radius_tol,
-                                            final_share=SEQUENTIAL_FINAL_SHARE, sequence="spending")
+        certifier = sequential_certifier(self.sigma, alpha, n_max, batch_size, radii, radius_tol, growth)
+        looks = certifier.looks
         selected = self.sample_counts_many(xs, n0, batch_size, generators).argmax(axis=1)
         counts = np.zeros(xs.shape[0], dtype=np.int64)
 
@@ -564,8 +557,36 @@ SEQUENTIAL_SCHEME = (
     f"{round(1 - SEQUENTIAL_FINAL_SHARE - MIXTURE_SHARE, 10):g} at geometric looks + "
     f"{Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look; ACR: Clopper-Pearson {Fraction(1 - SEQUENTIAL_FINAL_SHARE)} "
     f"over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look")
+# what it computes when N-max is at most one batch: a single look, where both modes report CERTIFY's
+# Clopper-Pearson bound at the whole of alpha. Recorded instead of SEQUENTIAL_SCHEME, which stays the record
+# of every run with more looks, so that a single-look file of the earlier rule (0.35 alpha) is not continued.
+SEQUENTIAL_SINGLE_LOOK_SCHEME = "single look: Clopper-Pearson at alpha"
+
+
+def sequential_scheme(n_max: int, batch_size: int) -> str:
+    """The scheme ``Smooth.certify_sequential_many`` runs with these N-max and batch size (for the record)."""
+    # the radii mode's looks (batch_looks) and the ACR mode's (look_schedule) are one look for the same runs
+    return SEQUENTIAL_SINGLE_LOOK_SCHEME if len(batch_looks(n_max, batch_size)) == 1 else SEQUENTIAL_SCHEME
+
+
 # the level of the upper bound that stops the radii mode when the next radius is out of reach
 RADII_STOP_ALPHA = 0.05
+
+
+def sequential_certifier(sigma: float, alpha: float, n_max: int, batch_size: int,
+                         radii: Optional[Sequence[float]] = None, radius_tol: float = 0.0,
+                         growth: float = 1.5) -> "SequentialCertifier":
+    """The decision rule of ``Smooth.certify_sequential_many`` with these settings (its looks: ``.looks``).
+
+    With ``radii``: a look after every batch and the ``"mixture"`` scheme, the geometric looks as
+    checkpoints; without: the ``"spending"`` scheme on the geometric looks.
+    """
+    if radii is not None:
+        return SequentialCertifier(sigma, alpha, batch_looks(n_max, batch_size), radii=radii,
+                                   final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=RADII_STOP_ALPHA,
+                                   sequence="mixture", checkpoints=look_schedule(n_max, batch_size, growth))
+    return SequentialCertifier(sigma, alpha, look_schedule(n_max, batch_size, growth), radius_tol=radius_tol,
+                               final_share=SEQUENTIAL_FINAL_SHARE, sequence="spending")
 
 
 class SequentialCertifier:
@@ -584,7 +605,13 @@ class SequentialCertifier:
     the stopping rule, because the reported bound exceeds pA at the
     data-dependent look where the run stops only if some bound of a fixed
     family exceeds pA at some look, and the family's levels sum to alpha
-    (union bound; ``union_levels``). Two schemes (``sequence``):
+    (union bound; ``union_levels``). The probability is over the whole
+    procedure: conditionally on how many samples a run drew (e.g. on its
+    having run to n_max, which the images near a decision do) the bound
+    exceeds pA far more often than alpha (0.069 of the runs to n_max for pA
+    one standard deviation below Phi(3) in the radii mode at alpha = 0.001;
+    ``benchmarks/bench_sequential.py --exact-worst-case``). Two schemes
+    (``sequence``):
 
     * ``"mixture"`` (the default, and ``Smooth.certify_sequential_many``'s):
       three parts. (1) ``mixture_lower`` at alpha * mixture_share at every
@@ -601,13 +628,13 @@ class SequentialCertifier:
       p1 = 1) and 0.15 to 12 checkpoints (alpha / 80 each): at alpha = 0.001
       an all-cA stream reaches Phi(3) (radius 3 sigma, the largest listed
       radius that 100,000 samples can certify at sigma 0.25 and 0.5 in the
-      published tables) after 5,969 samples, so at the 6,000-sample look
+      published tables) after 5,942 samples, so at the 6,000-sample look
       with 1,000-sample batches (a single Clopper-Pearson test at the whole
-      of alpha needs 5,113); streams in the interior (p around 0.6 to 0.99,
+      of alpha needs 5,114); streams in the interior (p around 0.6 to 0.99,
       where the grid of the mixture is coarse) are decided by part (2), and
       images near a decision by part (3), which is CERTIFY's bound at
       alpha / 2. (With 1/4 to the sequence, half of it on p1 = 1, and 1/4
-      to the checkpoints, such a stream needed 6,650 samples, i.e. the
+      to the checkpoints, such a stream needed 6,438 samples, i.e. the
       7,000-sample look; giving the sequence 1/2 and the checkpoints
       nothing sent the interior images of a Fashion-MNIST LeNet to n_max
       more often and drew more samples overall, docs/BENCHMARKS.md.)
@@ -668,6 +695,10 @@ class SequentialCertifier:
     ``checkpoints``: the looks for futility and for the spending part of
     ``"mixture"`` (None: every look but the last). ``mixture_share``: the
     mixture sequence's fraction of alpha (``MIXTURE_SHARE``).
+
+    A single look (``looks`` of length 1, e.g. N-max at most one batch):
+    both schemes report the exact Clopper-Pearson bound at the whole of
+    alpha there, whatever the shares, i.e. fixed-N CERTIFY's bound.
     """
 
     def __init__(self, sigma: float, alpha: float, looks: Sequence[int], radii: Optional[Sequence[float]] = None,
@@ -695,11 +726,15 @@ class SequentialCertifier:
         # reports a Clopper-Pearson bound (all looks when None)
         self.checkpoints = sorted(set(int(n) for n in (checkpoints or self.looks)) & set(self.looks[:-1]))
         if sequence == "mixture":
-            share = 0.0 if final_share is None or num == 1 else float(final_share)
+            share = 0.0 if final_share is None else float(final_share)
             if not 0 <= share < 1 or not 0 < mixture_share <= 1 - share:
                 raise ValueError(f"need 0 <= final_share < 1 and 0 < mixture_share <= 1 - final_share, "
                                  f"got {final_share}, {mixture_share}")
-            self.sequence_alpha = self.alpha * mixture_share
+            if num == 1:
+                # one look leaves nothing to be anytime-valid over: any split of alpha would only weaken
+                # the bound, so the look gets CERTIFY's Clopper-Pearson bound at the whole of alpha
+                share, mixture_share = 1.0, 0.0
+            self.sequence_alpha = self.alpha * mixture_share   # 0: no mixture sequence (a single look)
             self.final_alpha = self.alpha * share   # 0: no Clopper-Pearson bound at the last look
             spent = self.alpha * (1 - share - mixture_share)
             self.checkpoint_alpha = spent / len(self.checkpoints) if self.checkpoints and spent > 0 else 0.0
@@ -726,7 +761,7 @@ class SequentialCertifier:
             return list(self._alphas)
         final = [self.final_alpha] if self.final_alpha > 0 else []
         spending = [self.checkpoint_alpha] * len(self.checkpoints) if self.checkpoint_alpha > 0 else []
-        return [self.sequence_alpha] + spending + final
+        return ([self.sequence_alpha] if self.sequence_alpha > 0 else []) + spending + final
 
     def anytime_lower(self, look: int, count):
         """The lower bound of the anytime part at look k: P[it exceeds pA at some look] <= its share of alpha.
@@ -736,7 +771,8 @@ class SequentialCertifier:
         """
         if self.sequence == "spending":
             return cp_lower(count, self.looks[look], self.look_alpha(look))
-        lower = mixture_lower(count, self.looks[look], self.sequence_alpha)
+        lower = mixture_lower(count, self.looks[look], self.sequence_alpha) if self.sequence_alpha > 0 \
+            else np.zeros(np.shape(count))
         if self.checkpoint_alpha > 0 and self.looks[look] in self.checkpoints:
             lower = np.maximum(lower, cp_lower(count, self.looks[look], self.checkpoint_alpha))
         return lower
@@ -759,7 +795,7 @@ class SequentialCertifier:
         """The largest lower bound that the last look can report (all n_max samples cA)."""
         if not hasattr(self, "_ceiling_value"):
             best = float(self._best_final_lower(1.0))
-            if self.sequence == "mixture":
+            if self.sequence == "mixture" and self.sequence_alpha > 0:
                 best = max(best, float(mixture_lower(np.array([self.n_max]), self.n_max, self.sequence_alpha)[0]))
             self._ceiling_value = best
         return self._ceiling_value

@@ -142,7 +142,7 @@ from tqdm import tqdm
 
 from common import (ArgumentParser, Distributed, UserError, check_checkpoint_file, file_sha256, load_base_classifier,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, probability, replace_atomic)
-from core import SEQUENTIAL_SCHEME, Smooth, noise_generator
+from core import MIXTURE_SHARE, SEQUENTIAL_FINAL_SHARE, Smooth, noise_generator, sequential_scheme
 from datasets import DATASETS, get_dataset, get_num_classes
 from provenance import SIDECAR_FORMAT, settings_differences, sidecar_path
 from provenance import read_sidecar as read_record
@@ -215,11 +215,18 @@ def add_engine_arguments(parser: ArgumentParser):
 
 def add_sequential_arguments(parser: ArgumentParser, certify: bool = True):
     """``--sequential`` and its options (``core.Smooth.certify_sequential_many`` / ``predict_sequential_many``)."""
-    group = parser.add_argument_group("sequential (anytime-valid) mode: same guarantee, fewer samples")
+    group = parser.add_argument_group("sequential mode: same guarantee, fewer samples")
+    final, mixture = SEQUENTIAL_FINAL_SHARE, MIXTURE_SHARE
+    how = (f"with --radii, a look after every --batch, the lower bound the largest of a mixture confidence "
+           f"sequence (anytime-valid, {mixture:g} alpha), Clopper-Pearson at fixed geometric looks "
+           f"({round(1 - final - mixture, 10):g} alpha shared equally) and Clopper-Pearson at N-max ({final:g} "
+           f"alpha); without --radii, Clopper-Pearson at the fixed geometric looks only ({round(1 - final, 10):g} "
+           f"alpha shared equally by those before N-max, {final:g} alpha at N-max); N-max at most one batch is "
+           f"a single look, Clopper-Pearson at alpha" if certify else
+           "the test at alpha / K at each of K fixed geometric looks")
     group.add_argument("--sequential", action="store_true",
-                       help="draw samples in rounds and stop as soon as the result is decided (anytime-valid: "
-                            + ("a confidence sequence looked at after every batch" if certify else
-                               "alpha-spending over a fixed schedule of looks") + "); adds a column 'samples'")
+                       help="draw samples in rounds and stop as soon as the result is decided, valid whatever "
+                            f"the look it stops at ({how}); adds a column 'samples'")
     group.add_argument("--N-max", dest="N_max", type=positive_int, default=None,
                        help="with --sequential: the most estimation samples per image (default: --N)")
     if certify:
@@ -358,7 +365,7 @@ class Provenance:
         settings["checkpoint_sha256"] = file_sha256(args.base_classifier)
         if getattr(args, "sequential", False) and hasattr(args, "radii"):
             # (certification) the confidence sequence and looks decide the rows: a file of another scheme is not resumed
-            settings["sequential_scheme"] = SEQUENTIAL_SCHEME
+            settings["sequential_scheme"] = sequential_scheme(sequential_n_max(args), args.batch)
         environment = {"checkpoint": os.path.abspath(args.base_classifier), **code_version(),
                        "torch": torch.__version__,
                        "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}

@@ -53,7 +53,7 @@ wait $gauss_pid
 wait $catrs_pid
 
 step "5/5 analysis"
-echo "certifier: sequential CERTIFY (certify.py --sequential --radii $RADII), N0 = 100, N <= $N_MAX, alpha = 0.001" \
+echo "certifier: sequential CERTIFY (certify.py --sequential --radii $RADII), N0 = 100, N <= $N_MAX, alpha = 0.001; certified accuracy at 0 and those radii only, no ACR (README, Analysis)" \
     > $OUT/table.md
 $PY code/analyze.py $CERT/cohen/0/noise_${SIGMA}_sequential.tsv $CERT/catrs/adv_256.0_4/lbd_0.5/num_4/0/noise_${SIGMA}_sequential.tsv \
     --labels "Gaussian" "CAT-RS" --radii 0 0.25 0.5 0.75 1.0 --plot $OUT/certified_accuracy.png \

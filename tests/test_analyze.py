@@ -437,3 +437,86 @@ def test_cli_negative_radius_refused(file_a, capsys, radii):
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert captured.out == "" and len(err) == 1 and err[0].startswith("error: --radii")
+
+
+# --------------------------------------------------------------------------
+# Radii-mode sequential files: measured at the listed radii only
+# --------------------------------------------------------------------------
+
+SEQUENTIAL_SETTINGS = {**SETTINGS, "sequential": True, "N_max": 100000, "radii": [0.25, 0.5, 0.75],
+                       "radius_tol": None}
+
+# (predict, radius, correct, samples): certified at 0.75, 0.5, wrong, 0.25, abstained, 0 (radius below 0.25)
+ROWS_SEQ = [(3, 0.781, 1, 6100), (3, 0.52, 1, 12100), (5, 0.3, 0, 3100), (3, 0.26, 1, 20100),
+            (-1, 0.0, 0, 1100), (3, 0.1, 1, 100100)]
+EXPECTED_SEQ = {0.0: 4 / 6, 0.25: 3 / 6, 0.5: 2 / 6, 0.75: 1 / 6}
+
+
+def _write_sequential(path, settings):
+    text = HEADER.rstrip("\n") + "\tsamples\n" + "".join(
+        f"{i}\t3\t{p}\t{r}\t{c}\t0:00:01.5\t{n}\n" for i, (p, r, c, n) in enumerate(ROWS_SEQ))
+    Path(path).write_text(text)
+    Path(str(path) + ".meta.json").write_text(json.dumps({"format": 1, "settings": settings}))
+    return Path(path)
+
+
+@pytest.fixture
+def file_seq(tmp_path):
+    (tmp_path / "seq").mkdir()
+    return _write_sequential(tmp_path / "seq" / "radii.tsv", SEQUENTIAL_SETTINGS)
+
+
+def test_radii_mode_accuracy_only_at_the_listed_radii_and_no_acr(file_seq):
+    acc = analyze.ApproximateAccuracy(file_seq)
+    assert acc.listed_radii == (0.0, 0.25, 0.5, 0.75)
+    np.testing.assert_allclose(acc.at_radii(list(EXPECTED_SEQ)), list(EXPECTED_SEQ.values()))
+    assert np.isnan(acc.at_radii([0.3, 1.0, 0.76])).all()
+    assert np.isnan(acc.acr())
+    assert acc.mean_samples() == pytest.approx(sum(r[3] for r in ROWS_SEQ) / 6)
+    high = analyze.HighProbAccuracy(file_seq, alpha=0.001, rho=0.001)
+    assert high.listed_radii == acc.listed_radii and np.isnan(high.at_radii([1.0])).all()
+
+
+def test_acr_mode_and_fixed_n_files_are_unchanged(tmp_path, file_a):
+    acr_mode = _write_sequential(tmp_path / "acr.tsv", {**SEQUENTIAL_SETTINGS, "radii": None, "radius_tol": 0.025})
+    fixed = _write_shard(tmp_path / "fixed.tsv", ROWS_A, 0, SETTINGS)
+    for path in (acr_mode, fixed, file_a):
+        acc = analyze.ApproximateAccuracy(path)
+        assert acc.listed_radii is None and not np.isnan(acc.at_radii([0.3, 1.7])).any()
+    assert analyze.ApproximateAccuracy(acr_mode).acr() == pytest.approx((0.781 + 0.52 + 0.26 + 0.1) / 6)
+    assert analyze.ApproximateAccuracy(fixed).acr() == pytest.approx(ACR_A)
+    assert analyze.default_table_radii([analyze.ApproximateAccuracy(fixed)]) == list(analyze.DEFAULT_RADII)
+
+
+def test_cli_table_of_a_radii_mode_file(file_seq, file_a, capsys):
+    assert analyze.main([str(file_seq), "--labels", "S"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # columns: the listed radii and 0, nothing else; the ACR is n/a
+    assert _cells(lines[0]) == ["label", "ACR", "r=0", "0.25", "0.5", "0.75", "samples/image"]
+    assert _cells(lines[2]) == ["S", "n/a", "66.7", "50.0", "33.3", "16.7", "23,767"]
+    # beside a fixed-N file: the papers' radii too, n/a where the radii-mode file measures nothing
+    assert analyze.main([str(file_seq), str(file_a), "--labels", "S", "F"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert _cells(lines[0]) == ["label", "ACR", "r=0", "0.25", "0.5", "0.75", "1.0", "1.5", "2.0", "samples/image"]
+    assert _cells(lines[2]) == ["S", "n/a", "**66.7**", "50.0", "**33.3**", "**16.7**", "n/a", "n/a", "n/a", "23,767"]
+    assert _cells(lines[3]) == ["F", "0.250", "62.5", "50.0", "25.0", "12.5", "12.5", "0.0", "0.0", "n/a"]
+    # radii asked for explicitly: n/a at those the file does not list
+    assert analyze.main([str(file_seq), "--radii", "0", "0.3", "0.75"]) == 0
+    assert _cells(capsys.readouterr().out.splitlines()[2])[1:] == ["n/a", "66.7", "n/a", "16.7", "23,767"]
+
+
+def test_plot_of_a_radii_mode_file_marks_the_listed_radii_only(tmp_path, file_seq, file_a):
+    seq, fixed = analyze.ApproximateAccuracy(file_seq), analyze.ApproximateAccuracy(file_a)
+    assert analyze._default_max_radius([seq]) == 0.75
+    fig = analyze.certified_accuracy_figure(None, 1.5, [analyze.Line(seq, "S"), analyze.Line(fixed, "F")])
+    try:
+        marks, curve = fig.axes[0].get_lines()
+        np.testing.assert_allclose(marks.get_xdata(), [0.0, 0.25, 0.5, 0.75])
+        np.testing.assert_allclose(marks.get_ydata(), list(EXPECTED_SEQ.values()))
+        assert marks.get_linestyle() == "None" and marks.get_marker() == "o"
+        assert max(curve.get_xdata()) == pytest.approx(1.5)   # a fixed-N curve is drawn as before
+    finally:
+        analyze._pyplot().close(fig)
+    plot = tmp_path / "seq.png"
+    assert analyze.main([str(file_seq), str(file_a), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

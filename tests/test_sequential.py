@@ -1,7 +1,7 @@
 """Sequential (anytime-valid) certification and prediction: ``core.SequentialCertifier``,
 ``core.SequentialPredictor``, ``Smooth.certify_sequential_many`` and ``--sequential``.
 
-Soundness is checked two ways.
+Soundness is checked three ways.
 
 * On simulated count streams (numpy binomial draws, no network): the decision
   logic is a pure function of the count after each look, so many runs at a
@@ -17,6 +17,11 @@ Soundness is checked two ways.
   mode's own stopping rule, which depends on the number of samples far more
   than on the direction of the count, peeking's failure rate stays close to
   alpha; the worst stopping rule exposes it for that mode's alpha spending.)
+* Exactly, without sampling (``bench_sequential.exact_false_certificates``:
+  dynamic programming over the count distribution at each look, checked
+  against enumerating every count path): the worst false-certificate rate
+  of each mode at alpha = 0.001 and 0.05 is at most alpha, and uncorrected
+  peeking exceeds it.
 * The mixture confidence sequence (``core.mixture_lower``) on its own: on
   simulated streams looked at every 250 samples it exceeds p on at most
   alpha of them, where CERTIFY's fixed-n bound re-checked at every look does
@@ -158,12 +163,16 @@ def test_mixture_lower_is_a_confidence_sequence_and_peeking_is_not(p):
 def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
     """Looks after every batch: pA = 1 certifies 0.75 (pA_lower >= Phi(3)) at the first 1,000-sample look
     where the mixture's point mass at p1 = 1 alone rejects: w (1 / Phi(3))^n >= 1 / (alpha * share), i.e.
-    after 6,000 samples (5,969 needed), not at a later geometric look.
+    after 6,000 samples (5,969 needed by the point mass alone, 5,942 by the whole mixture; a single
+    Clopper-Pearson test at the whole of alpha needs 5,114), not at a later geometric look.
 
     Radius 1.0 (Phi(4)) is out of reach for every stream of N_max = 10^5 samples, so it is not waited for.
     """
     needed = math.log(1 / (0.001 * core.MIXTURE_SHARE * core.MIXTURE_POINT_WEIGHT)) / -math.log(norm.cdf(3.0))
-    assert 5000 < needed <= 6000
+    assert 5000 < needed <= 6000 and math.ceil(needed) == 5969
+    share = 0.001 * core.MIXTURE_SHARE
+    assert [core.mixture_lower(np.array([n]), n, share)[0] >= norm.cdf(3.0) for n in (5941, 5942)] == [False, True]
+    assert [cp_lower(n, n, 0.001) >= norm.cdf(3.0) for n in (5113, 5114)] == [False, True]
     certifier = SequentialCertifier(SIGMA, 0.001, core.batch_looks(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
                                     final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=core.RADII_STOP_ALPHA,
                                     checkpoints=look_schedule(100000, 1000))
@@ -171,6 +180,39 @@ def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
     assert np.all(samples == 6000)
     assert np.all((certifier.radius(lower) >= 0.75) & (certifier.radius(lower) < 1.0))
     assert core.batch_looks(3500, 1000) == [1000, 2000, 3000, 3500]
+
+
+def test_a_single_look_spends_the_whole_alpha_as_fixed_n_certify_does():
+    """N-max at most one batch: one look, at which both modes report Clopper-Pearson at the whole of alpha."""
+    alpha = 0.001
+    for mode in ({"radii": [0.25, 0.5, 0.75]}, {"radius_tol": 0.1 * SIGMA}):
+        certifier = core.sequential_certifier(SIGMA, alpha, 500, 1000, **mode)
+        assert certifier.looks == [500]
+        assert sum(certifier.union_levels()) == pytest.approx(alpha) and len(certifier.union_levels()) == 1
+        counts = np.array([500, 490, 400, 200])
+        stop, lower = certifier.step(0, counts)
+        assert np.all(stop)
+        assert np.allclose(lower, cp_lower(counts, 500, alpha), rtol=1e-12, atol=0)
+        assert round(float(lower[0]), 4) == 0.9863   # alpha^(1 / 500)
+    # end to end: the same row as fixed-N CERTIFY at N = N-max from the same stream
+    data, _ = points(repeats=1, seed=7)
+    xs = torch.stack([x for x, _ in data])
+    smooth = Smooth(Linear(), 2, SIGMA)
+    for mode in ({"radii": [0.1, 0.2]}, {}):
+        sequential = smooth.certify_sequential_many(xs, 50, 500, alpha, 1000,
+                                                    [noise_generator(2, i, "cpu") for i in range(len(data))], **mode)
+        fixed = smooth.certify_many(xs, 50, 500, alpha, 1000, [noise_generator(2, i, "cpu") for i in range(len(data))])
+        assert [(c, pytest.approx(r, abs=1e-12), 550) for c, r in fixed] == sequential
+
+
+def test_the_recorded_scheme_names_a_single_look_and_keeps_the_multi_look_text():
+    """Runs in progress with many looks must keep resuming: their recorded scheme text is unchanged."""
+    assert core.SEQUENTIAL_SCHEME == (
+        "radii: mixture 0.35 (weight 0.9 at p1 = 1) at every batch + Clopper-Pearson 0.15 at geometric looks + "
+        "1/2 at the last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
+    assert core.sequential_scheme(100000, 1000) == core.sequential_scheme(1001, 1000) == core.SEQUENTIAL_SCHEME
+    assert core.sequential_scheme(1000, 1000) == core.sequential_scheme(500, 1000) \
+        == core.SEQUENTIAL_SINGLE_LOOK_SCHEME != core.SEQUENTIAL_SCHEME
 
 
 # --------------------------------------------------------------------------- soundness on simulated counts
@@ -302,6 +344,70 @@ def test_sequential_predictor_predicts_a_clear_winner_at_the_first_look():
     assert SequentialPredictor(0.001, looks).step(0, 900, 50) == (True, True)
     assert SequentialPredictor(0.001, looks).step(len(looks) - 1, 50001, 49999) == (True, False)
     assert SequentialPredictor(0.001, looks).step(0, 560, 440) == (False, False)  # undecided yet
+
+
+# --------------------------------------------------------------------------- exact false-certificate rates
+
+def bench_sequential_module():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_sequential
+    return bench_sequential
+
+
+def test_exact_law_of_a_run_matches_enumerating_every_count_path():
+    """The dynamic programme of bench_sequential --exact-worst-case against all count paths of three looks."""
+    exact = bench_sequential_module().exact_false_certificates
+    looks, p, alpha = [8, 16, 24], 0.8, 0.2
+    paths = np.array(np.meshgrid(*[np.arange(9)] * 3, indexing="ij")).reshape(3, -1)   # increments per look
+    weight = np.prod(binom.pmf(paths, 8, p), axis=0)
+    for certifier in (SequentialCertifier(SIGMA, alpha, looks, radius_tol=0.0, final_share=0.5, sequence="spending"),
+                      Peeking(SIGMA, alpha, looks, radius_tol=0.0)):
+        for adversary in (None, lambda lower: lower > p):
+            running, false, last = np.ones(weight.size, dtype=bool), 0.0, 0.0
+            for look in range(3):
+                stop, lower = certifier.step(look, paths[:look + 1].sum(axis=0))
+                if adversary is not None:
+                    stop = stop | adversary(lower)
+                if look == 2:
+                    last = weight[running].sum()
+                false += weight[running & stop & (lower > p)].sum()
+                running &= ~stop
+            law = exact(certifier, p, stop_rule=adversary, tail=0.0)
+            assert law["false"] == pytest.approx(false, rel=1e-9, abs=1e-15) and law["lost"] < 1e-12
+            assert law["last"] == pytest.approx(last, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("alpha", [0.001, 0.05])
+def test_exact_worst_case_false_certificate_rate_is_at_most_alpha_and_peeking_exceeds_it(alpha):
+    """Computed exactly (no sampling): the worst pA of each mode, and the same rule peeking uncorrected.
+
+    Radii mode (a look after every batch): pA just below Phi(3), the threshold of the largest listed
+    radius that N-max samples can certify, where a certificate of it is false. ACR mode: a few pA,
+    under its own stopping rule and under the worst one (stop once the bound exceeds pA; with radius
+    tolerance 0, so that the mode's own rule rarely stops the run first).
+    """
+    exact = bench_sequential_module().exact_false_certificates
+    n_max, batch = 20000, 500
+    radii = [0.25, 0.5, 0.75, 1.0]
+    certifier = core.sequential_certifier(SIGMA, alpha, n_max, batch, radii=radii)
+    assert certifier.thresholds()[-2] <= certifier._ceiling() < certifier.thresholds()[-1]   # 0.75 is the largest
+    p = norm.cdf(0.75 / SIGMA) - 1e-9
+    law = exact(certifier, p)
+    assert law["lost"] < 1e-12
+    assert 0.1 * alpha < law["false"] + law["lost"] <= alpha, law
+    peeking = Peeking(SIGMA, alpha, certifier.looks, radii=radii, final_share=SEQUENTIAL_FINAL_SHARE,
+                      stop_alpha=core.RADII_STOP_ALPHA, checkpoints=look_schedule(n_max, batch))
+    assert exact(peeking, p)["false"] > 2 * alpha
+    own = core.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.1 * SIGMA)
+    patient = core.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.0)
+    peeking = Peeking(SIGMA, alpha, patient.looks, radius_tol=0.0, final_share=SEQUENTIAL_FINAL_SHARE)
+    for p in (0.7, 0.99, 0.999):
+        adversary = lambda lower: lower > p   # noqa: E731
+        for certifier, rule in ((own, None), (patient, adversary)):
+            law = exact(certifier, p, stop_rule=rule)
+            assert law["lost"] < 1e-12 and law["false"] + law["lost"] <= alpha, (p, rule, law)
+        if p < 0.999:   # (at 0.999 the early looks have too few samples for any bound to exceed pA)
+            assert exact(peeking, p, stop_rule=adversary)["false"] > 2 * alpha
 
 
 # --------------------------------------------------------------------------- the sampling engine
@@ -450,6 +556,15 @@ def test_sequential_rows_are_refused_by_a_fixed_n_run_and_resumed_by_a_sequentia
     assert rows[:len(first) - 1] == first[:-1] and len(rows) == len(first) + 2
 
 
+@pytest.mark.parametrize("n_max, scheme", [(500, core.SEQUENTIAL_SINGLE_LOOK_SCHEME), (2000, core.SEQUENTIAL_SCHEME)])
+def test_certify_records_the_scheme_of_its_looks(linear_script, tmp_path, n_max, scheme):
+    import json
+    out = tmp_path / "seq.tsv"
+    certify.main(["fmnist", "linear", "0.25", str(out), "--N0=20", f"--N-max={n_max}", "--batch=1000", "--seed=1",
+                  "--max=2", "--sequential", "--radii", "0.1"])
+    assert json.loads((tmp_path / "seq.tsv.meta.json").read_text())["settings"]["sequential_scheme"] == scheme
+
+
 def test_floor_3_digits_never_rounds_up():
     for value in np.concatenate([np.random.default_rng(0).uniform(0, 3, 2000), [0.25, 0.5, 1.0, 0.2496]]):
         printed = float("{:.3}".format(certify.floor_3_digits(value)))
@@ -500,8 +615,7 @@ def test_certify_c_sequential_writes_the_samples_column(tmp_path):
 
 def test_clairvoyant_bound_is_the_single_look_clopper_pearson_sample_size(tmp_path, capsys):
     """An all-correct image certified at 3 sigma needs ln(1 / alpha) / -ln Phi(3) samples (+ N0); an abstention N0."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import bench_sequential
+    bench_sequential = bench_sequential_module()
     fixed = tmp_path / "fixed.tsv"
     # radius 0.953 at sigma 0.25: the bound of 100,000 correct samples out of 100,000
     fixed.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.953\t1\t0:00:01\n"
