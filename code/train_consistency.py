@@ -5,8 +5,9 @@ Smoothed Classifiers".
 
 Chunked (SPEC 4.5): each loader batch is split into m = ``--num-noise-vec``
 consecutive mini-batches of b examples, one SGD step each. The copies are
-concatenated copy-major, [x + e_1; ...; x + e_m]; the loss is the mean
-cross-entropy over all copies plus ``consistency.consistency_loss``. With
+concatenated copy-major, [x + e_1; ...; x + e_m] (``attacks.add_noises``);
+the loss is the mean cross-entropy over all copies plus
+``consistency.consistency_loss``. With
 ``--adv-training``, x is first replaced by a SmoothAdv PGD adversary
 (Salman et al., NeurIPS 2019) against the same noises, its radius growing
 linearly over the first ``--warmup`` epochs.
@@ -21,12 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attacks import SmoothAdv_PGD, warmup_epsilon
+from attacks import SmoothAdv_PGD, add_noises, warmup_epsilon
 from common import UserError, nonnegative_float, positive_float, positive_int
 from consistency import consistency_loss
 from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, train_main
-
-__all__ = ["SmoothAdv_PGD", "METHOD", "main"]
 
 
 def add_arguments(parser):
@@ -56,8 +55,8 @@ def train(ctx, loader, epoch: int):
     m = args.num_noise_vec
     attacker = None
     if args.adv_training:
-        attacker = SmoothAdv_PGD(steps=args.num_steps, max_norm=warmup_epsilon(args.epsilon / 256.0, epoch,
-                                                                                args.warmup), device=ctx.device)
+        attacker = SmoothAdv_PGD(steps=args.num_steps,
+                                 max_norm=warmup_epsilon(args.epsilon / 256.0, epoch, args.warmup))
     losses, top1 = AverageMeter(), AverageMeter()
     started = time.time()
     for i, batch in enumerate(loader):
@@ -67,7 +66,7 @@ def train(ctx, loader, epoch: int):
             if attacker is not None:
                 with attack_mode(ctx.base_model), ctx.autocast():
                     x = attacker.attack(ctx.base_model, x, y, noises=noises)
-            noisy, = ctx.to_device(torch.cat([x + noise for noise in noises]))
+            noisy, = ctx.to_device(add_noises(x, noises))
             y_all = y.repeat(m)
             with ctx.autocast():
                 logits = ctx.model(noisy)

@@ -26,8 +26,6 @@ from attacks import DDN, PGD_L2, warmup_epsilon
 from common import UserError, positive_float, positive_int, probability
 from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, train_main
 
-__all__ = ["PGD_L2", "DDN", "METHOD", "main", "str_to_bool"]
-
 
 def str_to_bool(text: str) -> bool:
     """'True' / 'False' (also yes/no, 1/0, any case) as a bool."""
@@ -52,7 +50,8 @@ def add_arguments(parser):
     group.add_argument("--no-grad-attack", action="store_true",
                        help="PGD with m > 1: estimate the gradient from the noise, without backward passes")
     group.add_argument("--random-start", default=True, type=str_to_bool,
-                       help="kept for the published command lines; PGD starts from d = 0 as published")
+                       help="ignored, as in the published code (kept for its command lines): PGD starts "
+                            "from d = 0")
     group.add_argument("--init-norm-DDN", default=256.0, type=positive_float,
                        help="DDN's initial norm in 1/256 units, as named in the run folder; training sets "
                             "the initial norm to the warmed-up radius each epoch, as published")
@@ -76,17 +75,18 @@ def method_path(args) -> str:
     return f"salman/{attack}/num_{args.num_noise_vec}/noise_{args.noise_sd}"
 
 
-def make_attacker(args, epoch: int, device):
+def make_attacker(args, epoch: int):
+    """The attack of epoch ``epoch``: PGD or DDN at the warmed-up radius."""
     radius = warmup_epsilon(args.epsilon / 256.0, epoch, args.warmup)
     if args.attack == "PGD":
-        return PGD_L2(steps=args.num_steps, random_start=args.random_start, max_norm=radius, device=device)
-    return DDN(steps=args.num_steps, gamma=args.gamma_DDN, init_norm=radius, max_norm=radius, device=device)
+        return PGD_L2(steps=args.num_steps, max_norm=radius)
+    return DDN(steps=args.num_steps, gamma=args.gamma_DDN, init_norm=radius, max_norm=radius)
 
 
 def train(ctx, loader, epoch: int):
     args = ctx.args
     m = args.num_noise_vec
-    attacker = make_attacker(args, epoch, ctx.device)
+    attacker = make_attacker(args, epoch)
     losses, top1 = AverageMeter(), AverageMeter()
     started = time.time()
     for i, batch in enumerate(loader):

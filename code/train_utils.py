@@ -800,12 +800,7 @@ def _summary_writer(folder: str, start_epoch: int):
     return SummaryWriter(folder, purge_step=start_epoch if start_epoch > 0 else None)
 
 
-# --------------------------------------------------------------------------- shared loss pieces
-
-def kl_div_per_example(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(logits)) for each row, with 0 log 0 = 0: a tensor [batch]."""
-    return F.kl_div(F.log_softmax(logits.float(), dim=1), target_probs.float(), reduction="none").sum(1)
-
+# --------------------------------------------------------------------------- mini-batches
 
 def chunk_minibatches(tensors, num: int):
     """Split a loader batch (a sequence of tensors) into ``num`` consecutive mini-batches of len // num examples.
