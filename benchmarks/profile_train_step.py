@@ -23,7 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "code"))
 from architectures import get_architecture  # noqa: E402
 from common import ArgumentParser, UserError, positive_int, run_cli  # noqa: E402
-from train_utils import TrainingContext, build_parser, compile_model  # noqa: E402
+from fast_path import compile_model  # noqa: E402
+from train_utils import TrainingContext, build_parser  # noqa: E402
 
 CATRS_OPTIONS = ["--noise", "0.25", "--num-noise-vec", "4", "--eps", "256", "--num-steps", "4", "--lbd", "0.5"]
 # the first kind whose keys a kernel's name holds; ``--compile``'s Triton kernels first, since their names

@@ -4,7 +4,9 @@ A training script describes its method with a ``Method``: its options, its
 run-folder path and its ``train`` function (one epoch). ``train_main``
 does everything else: the common options, the data, the model, SGD with the
 step schedule, noisy test accuracy after every epoch, ``log.txt``,
-TensorBoard, a copy of ``code/`` in the run folder, and checkpoints.
+TensorBoard, a copy of ``code/`` in the run folder, and checkpoints. The fast
+path (data on the device, channels-last, CUDA graphs, ``--compile``) lives in
+``fast_path``.
 
 Checkpoints hold the published keys (``epoch``, ``arch``, ``state_dict``,
 ``optimizer``) plus what an exact resume needs: the scheduler, every random
@@ -35,13 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from architectures import ARCHITECTURES, check_architecture, get_architecture
 from common import (ArgumentParser, Distributed, UserError, atomic_save, load_checkpoint, replace_atomic,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli, RESUME_TRAINING)
 from datasets import DATASETS, WithSmoothPrediction, get_dataset, get_num_classes
+from fast_path import (ON_DEVICE_AUGMENTED, GraphedStep, TensorLoader, add_fast_path_arguments, check_cuda_graphs,
+                       check_data_on_device, compile_model, data_on_device, use_channels_last)
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_HEADER = "epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"
@@ -107,27 +111,7 @@ def build_parser(method: Method) -> ArgumentParser:
     parser.add_argument("--smooth-prediction", type=str, default=None, metavar="PATH",
                         help="smoothed prediction .npy for the train_t{sigma} split")
     parser.add_argument("--logdir", type=str, default="logs", help="where run folders go")
-    fast = parser.add_argument_group("fast path (off by default where it changes numerics)")
-    fast.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes")
-    fast.add_argument("--channels-last", nargs="?", const="yes", choices=["auto", "yes", "no"], default="auto",
-                      help="channels-last memory format for the model and its inputs (same formulas, other "
-                           "float rounding); auto: on a CPU (oneDNN's channels-last kernels run a LeNet "
-                           "forward and backward pass about 1.6x as fast) and with --bf16")
-    fast.add_argument("--cuda-graphs", action="store_true",
-                      help="replay each training step from a CUDA graph (CAT-RS; one CUDA device): a small "
-                           "network's step is a few thousand short kernels, whose launches, not their "
-                           "arithmetic, bound it on a GPU; the random draws differ from an eager run's (same "
-                           "distribution)")
-    fast.add_argument("--compile", action="store_true",
-                      help="run the model through torch.compile: each residual block (the whole model if it has "
-                           "none) becomes a few fused kernels (batch norm, ReLU and the residual sum in one pass); "
-                           "the first steps of each batch shape and mode compile (about a minute for ResNet-110); "
-                           "other float rounding. With a small network on a GPU, pair it with --cuda-graphs: "
-                           "checking the compiled blocks' guards made an eager CAT-RS step of CIFAR ResNet-110 "
-                           "1.5x slower")
-    fast.add_argument("--data-on-device", choices=["auto", "yes", "no"], default="auto",
-                      help="keep the whole data set on the device (CIFAR: random crop and flip drawn on the "
-                           "device every epoch; not for imagenet); auto: for mnist and fmnist")
+    add_fast_path_arguments(parser)
     method.add_arguments(parser)
     parser.set_defaults(**method.defaults)
     return parser
@@ -139,107 +123,12 @@ def run_folder(args, method_path: str) -> str:
 
 # --------------------------------------------------------------------------- data
 
-class TensorLoader:
-    """Batches of a data set held as tensors on the device (no per-batch host copies).
-
-    Shuffling draws ``torch.randperm`` from its own generator, whose state goes
-    into checkpoints; under torchrun each process takes every K-th example.
-
-    ``augment="crop_flip"`` (CIFAR training) gives each image of every epoch a
-    fresh random crop and flip, as torchvision's ``RandomCrop(32, padding=4)``
-    then ``RandomHorizontalFlip()``: a shift drawn uniformly from [-4, 4]^2
-    (zero padding) and a flip with probability 1/2, per image. The draws come
-    from the same checkpointed generator, right after the epoch's order, so a
-    resumed run sees the same crops; they are applied on the device, batch by
-    batch.
-    """
-
-    PAD = 4
-
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, device, generator: torch.Generator,
-                 rank: int = 0, world_size: int = 1, augment: Optional[str] = None):
-        if augment not in (None, "crop_flip"):
-            raise ValueError(f"unknown augmentation {augment!r}")
-        items = [dataset[i] for i in range(len(dataset))]
-        self.tensors = [torch.stack([torch.as_tensor(item[j]) for item in items]).to(device)
-                        for j in range(len(items[0]))]
-        self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
-        self.rank, self.world_size = rank, world_size
-        self.augment = augment
-
-    def _indices(self):
-        n = self.tensors[0].shape[0]
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        return order[self.rank::self.world_size]
-
-    def __len__(self):
-        n = len(range(self.rank, self.tensors[0].shape[0], self.world_size))
-        return (n + self.batch_size - 1) // self.batch_size
-
-    def _draw_crop_flip(self):
-        """Per position of the epoch's order (all processes): row and column shift in [-4, 4], flip or not."""
-        n = self.tensors[0].shape[0]
-        shifts = torch.randint(-self.PAD, self.PAD + 1, (n, 2), generator=self.generator)
-        flips = torch.rand(n, generator=self.generator) < 0.5
-        return shifts[self.rank::self.world_size], flips[self.rank::self.world_size]
-
-    def __iter__(self):
-        device = self.tensors[0].device
-        order = self._indices().to(device)
-        if self.augment:
-            shifts, flips = (t.to(device) for t in self._draw_crop_flip())
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            batch = tuple(t[index] for t in self.tensors)
-            if self.augment:
-                chunk = slice(start, start + self.batch_size)
-                batch = (crop_flip(batch[0], shifts[chunk], flips[chunk], self.PAD),) + batch[1:]
-            yield batch
-
-
-def crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Each image [n, C, H, W] zero-padded by ``pad``, cropped back to H x W at offset ``pad + shift``, then
-    mirrored left-right where ``flips``: torchvision's RandomCrop(padding=pad) and RandomHorizontalFlip with
-    the random choices given. ``shifts`` [n, 2] holds (row, column) shifts in [-pad, pad]."""
-    n, _, height, width = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    rows = (pad + shifts[:, 0]).view(n, 1) + torch.arange(height, device=images.device).view(1, height)
-    columns = torch.arange(width, device=images.device).view(1, width)
-    columns = torch.where(flips.view(n, 1), width - 1 - columns, columns)
-    columns = (pad + shifts[:, 1]).view(n, 1) + columns
-    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
-    channels = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
-    return padded[batch, channels, rows.view(n, 1, height, 1), columns.view(n, 1, 1, width)]
-
-
-ON_DEVICE_AUGMENTED = ("cifar10", "cifar100")
-
-
-def check_data_on_device(args):
-    """``--data-on-device yes`` works where the training augmentation can run on the device."""
-    if args.data_on_device == "yes" and args.dataset == "imagenet":
-        raise UserError("--data-on-device yes is not available for imagenet (its random resized crop runs "
-                        "in the loader, and the data set does not fit a device); use --data-on-device no or auto")
-
-
-def check_cuda_graphs(args, method: "Method", device: torch.device, dist: "Distributed"):
-    """``--cuda-graphs`` needs a method that supports it, one process and a CUDA device."""
-    if not args.cuda_graphs:
-        return
-    if not method.supports_cuda_graphs:
-        raise UserError("--cuda-graphs is not available for this method (CAT-RS only); leave it out")
-    if device.type != "cuda":
-        raise UserError(f"--cuda-graphs needs a CUDA device, and this run is on {device.type}; leave it out")
-    if dist.enabled:
-        raise UserError("--cuda-graphs runs in one process; leave it out under torchrun")
-
-
 def make_loaders(args, method: Method, device, dist: Distributed, generator: torch.Generator):
-    train_split = method.train_split(args)
-    on_device = args.data_on_device == "yes" or (args.data_on_device == "auto" and args.dataset in ("mnist", "fmnist"))
+    """The training and test loaders of this process: ``TensorLoader``s on the device or ``DataLoader``s."""
+    on_device = data_on_device(args)
     # On the device, CIFAR images are stored unaugmented and cropped and flipped there, fresh every epoch.
     augment_on_device = on_device and args.dataset in ON_DEVICE_AUGMENTED
-    train_data = get_dataset(args.dataset, train_split, smooth_prediction=args.smooth_prediction,
+    train_data = get_dataset(args.dataset, method.train_split(args), smooth_prediction=args.smooth_prediction,
                              augment=not augment_on_device)
     test_data = get_dataset(args.dataset, "test")
     if isinstance(train_data, WithSmoothPrediction):   # pi must be computed for every image used
@@ -344,54 +233,6 @@ class TrainingContext:
                   f"Loss {loss.avg:.4f}\tAcc@1 {acc_text}", flush=True)
 
 
-class GraphedStep:
-    """A method's training step, ``step(*tensors) -> tuple of tensors``, replayed from a CUDA graph.
-
-    ``step`` is one whole SGD step on one mini-batch (forward passes, attack,
-    loss, ``ctx.step``) that reads nothing back to the host and returns
-    detached tensors. For each input
-    shape, its first ``WARMUP`` calls run eagerly on a side stream (real
-    steps: they let cuDNN, the allocator and the optimizer's state settle, as
-    capture requires), the next call is captured into a graph and replayed,
-    and every later call copies its tensors into the graph's inputs and
-    replays it: the same kernels on the same memory, launched with one call.
-    Each call is exactly one step, eager or replayed. Replays advance the CUDA
-    generator as eager steps do, but draw other numbers (same distribution).
-    The learning rate and other optimizer settings are fixed at capture, so a
-    ``GraphedStep`` serves one epoch. The outputs returned are copies.
-    """
-
-    WARMUP = 3
-
-    def __init__(self, step: Callable):
-        self.step = step
-        self.graphs: Dict[tuple, tuple] = {}
-        self.eager_calls: Dict[tuple, int] = {}
-        self.side_stream = torch.cuda.Stream()
-
-    def __call__(self, *inputs: torch.Tensor):
-        key = tuple((t.shape, t.dtype, t.stride()) for t in inputs)
-        if key not in self.graphs:
-            calls = self.eager_calls.get(key, 0)
-            if calls < self.WARMUP:
-                self.eager_calls[key] = calls + 1
-                self.side_stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(self.side_stream):
-                    outputs = self.step(*inputs)
-                torch.cuda.current_stream().wait_stream(self.side_stream)
-                return outputs
-            static_inputs = tuple(t.clone() for t in inputs)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_outputs = self.step(*static_inputs)
-            self.graphs[key] = (graph, static_inputs, static_outputs)
-        graph, static_inputs, static_outputs = self.graphs[key]
-        for static, given in zip(static_inputs, inputs):
-            static.copy_(given)
-        graph.replay()
-        return tuple(t.clone() for t in static_outputs)
-
-
 @contextlib.contextmanager
 def attack_mode(model: torch.nn.Module):
     """Eval mode with frozen parameters for an attack; restores train mode and grads after."""
@@ -406,44 +247,6 @@ def attack_mode(model: torch.nn.Module):
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         model.train(was_training)
-
-
-def use_channels_last(choice, device: torch.device, bf16: bool) -> bool:
-    """Resolve ``--channels-last`` (auto / yes / no; a bool passes through, as in old checkpoints' args)."""
-    if isinstance(choice, bool):
-        return choice
-    if choice == "auto":
-        return device.type == "cpu" or bf16
-    return choice == "yes"
-
-
-# Residual blocks (ours and torchvision's): ``--compile`` compiles each of these instead of the whole model.
-COMPILED_BLOCKS = ("BasicBlock", "Bottleneck")
-
-
-def compile_model(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """Compile ``model`` in place for ``--compile``; returns the modules compiled.
-
-    Each residual block is compiled on its own (regional compilation): the
-    blocks of a ResNet share their code, so one compilation per block shape
-    and mode serves them all, in seconds rather than the minutes of the whole
-    unrolled network, and the fusion that pays (batch norm, ReLU and the
-    residual sum of a block in one pass) lies inside a block. A model without
-    such blocks is compiled whole. ``Module.compile`` keeps the parameter
-    names, so checkpoints are unchanged. Shapes stay static (``dynamic=False``:
-    the last, smaller batch of an epoch gets its own kernels, and the full
-    batches keep theirs), and the recompile limit is raised to cover each
-    block shape in train, attack (eval) and test mode at two batch sizes.
-    """
-    import torch._dynamo
-    config = torch._dynamo.config
-    for limit in ("recompile_limit", "cache_size_limit"):  # the name changed between torch versions
-        if hasattr(config, limit):
-            setattr(config, limit, max(getattr(config, limit), 64))
-    compiled = [module for module in model.modules() if type(module).__name__ in COMPILED_BLOCKS] or [model]
-    for module in compiled:
-        module.compile(dynamic=False)
-    return compiled
 
 
 def test(ctx: TrainingContext, loader, noise_sd: float):
@@ -658,7 +461,7 @@ def _train(method: Method, args):
     check_data_on_device(args)
     dist = Distributed()
     device = dist.device
-    check_cuda_graphs(args, method, device, dist)
+    check_cuda_graphs(args, method.supports_cuda_graphs, device, dist.enabled)
     folder = run_folder(args, method.method_path(args))
     checkpoint_path = os.path.join(folder, CHECKPOINT_NAME)
     log_path = os.path.join(folder, "log.txt")

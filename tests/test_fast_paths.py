@@ -23,7 +23,7 @@ import train_utils
 from architectures import get_architecture
 from archs.lenet import LeNet, _SingleChannelConv2d
 from conftest import REPO, python_env
-from train_utils import compile_model, use_channels_last
+from fast_path import compile_model, use_channels_last
 
 
 def test_single_channel_conv_gradients_match_finite_differences():

@@ -12,8 +12,9 @@ import train_smoothmix
 import train_stab
 from architectures import get_architecture
 from test_datasets_architectures import write_cifar10
-import train_utils
-from train_utils import TensorLoader, TrainingContext, build_parser, make_loaders
+import fast_path
+from fast_path import TensorLoader
+from train_utils import TrainingContext, build_parser, make_loaders
 
 
 # --------------------------------------------------------------------------- logged train loss
@@ -94,13 +95,13 @@ def test_crop_flip_is_torchvision_random_crop_then_flip():
     images = torch.rand(5, 3, 32, 32)
     shifts = torch.tensor([[-4, 4], [0, 0], [3, -2], [4, -4], [-1, 1]])
     flips = torch.tensor([False, True, True, False, True])
-    out = train_utils.crop_flip(images, shifts, flips, 4)
+    out = fast_path.crop_flip(images, shifts, flips, 4)
     for image, (dy, dx), flip, got in zip(images, shifts.tolist(), flips.tolist(), out):
         expected = TF.crop(TF.pad(image, 4), 4 + dy, 4 + dx, 32, 32)
         if flip:
             expected = TF.hflip(expected)
         assert torch.equal(got, expected)
-    row, column, flipped = _decode(train_utils.crop_flip(_coded_image().expand(5, 3, 32, 32), shifts, flips, 4))
+    row, column, flipped = _decode(fast_path.crop_flip(_coded_image().expand(5, 3, 32, 32), shifts, flips, 4))
     assert row.tolist() == shifts[:, 0].tolist() and column.tolist() == shifts[:, 1].tolist()
     assert flipped.tolist() == flips.tolist()
 
@@ -150,7 +151,7 @@ def _augmentations(loader):
     stored = loader.tensors[0]
     n = len(stored)
     choices = [(dy, dx, flip) for dy in range(-4, 5) for dx in range(-4, 5) for flip in (False, True)]
-    candidates = torch.stack([train_utils.crop_flip(stored, torch.tensor([[dy, dx]] * n), torch.tensor([flip] * n), 4)
+    candidates = torch.stack([fast_path.crop_flip(stored, torch.tensor([[dy, dx]] * n), torch.tensor([flip] * n), 4)
                               for dy, dx, flip in choices]).flatten(2)  # [choices, n, pixels]
     found = {}
     for images, _ in loader:
