@@ -18,11 +18,10 @@ From epoch --warmup on the attack radius doubles; from epoch --lr_drop on the
 learning rate is gamma times the step schedule's (``train_utils.lr_factor``, the
 rate the published runs used in each epoch). The published code multiplied the
 rate by gamma at the start of epoch --lr_drop only, and its scheduler undid that
-after one epoch; this is the intent (SPEC 4.7). The train loss logged is
-mean L_low; the train accuracy is measured on the attacked copies.
+after one epoch; this is the intent. The train loss logged is mean L_low; the
+train accuracy is measured on the attacked copies.
 Run folder: logs/{dataset}/catrs/adv_{epsilon}_{num_steps}/lbd_{lbd}/num_{m}/noise_{sigma}/{arch}/{id}/.
 """
-import time
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from attacks import KL_PGD, add_noises, kl_div_per_example
 from common import nonnegative_float, nonnegative_int, positive_int
-from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, train_main
+from train_utils import Method, accuracy, attack_mode, noise_copies, train_main
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -123,45 +122,28 @@ def train_split(args) -> str:
     return f"train_t{args.noise_sd}"
 
 
-def train(ctx, loader, epoch: int):
+def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor, pi: torch.Tensor):
+    """(the CAT-RS loss, mean L_low, accuracy on the attacked copies); ``pi``: [b x K]."""
     args = ctx.args
-    m = args.num_noise_vec
+    m, b = args.num_noise_vec, inputs.shape[0]
+    pi = pi.float()
+    noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
+    with ctx.autocast():
+        logits_clean = ctx.model(add_noises(inputs, noises))
+    logits_clean = logits_clean.view(m, b, -1)
+    num_accepted = sample_num_accepted(acceptance_probability(logits_clean, targets, pi, args.confidence_mask), m)
     attacker = KL_PGD(steps=args.num_steps, max_norm=attack_radius(args, epoch))
-    losses, top1 = AverageMeter(), AverageMeter()
-
-    def step(inputs, targets, pi):
-        """One SGD step on one mini-batch: (mean L_low, accuracy on the attacked copies), as tensors."""
-        b = inputs.shape[0]
-        noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
-        with ctx.autocast():
-            logits_clean = ctx.model(add_noises(inputs, noises))
-        logits_clean = logits_clean.view(m, b, -1)
-        num_accepted = sample_num_accepted(
-            acceptance_probability(logits_clean, targets, pi, args.confidence_mask), m)
-        with attack_mode(ctx.base_model) as model, ctx.autocast():
-            attacked = attacker.attack(model, inputs, pi, noises)
-        with ctx.autocast():
-            logits_adv = ctx.model(add_noises(inputs, attacked))
-        loss, loss_low = catrs_loss(logits_clean, logits_adv.view(m, b, -1), targets, pi, num_accepted, args.lbd)
-        ctx.step(loss)
-        # detached: a returned tensor that held the autograd graph would keep it alive into the next step
-        return loss_low.mean().detach(), accuracy(logits_adv, targets.repeat(m))
-
-    step = ctx.graphed(step)
-    started = time.time()
-    for i, batch in enumerate(loader):
-        batch_inputs, batch_targets, batch_pi = ctx.to_device(batch[0], batch[1], batch[2])
-        for inputs, targets, pi in chunk_minibatches((batch_inputs, batch_targets, batch_pi.float()), m):
-            loss_low, acc = step(inputs, targets, pi)
-            losses.update(loss_low, inputs.shape[0])
-            top1.update(acc, inputs.shape[0])
-        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
-    return losses.avg, top1.avg
+    with attack_mode(ctx.base_model) as model, ctx.autocast():
+        attacked = attacker.attack(model, inputs, pi, noises)
+    with ctx.autocast():
+        logits_adv = ctx.model(add_noises(inputs, attacked))
+    loss, loss_low = catrs_loss(logits_clean, logits_adv.view(m, b, -1), targets, pi, num_accepted, args.lbd)
+    return loss, loss_low.mean(), accuracy(logits_adv, targets.repeat(m))
 
 
 METHOD = Method(description="CAT-RS: confidence-aware training of smoothed classifiers (Jeong et al., AAAI 2023)",
-                method_path=method_path, train=train, add_arguments=add_arguments, train_split=train_split,
-                lr_multiplier=lr_multiplier, supports_cuda_graphs=True)
+                method_path=method_path, batch_loss=batch_loss, add_arguments=add_arguments, train_split=train_split,
+                lr_multiplier=lr_multiplier, minibatches=noise_copies, supports_cuda_graphs=True)
 
 
 def main(argv=None):

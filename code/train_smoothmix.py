@@ -19,13 +19,12 @@ Run folder: logs/{dataset}/smix_{alpha}_{steps}_m{mix_step}[_ms{maxnorm_s}][_max
 eta_{eta}/num_{m}/noise_{sigma}/{arch}/{id}/; as published, a part is present only when its
 value is given and non-zero.
 """
-import time
 import torch
 import torch.nn.functional as F
 
 from attacks import SmoothMix_PGD, add_noises, kl_div_per_example, per_example
 from common import nonnegative_float, nonnegative_int, positive_float, positive_int
-from train_utils import AverageMeter, Method, attack_mode, chunk_minibatches, train_main
+from train_utils import Method, attack_mode, noise_copies, train_main
 
 
 # --------------------------------------------------------------------------- the loss
@@ -95,37 +94,28 @@ def method_path(args) -> str:
     return f"{mode}/eta_{args.eta}/num_{args.num_noise_vec}/noise_{args.noise_sd}"
 
 
-def train(ctx, loader, epoch: int):
+def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor):
+    """(the SmoothMix loss, the same, None: the train accuracy is not measured, as published)."""
     args = ctx.args
-    m = args.num_noise_vec
+    m, b = args.num_noise_vec, inputs.shape[0]
     w_e = warmup_factor(epoch, args.warmup)
     attacker = SmoothMix_PGD(steps=args.num_steps, mix_step=args.mix_step, alpha=args.alpha,
                              maxnorm_s=w_e * base_maxnorm_s(args), maxnorm=args.maxnorm)
-    losses, top1 = AverageMeter(), AverageMeter()
-    started = time.time()
-    for i, batch in enumerate(loader):
-        batch_inputs, batch_targets = ctx.to_device(batch[0], batch[1])
-        for inputs, targets in chunk_minibatches((batch_inputs, batch_targets), m):
-            b = inputs.shape[0]
-            noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
-            with attack_mode(ctx.base_model) as model, ctx.autocast():
-                init, adv = attacker.attack(model, inputs, targets, noises)
-            with ctx.autocast():
-                logits_clean = ctx.model(add_noises(init, noises))
-            lam = torch.rand(b, device=inputs.device) / 2
-            with ctx.autocast():
-                logits_mix = ctx.model(add_noises(mix(init, adv, lam), noises))
-            loss = smoothmix_loss(logits_clean.view(m, b, -1), logits_mix.view(m, b, -1), targets, lam,
-                                  args.eta * w_e)
-            ctx.step(loss)
-            losses.update(loss, b)
-        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
-    return losses.avg, 0.0
+    noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
+    with attack_mode(ctx.base_model) as model, ctx.autocast():
+        init, adv = attacker.attack(model, inputs, targets, noises)
+    with ctx.autocast():
+        logits_clean = ctx.model(add_noises(init, noises))
+    lam = torch.rand(b, device=inputs.device) / 2
+    with ctx.autocast():
+        logits_mix = ctx.model(add_noises(mix(init, adv, lam), noises))
+    loss = smoothmix_loss(logits_clean.view(m, b, -1), logits_mix.view(m, b, -1), targets, lam, args.eta * w_e)
+    return loss, loss, None
 
 
-METHOD = Method(description="SmoothMix (Jeong et al., NeurIPS 2021)", method_path=method_path, train=train,
-                add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50},
-                measures_train_accuracy=False)
+METHOD = Method(description="SmoothMix (Jeong et al., NeurIPS 2021)", method_path=method_path,
+                batch_loss=batch_loss, add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50},
+                minibatches=noise_copies, measures_train_accuracy=False)
 
 
 def main(argv=None):

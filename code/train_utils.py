@@ -1,9 +1,10 @@
-"""The training loop every ``train_*.py`` shares (SPEC section 3).
+"""The training loop every ``train_*.py`` shares.
 
-A training script describes its method with a ``Method``: its options, its
-run-folder path and its ``train`` function (one epoch). ``train_main``
-does everything else: the common options, the data, the model, SGD with the
-step schedule, noisy test accuracy after every epoch, ``log.txt``,
+A training script describes its method with a ``Method``: the loss of one
+mini-batch (with its attack), its options and its run-folder path.
+``train_main`` does everything else: the common options, the data, the model,
+SGD with the step schedule, the epoch (meters, timing, console and device
+moves; ``train_epoch``), noisy test accuracy after every epoch, ``log.txt``,
 TensorBoard, a copy of ``code/`` in the run folder, and checkpoints. The fast
 path (data on the device, channels-last, CUDA graphs, ``--compile``) lives in
 ``fast_path``.
@@ -31,7 +32,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from torch.utils.data.distributed import DistributedSampler
 from architectures import ARCHITECTURES, check_architecture, get_architecture
 from common import (ArgumentParser, Distributed, UserError, atomic_save, load_checkpoint, replace_atomic,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli, RESUME_TRAINING)
-from datasets import DATASETS, WithSmoothPrediction, get_dataset, get_num_classes
+from datasets import DATASETS, WithSmoothPrediction, get_dataset
 from fast_path import (ON_DEVICE_AUGMENTED, GraphedStep, TensorLoader, add_fast_path_arguments, check_cuda_graphs,
                        check_data_on_device, compile_model, data_on_device, use_channels_last)
 
@@ -52,26 +53,44 @@ LOG_HEADER = "epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
 
+def noise_copies(args) -> int:
+    """``--num-noise-vec`` (m): the chunked methods split each loader batch into m mini-batches."""
+    return args.num_noise_vec
+
+
 @dataclass
 class Method:
-    """What a training script adds to the shared loop.
+    """A training method: the loss of one mini-batch, its options and its run folder.
 
-    ``train(ctx, loader, epoch) -> (mean train loss, train accuracy in %)`` runs one epoch.
-    ``defaults`` overrides common defaults (e.g. ``{"epochs": 150}``);
-    ``train_split(args)`` names the training split; ``lr_multiplier(args, epoch)``
-    scales the step schedule's learning rate. ``measures_train_accuracy=False``
-    marks a method that, as published, does not measure its train accuracy: its
-    ``train`` returns 0.0, which log.txt keeps, and the console says "n/a".
+    ``batch_loss(ctx, epoch, *tensors) -> (objective, logged loss, accuracy)`` is the method: the loss
+    of one mini-batch in the 0-based ``epoch``, whose tensors are the items of a loader batch on the
+    device (images [b x C x H x W] in [0, 1], labels [b], and for the ``train_t{sigma}`` split the
+    smoothed prediction pi [b x K]). ``objective`` is the 0-d tensor SGD minimises, ``logged`` the 0-d
+    tensor log.txt averages as the train loss, ``accuracy`` the train accuracy in % (0-d tensor) or None
+    when ``measures_train_accuracy`` is False (as published: log.txt's column then holds 0.0 and the
+    console says "n/a"). The model is in train mode (attacks switch it with ``attack_mode``). A
+    ``batch_loss`` that reads nothing back to the host lets the host run ahead of the device, and can
+    be replayed from a CUDA graph.
+
+    ``method_path(args)`` names the run folder below ``{logdir}/{dataset}/``; ``add_arguments(parser)``
+    adds the method's options and ``defaults`` overrides common defaults (e.g. ``{"epochs": 150}``);
+    ``train_split(args)`` names the training split; ``lr_multiplier(args, epoch)`` scales the step
+    schedule's learning rate. ``minibatches(args)``: each loader batch is split into that many
+    consecutive mini-batches, one SGD step each (``chunk_minibatches``). ``logged_per_example(args)``:
+    how many times each example of a mini-batch counts in the epoch's averages.
+    ``supports_cuda_graphs``: a GPU has run the method's graphed step (``--cuda-graphs``).
     """
     description: str
     method_path: Callable
-    train: Callable
+    batch_loss: Callable
     add_arguments: Callable = lambda parser: None
     defaults: Dict = field(default_factory=dict)
     train_split: Callable = lambda args: "train"
     lr_multiplier: Callable = lambda args, epoch: 1.0
+    minibatches: Callable = lambda args: 1
+    logged_per_example: Callable = lambda args: 1
     measures_train_accuracy: bool = True
-    supports_cuda_graphs: bool = False   # its ``train`` runs each step through ``TrainingContext.graphed``
+    supports_cuda_graphs: bool = False
 
 
 # --------------------------------------------------------------------------- options
@@ -187,14 +206,12 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TrainingContext:
-    """What a method's ``train`` uses: the model (DDP-wrapped under torchrun), optimizer, device, options."""
+    """What a method's ``batch_loss`` uses: the model (DDP-wrapped under torchrun), optimizer, device, options."""
     args: object
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
-    num_classes: int
     dist: Distributed
-    writer: object = None
     channels_last: bool = False   # ``--channels-last`` resolved for this device (``use_channels_last``)
 
     @property
@@ -213,11 +230,14 @@ class TrainingContext:
         """``step`` replayed from CUDA graphs with ``--cuda-graphs`` (see ``GraphedStep``), else ``step``."""
         return GraphedStep(step) if self.args.cuda_graphs else step
 
+    def memory_format(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the model's memory format: channels-last for an image batch where that is in use."""
+        if self.channels_last and tensor.dim() == 4:
+            return tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
     def to_device(self, *tensors):
-        moved = tuple(t.to(self.device, non_blocking=True) for t in tensors)
-        if self.channels_last:
-            moved = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in moved)
-        return moved
+        return tuple(self.memory_format(t.to(self.device, non_blocking=True)) for t in tensors)
 
     def step(self, loss: torch.Tensor):
         self.optimizer.zero_grad()
@@ -247,6 +267,60 @@ def attack_mode(model: torch.nn.Module):
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+# --------------------------------------------------------------------------- the epoch
+
+def chunk_minibatches(tensors, num: int):
+    """Split a loader batch (a sequence of tensors) into ``num`` consecutive mini-batches of len // num examples.
+
+    The chunked methods take one SGD step per mini-batch. With ``num`` 1 the
+    batch itself is the one mini-batch; otherwise the remainder of the
+    division is dropped, as in the published code, and a batch smaller than
+    ``num`` yields nothing.
+    """
+    if num == 1:
+        yield tuple(tensors)
+        return
+    size = tensors[0].shape[0] // num
+    if size == 0:
+        return
+    for i in range(num):
+        yield tuple(t[i * size:(i + 1) * size] for t in tensors)
+
+
+def sgd_step(method: Method, ctx: TrainingContext, epoch: int) -> Callable:
+    """``step(*tensors) -> (logged loss,)`` or ``(logged loss, accuracy)``: one SGD step on one mini-batch.
+
+    The values returned are detached 0-d tensors: a tensor that held the
+    autograd graph would keep it alive into the next step.
+    """
+    def step(*tensors):
+        objective, logged, accuracy = method.batch_loss(ctx, epoch, *tensors)
+        ctx.step(objective)
+        return (logged.detach(),) if accuracy is None else (logged.detach(), accuracy.detach())
+    return step
+
+
+def train_epoch(method: Method, ctx: TrainingContext, loader, epoch: int) -> Tuple[float, float]:
+    """One epoch of ``method`` over ``loader``: (mean train loss, train accuracy in %, 0.0 if not measured).
+
+    The means weigh each mini-batch by its examples (times ``logged_per_example``);
+    the console shows them every ``--print-freq`` batches.
+    """
+    step = ctx.graphed(sgd_step(method, ctx, epoch))
+    num_minibatches, weight = method.minibatches(ctx.args), method.logged_per_example(ctx.args)
+    losses, top1 = AverageMeter(), AverageMeter()
+    started = time.time()
+    for i, batch in enumerate(loader):
+        for minibatch in chunk_minibatches(ctx.to_device(*batch), num_minibatches):
+            loss, *accuracy = step(*minibatch)
+            count = minibatch[0].shape[0] * weight
+            losses.update(loss, count)
+            if accuracy:
+                top1.update(accuracy[0], count)
+        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
+    return losses.avg, top1.avg
 
 
 def test(ctx: TrainingContext, loader, noise_sd: float):
@@ -436,7 +510,7 @@ def record_overrides(folder: str, start_epoch: int, changes: List[str]):
                      f"{'; '.join(changes)}\n")
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the run
 
 def parse_args(method: Method, argv=None):
     parser = build_parser(method)
@@ -457,45 +531,70 @@ def train_main(method: Method, argv=None):
     run_cli(lambda: _train(method, parse_args(method, argv)), resume_hint=RESUME_TRAINING)
 
 
+@dataclass
+class _Run:
+    """What a training run carries from epoch to epoch."""
+    method: Method
+    ctx: TrainingContext
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_loader: object
+    test_loader: object
+    loader_generator: torch.Generator
+    folder: str
+    log_rows: List[str]
+    writer: object = None
+
+
 def _train(method: Method, args):
     check_data_on_device(args)
     dist = Distributed()
-    device = dist.device
-    check_cuda_graphs(args, method.supports_cuda_graphs, device, dist.enabled)
+    check_cuda_graphs(args, method.supports_cuda_graphs, dist.device, dist.enabled)
     folder = run_folder(args, method.method_path(args))
-    checkpoint_path = os.path.join(folder, CHECKPOINT_NAME)
-    log_path = os.path.join(folder, "log.txt")
+    checkpoint, overrides = _read_checkpoint(method, args, folder, dist)
+    if checkpoint is not None and int(checkpoint["epoch"]) >= args.epochs:
+        if dist.is_main:
+            print(f"already complete: {int(checkpoint['epoch'])} epochs, {_checkpoint_path(folder)}", flush=True)
+        dist.close()
+        return
+    run, start_epoch = _start(method, args, dist, folder, checkpoint, overrides)
+    for epoch in range(start_epoch, args.epochs):
+        _run_epoch(run, epoch)
+    if run.writer is not None:
+        run.writer.close()
+    if dist.is_main:
+        print(f"run folder: {folder}", flush=True)
+    dist.barrier()
+    dist.close()
 
-    checkpoint, overrides = None, []
-    if os.path.exists(checkpoint_path):
-        if not args.resume:
-            raise UserError(f"run folder '{folder}' already holds a checkpoint; add --resume to continue it, "
-                            "or choose another --id")
-        checkpoint = load_checkpoint(checkpoint_path)
-        stored = checkpoint.get("args")
-        if args.seed is None and isinstance(stored, dict) and stored.get("seed") is not None:
-            args.seed = stored["seed"]
-        parser = build_parser(method)
-        defaults = {key: parser.get_default(key) for key in vars(args)}
-        overrides = check_resume_arguments(checkpoint, args, defaults, checkpoint_path)
-        done = int(checkpoint["epoch"])
-        if done >= args.epochs:
-            if dist.is_main:
-                print(f"already complete: {done} epochs, {checkpoint_path}", flush=True)
-            dist.close()
-            return
-    elif args.resume and dist.is_main:
-        print(f"--resume: no checkpoint in '{folder}', starting a fresh run", flush=True)
-    if args.seed is None:
-        args.seed = random.randint(0, 2 ** 31)
-    seed_everything(args.seed + dist.rank)
-    loader_generator = torch.Generator()
-    loader_generator.manual_seed(loader_seed(args.seed))
 
-    if device.type == "cuda":
-        # the shapes repeat every step, so cuDNN's timed choice of kernels pays off (as in torchvision's references)
-        torch.backends.cudnn.benchmark = True
-    train_loader, test_loader = make_loaders(args, method, device, dist, loader_generator)
+def _checkpoint_path(folder: str) -> str:
+    return os.path.join(folder, CHECKPOINT_NAME)
+
+
+def _read_checkpoint(method: Method, args, folder: str, dist: Distributed):
+    """(the run folder's checkpoint or None, the argument changes ``--resume-changed-args`` accepted).
+
+    Refuses an existing checkpoint without ``--resume``; a resume without ``--seed`` takes the stored one.
+    """
+    checkpoint_path = _checkpoint_path(folder)
+    if not os.path.exists(checkpoint_path):
+        if args.resume and dist.is_main:
+            print(f"--resume: no checkpoint in '{folder}', starting a fresh run", flush=True)
+        return None, []
+    if not args.resume:
+        raise UserError(f"run folder '{folder}' already holds a checkpoint; add --resume to continue it, "
+                        "or choose another --id")
+    checkpoint = load_checkpoint(checkpoint_path)
+    stored = checkpoint.get("args")
+    if args.seed is None and isinstance(stored, dict) and stored.get("seed") is not None:
+        args.seed = stored["seed"]
+    parser = build_parser(method)
+    defaults = {key: parser.get_default(key) for key in vars(args)}
+    return checkpoint, check_resume_arguments(checkpoint, args, defaults, checkpoint_path)
+
+
+def _build_model(args, device: torch.device) -> Tuple[torch.nn.Module, bool]:
+    """The model (initial or ``--pretrained-model`` weights, memory format, compiled) and channels-last."""
     model = get_architecture(args.arch, args.dataset, device)
     if args.pretrained_model:
         pretrained = load_checkpoint(args.pretrained_model, map_location=device)
@@ -508,87 +607,112 @@ def _train(method: Method, args):
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         compile_model(model)
+    return model, channels_last
+
+
+def _start(method: Method, args, dist: Distributed, folder: str, checkpoint: Optional[dict],
+           overrides: List[str]) -> Tuple[_Run, int]:
+    """Seed, load the data, build the model and optimizer (restored from ``checkpoint`` if given) and
+    prepare the run folder; returns the run and its first epoch."""
+    if args.seed is None:
+        args.seed = random.randint(0, 2 ** 31)
+    seed_everything(args.seed + dist.rank)
+    loader_generator = torch.Generator()
+    loader_generator.manual_seed(loader_seed(args.seed))
+    device = dist.device
+    if device.type == "cuda":
+        # the shapes repeat every step, so cuDNN's timed choice of kernels pays off (as in torchvision's references)
+        torch.backends.cudnn.benchmark = True
+    train_loader, test_loader = make_loaders(args, method, device, dist, loader_generator)
+    model, channels_last = _build_model(args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     # LambdaLR's factor for epoch e is the rate used in epoch e (the scheduler steps after each epoch).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(method, args))
-
     start_epoch, log_rows = 0, []
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if "scheduler" in checkpoint:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch = int(checkpoint["epoch"])
-        log_rows = list(checkpoint.get("log", []))
-        states = checkpoint.get("rng")
-        if states:
-            set_rng_state(states[dist.rank] if dist.rank < len(states) else states[0], loader_generator)
-        if overrides:
-            apply_optimizer_arguments(optimizer, scheduler, args)
+        start_epoch, log_rows = _restore(checkpoint, model, scheduler, loader_generator, dist, args, overrides)
         if dist.is_main:
             print(f"resuming '{folder}' after epoch {start_epoch - 1}", flush=True)
             if overrides:
                 print(f"warning: resuming with changed arguments ({'; '.join(overrides)}); recorded in "
                       f"{os.path.join(folder, OVERRIDES_NAME)}", file=sys.stderr, flush=True)
-
     if dist.enabled:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        ddp_model = model
-
-    writer = None
-    if dist.is_main:
-        os.makedirs(folder, exist_ok=True)
-        shutil.copytree(CODE_DIR, os.path.join(folder, "code"), dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "dataset_cache"))
-        write_log(log_path, log_rows)
-        if overrides:
-            record_overrides(folder, start_epoch, overrides)
-        writer = _summary_writer(folder, start_epoch)
-        if not method.measures_train_accuracy:
-            print("note: this method does not measure its train accuracy (as published): log.txt's train acc "
-                  "column holds 0.0 and the console shows n/a", flush=True)
-    ctx = TrainingContext(args=args, model=ddp_model, optimizer=optimizer, device=device,
-                          num_classes=get_num_classes(args.dataset), dist=dist, writer=writer,
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = _prepare_folder(method, folder, log_rows, start_epoch, overrides) if dist.is_main else None
+    ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=device, dist=dist,
                           channels_last=channels_last)
+    return _Run(method, ctx, scheduler, train_loader, test_loader, loader_generator, folder, log_rows,
+                writer), start_epoch
 
-    for epoch in range(start_epoch, args.epochs):
-        if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        before = time.time()
-        ddp_model.train()
-        train_loss, train_acc = method.train(ctx, train_loader, epoch)
-        train_loss, train_acc = dist.mean(train_loss, train_acc)
-        test_loss, test_acc = test(ctx, test_loader, args.noise_sd)
-        after = time.time()
-        scheduler.step()
-        rngs = gather_rng_states(dist, loader_generator)
-        if not dist.is_main:
-            continue
-        if not np.isfinite(train_loss):
-            print(f"warning: train loss is {train_loss} in epoch {epoch}", file=sys.stderr)
-        log_rows.append(format_log_row(epoch, after - before, lr, train_loss, train_acc, test_loss, test_acc))
-        train_acc_text = f"{train_acc:.2f}" if method.measures_train_accuracy else "n/a"
-        print(f"epoch {epoch}/{args.epochs - 1}: lr {lr:.3g}  train loss {train_loss:.4f}  train acc "
-              f"{train_acc_text}  noisy test loss {test_loss:.4f}  noisy test acc {test_acc:.2f}  "
-              f"({after - before:.1f}s)", flush=True)
-        atomic_save({"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": rngs, "args": vars(args), "log": log_rows}, checkpoint_path)
-        write_log(log_path, log_rows)
-        if writer is not None:
-            for name, value in (("loss/train", train_loss), ("loss/test", test_loss), ("accuracy/train", train_acc),
-                                ("accuracy/test", test_acc), ("learning_rate", lr), ("time/epoch", after - before)):
-                writer.add_scalar(name, value, epoch)
-            writer.flush()
-    if writer is not None:
-        writer.close()
-    if dist.is_main:
-        print(f"run folder: {folder}", flush=True)
-    dist.barrier()
-    dist.close()
+
+def _restore(checkpoint: dict, model: torch.nn.Module, scheduler, loader_generator: torch.Generator,
+             dist: Distributed, args, overrides: List[str]) -> Tuple[int, List[str]]:
+    """Load the checkpoint's weights, optimizer, schedule and random states; (first epoch, log rows)."""
+    optimizer = scheduler.optimizer
+    model.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if "scheduler" in checkpoint:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    states = checkpoint.get("rng")
+    if states:
+        set_rng_state(states[dist.rank] if dist.rank < len(states) else states[0], loader_generator)
+    if overrides:
+        apply_optimizer_arguments(optimizer, scheduler, args)
+    return int(checkpoint["epoch"]), list(checkpoint.get("log", []))
+
+
+def _prepare_folder(method: Method, folder: str, log_rows: List[str], start_epoch: int, overrides: List[str]):
+    """The run folder with a copy of ``code/``, ``log.txt`` so far and any overrides; its TensorBoard writer."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copytree(CODE_DIR, os.path.join(folder, "code"), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "dataset_cache"))
+    write_log(os.path.join(folder, "log.txt"), log_rows)
+    if overrides:
+        record_overrides(folder, start_epoch, overrides)
+    if not method.measures_train_accuracy:
+        print("note: this method does not measure its train accuracy (as published): log.txt's train acc "
+              "column holds 0.0 and the console shows n/a", flush=True)
+    return _summary_writer(folder, start_epoch)
+
+
+def _run_epoch(run: _Run, epoch: int):
+    """Train one epoch, test, step the schedule; on rank 0 log the epoch and save the checkpoint."""
+    ctx = run.ctx
+    if isinstance(getattr(run.train_loader, "sampler", None), DistributedSampler):
+        run.train_loader.sampler.set_epoch(epoch)
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    before = time.time()
+    ctx.model.train()
+    train_loss, train_acc = ctx.dist.mean(*train_epoch(run.method, ctx, run.train_loader, epoch))
+    test_loss, test_acc = test(ctx, run.test_loader, ctx.args.noise_sd)
+    seconds = time.time() - before
+    run.scheduler.step()
+    rngs = gather_rng_states(ctx.dist, run.loader_generator)
+    if ctx.dist.is_main:
+        _record_epoch(run, epoch, lr, seconds, (train_loss, train_acc, test_loss, test_acc), rngs)
+
+
+def _record_epoch(run: _Run, epoch: int, lr: float, seconds: float, values, rngs: List[dict]):
+    """Console line, log.txt row, checkpoint and TensorBoard scalars of a finished epoch."""
+    train_loss, train_acc, test_loss, test_acc = values
+    args, model, optimizer = run.ctx.args, run.ctx.base_model, run.ctx.optimizer
+    if not np.isfinite(train_loss):
+        print(f"warning: train loss is {train_loss} in epoch {epoch}", file=sys.stderr)
+    run.log_rows.append(format_log_row(epoch, seconds, lr, train_loss, train_acc, test_loss, test_acc))
+    train_acc_text = f"{train_acc:.2f}" if run.method.measures_train_accuracy else "n/a"
+    print(f"epoch {epoch}/{args.epochs - 1}: lr {lr:.3g}  train loss {train_loss:.4f}  train acc "
+          f"{train_acc_text}  noisy test loss {test_loss:.4f}  noisy test acc {test_acc:.2f}  "
+          f"({seconds:.1f}s)", flush=True)
+    atomic_save({"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "rng": rngs, "args": vars(args), "log": run.log_rows}, _checkpoint_path(run.folder))
+    write_log(os.path.join(run.folder, "log.txt"), run.log_rows)
+    if run.writer is not None:
+        for name, value in (("loss/train", train_loss), ("loss/test", test_loss), ("accuracy/train", train_acc),
+                            ("accuracy/test", test_acc), ("learning_rate", lr), ("time/epoch", seconds)):
+            run.writer.add_scalar(name, value, epoch)
+        run.writer.flush()
 
 
 def _summary_writer(folder: str, start_epoch: int):
@@ -601,19 +725,3 @@ def _summary_writer(folder: str, start_epoch: int):
         except ImportError:
             return None
     return SummaryWriter(folder, purge_step=start_epoch if start_epoch > 0 else None)
-
-
-# --------------------------------------------------------------------------- mini-batches
-
-def chunk_minibatches(tensors, num: int):
-    """Split a loader batch (a sequence of tensors) into ``num`` consecutive mini-batches of len // num examples.
-
-    The chunked methods take one SGD step per mini-batch (SPEC 4). The remainder
-    of the division is dropped, as in the published code; a batch smaller than
-    ``num`` yields nothing.
-    """
-    size = tensors[0].shape[0] // num
-    if size == 0:
-        return
-    for i in range(num):
-        yield tuple(t[i * size:(i + 1) * size] for t in tensors)

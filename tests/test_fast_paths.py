@@ -76,8 +76,7 @@ def test_noisy_test_pass_is_the_weighted_mean_over_batches():
     class Args:
         bf16 = False
         channels_last = False
-    ctx = train_utils.TrainingContext(args=Args(), model=model, optimizer=None, device=torch.device("cpu"),
-                                      num_classes=3, dist=None)
+    ctx = train_utils.TrainingContext(args=Args(), model=model, optimizer=None, device=torch.device("cpu"), dist=None)
     torch.manual_seed(4)
     loss, acc = train_utils.test(ctx, batches, 0.0)
     with torch.no_grad():

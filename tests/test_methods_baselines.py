@@ -390,14 +390,16 @@ def test_macer_loss_matches_hand_computation(margin, expected_kept):
     expected, kept = macer_by_hand(MACER_LOGITS, MACER_LABELS, beta, margin, sigma, lbd)
     assert kept == expected_kept
     logits = torch.tensor(MACER_LOGITS.reshape(-1, 3), dtype=torch.float32, requires_grad=True)
-    loss = train_macer.macer_loss(logits, torch.tensor(MACER_LABELS), 3, beta, margin, sigma, lbd)
+    loss, classification = train_macer.macer_loss(logits, torch.tensor(MACER_LABELS), 3, beta, margin, sigma, lbd)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     # Without the robustness term only the classification loss remains.
     cl_only, _ = macer_by_hand(MACER_LOGITS, MACER_LABELS, beta, margin, sigma, 0.0)
-    loss0 = train_macer.macer_loss(logits, torch.tensor(MACER_LABELS), 3, beta, margin, sigma, 0.0)
+    loss0, classification0 = train_macer.macer_loss(logits, torch.tensor(MACER_LABELS), 3, beta, margin, sigma, 0.0)
     assert loss0.item() == pytest.approx(cl_only, rel=1e-5)
+    # the part logged as the train loss is the classification loss, whatever the weight of the robustness term
+    assert classification.item() == classification0.item() == pytest.approx(cl_only, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- consistency

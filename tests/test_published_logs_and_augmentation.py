@@ -14,26 +14,26 @@ from architectures import get_architecture
 from test_datasets_architectures import write_cifar10
 import fast_path
 from fast_path import TensorLoader
-from train_utils import TrainingContext, build_parser, make_loaders
+from train_utils import TrainingContext, build_parser, make_loaders, train_epoch
 
 
 # --------------------------------------------------------------------------- logged train loss
 
 def _logged_train_loss(module, options, seed=0):
-    """One epoch of ``module.train`` at learning rate 0 (the model never changes) on fixed random data."""
+    """One epoch of ``module.METHOD`` at learning rate 0 (the model never changes) on fixed random data."""
     args = build_parser(module.METHOD).parse_args(["fmnist", "lenet", "--lr", "1e-9", "--print-freq", "1000"]
                                                    + options)
     torch.manual_seed(123)
     model = get_architecture("lenet", "fmnist", "cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=torch.device("cpu"), num_classes=10,
+    ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=torch.device("cpu"),
                           dist=types.SimpleNamespace(is_main=False, enabled=False))
     generator = torch.Generator().manual_seed(7)
     loader = [(torch.rand(32, 1, 28, 28, generator=generator), torch.randint(0, 10, (32,), generator=generator))
               for _ in range(2)]
     model.train()
     torch.manual_seed(seed)
-    loss, _ = module.train(ctx, loader, 40)
+    loss, _ = train_epoch(module.METHOD, ctx, loader, 40)
     return loss, loader, model
 
 
