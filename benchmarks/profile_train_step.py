@@ -1,8 +1,8 @@
 """Where the GPU time of a training step goes: kernel time per step by kind of kernel (a GPU profile).
 
-Runs a method's real training epoch (``train_utils.train_epoch``) (CAT-RS by default, with the options of its
-published CIFAR-10 command) on random CIFAR-sized batches held on the GPU,
-eagerly, under ``torch.profiler``, and prints per SGD step: the number of
+Runs a method's real training epoch (``train_utils.train_epoch``; CAT-RS by
+default, with the options of its published CIFAR-10 command) on random
+CIFAR-sized batches held on the GPU, eagerly, under ``torch.profiler``, and prints per SGD step: the number of
 kernels and their summed time, split into convolutions (cuDNN), batch norm,
 other elementwise work, fused kernels of ``--compile`` (Triton) and the rest,
 then the costliest kernels. The wall time per step is measured apart from the
