@@ -1,8 +1,8 @@
 """Where the GPU time of a training step goes: kernel time per step by kind of kernel (a GPU profile).
 
-Runs a method's real ``train`` (CAT-RS by default, with the options of its
-published CIFAR-10 command) on random CIFAR-sized batches held on the GPU,
-eagerly, under ``torch.profiler``, and prints per SGD step: the number of
+Runs a method's real training epoch (``train_utils.train_epoch``; CAT-RS by
+default, with the options of its published CIFAR-10 command) on random
+CIFAR-sized batches held on the GPU, eagerly, under ``torch.profiler``, and prints per SGD step: the number of
 kernels and their summed time, split into convolutions (cuDNN), batch norm,
 other elementwise work, fused kernels of ``--compile`` (Triton) and the rest,
 then the costliest kernels. The wall time per step is measured apart from the
@@ -23,7 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "code"))
 from architectures import get_architecture  # noqa: E402
 from common import ArgumentParser, UserError, positive_int, run_cli  # noqa: E402
-from train_utils import TrainingContext, build_parser, compile_model  # noqa: E402
+from fast_path import compile_model  # noqa: E402
+from train_utils import TrainingContext, build_parser, train_epoch  # noqa: E402
 
 CATRS_OPTIONS = ["--noise", "0.25", "--num-noise-vec", "4", "--eps", "256", "--num-steps", "4", "--lbd", "0.5"]
 # the first kind whose keys a kernel's name holds; ``--compile``'s Triton kernels first, since their names
@@ -37,7 +38,7 @@ KINDS = (("fused (Triton)", ("triton",)),
 
 def random_epoch(module, options, arch="cifar_resnet20", batches=2, batch=32, bf16=False, cuda_graphs=False,
                  compile=False, lr=0.01):
-    """``module.train`` over ``batches`` random CIFAR-sized batches on the GPU: ``epoch()`` runs it once
+    """``train_epoch`` of ``module.METHOD`` over ``batches`` random CIFAR-sized batches on the GPU: ``epoch()`` runs it once
     (``epoch.ctx`` is its ``TrainingContext``); channels-last goes with ``bf16``."""
     args = build_parser(module.METHOD).parse_args(["cifar10", arch, "--lr", str(lr), "--print-freq", "1000000"] +
                                                   options + (["--bf16"] if bf16 else []) +
@@ -50,7 +51,7 @@ def random_epoch(module, options, arch="cifar_resnet20", batches=2, batch=32, bf
     if compile:
         compile_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=device, num_classes=10,
+    ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=device,
                           dist=types.SimpleNamespace(is_main=False, enabled=False), channels_last=bf16)
     loader = []
     for _ in range(batches):
@@ -62,7 +63,7 @@ def random_epoch(module, options, arch="cifar_resnet20", batches=2, batch=32, bf
     torch.cuda.synchronize()
 
     def epoch():
-        return module.train(ctx, loader, 0)
+        return train_epoch(module.METHOD, ctx, loader, 0)
     epoch.ctx = ctx
     return epoch
 

@@ -1,37 +1,40 @@
-"""L2 attacks on smoothed classifiers used for adversarial training.
+"""The attacks of adversarial smoothed training, and the noise helpers they share with the losses.
 
-* ``PGD_L2`` and ``DDN``: the attacks of SmoothAdv (Salman, Li, Razenshteyn,
-  Zhang, Zhang, Bubeck and Yang, "Provably Robust Deep Learning via
-  Adversarially Trained Smoothed Classifiers", NeurIPS 2019). DDN is the
-  decoupled direction and norm attack of Rony, Hafemann, Oliveira, Ben Ayed,
-  Sabourin and Granger ("Decoupling Direction and Norm for Efficient
-  Gradient-Based L2 Adversarial Attacks and Defenses", CVPR 2019).
-* ``SmoothAdv_PGD``: the SmoothAdv PGD attack as used with consistency
-  regularisation (Jeong and Shin, "Consistency Regularization for Certified
-  Robustness of Smoothed Classifiers", NeurIPS 2020), taking one noise tensor
-  per copy.
+* ``PGD_L2`` and ``DDN``: the attacks of SmoothAdv (Salman, Li, Razenshteyn, Zhang, Zhang, Bubeck and
+  Yang, "Provably Robust Deep Learning via Adversarially Trained Smoothed Classifiers", NeurIPS 2019).
+  DDN is the decoupled direction and norm attack of Rony, Hafemann, Oliveira, Ben Ayed, Sabourin and
+  Granger ("Decoupling Direction and Norm for Efficient Gradient-Based L2 Adversarial Attacks and
+  Defenses", CVPR 2019).
+* ``SmoothAdv_PGD``: SmoothAdv's PGD attack as consistency regularisation uses it (Jeong and Shin,
+  "Consistency Regularization for Certified Robustness of Smoothed Classifiers", NeurIPS 2020).
+* ``SmoothMix_PGD``: the adversary of SmoothMix (Jeong, Park, Kim, Lee, Kim and Shin, "SmoothMix:
+  Training Confidence-calibrated Smoothed Classifiers for Certified Robustness", NeurIPS 2021).
+* ``KL_PGD``: the adversary on the noise of CAT-RS (Jeong, Kim and Shin, "Confidence-aware Training of
+  Smoothed Classifiers for Certified Robustness", AAAI 2023).
 
-Layouts. ``PGD_L2`` and ``DDN`` take ``inputs`` of shape (b * m, ...) in which
-each of the b examples is repeated m = ``num_noise_vectors`` times with its
-copies adjacent (``x.repeat_interleave(m, 0)``), ``labels`` of shape (b,) and a
-``noise`` tensor shaped like ``inputs``. They return ``inputs + d`` (same shape,
-same layout) with one perturbation d per example shared by its m copies.
-``SmoothAdv_PGD`` takes ``inputs`` (b, ...), ``labels`` (b,) and a list of m
-noise tensors shaped like ``inputs``; its copies are copy-major
-([x + e_1; ...; x + e_m]).
+Two layouts of the m noisy copies of b examples, each the one its published method used (the order of
+the rows decides the float rounding of every sum over the batch, so a common layout would change the
+numbers of one side):
 
-All attacks expect pixels in [0, 1] and a model in eval mode with frozen
-parameters (``train_utils.attack_mode``); logits are read in float32, so the
-forward passes may run under bf16 autocast.
+* adjacent, (b * m, ...): the copies of each example next to each other (``x.repeat_interleave(m, 0)``).
+  ``PGD_L2`` and ``DDN`` take ``inputs`` in it, ``labels`` (b,) and one ``noise`` tensor shaped like
+  ``inputs``, and return ``inputs + d`` with one perturbation d per example shared by its copies.
+* copy-major, (m * b, ...): copy after copy, [x + e_1; ...; x + e_m] (``add_noises``). ``SmoothAdv_PGD``,
+  ``SmoothMix_PGD`` and ``KL_PGD`` take ``inputs`` (b, ...), ``labels`` (b,) or soft targets (b, K),
+  and a list of m noise tensors shaped like ``inputs``.
+
+All attacks expect pixels in [0, 1] and a model in eval mode with frozen parameters
+(``train_utils.attack_mode``); logits are read in float32, so the forward passes may run under bf16
+autocast.
 """
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PGD_L2", "DDN", "SmoothAdv_PGD", "log_mean_softmax", "smoothed_nll", "normalize_per_example",
-           "project_l2", "warmup_epsilon"]
+__all__ = ["PGD_L2", "DDN", "SmoothAdv_PGD", "SmoothMix_PGD", "KL_PGD", "add_noises", "kl_div_per_example",
+           "log_mean_softmax", "smoothed_nll", "normalize_per_example", "project_l2", "warmup_epsilon"]
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -86,6 +89,16 @@ def project_l2(delta: torch.Tensor, max_norm: float) -> torch.Tensor:
     return delta.renorm(p=2, dim=0, maxnorm=max_norm)
 
 
+def add_noises(inputs: torch.Tensor, noises: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The noisy copies of ``inputs`` (b, ...) under m noise tensors, copy-major: [x + e_1; ...; x + e_m]."""
+    return torch.cat([inputs + noise for noise in noises], dim=0)
+
+
+def kl_div_per_example(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) of each row of ``logits`` (n, K), with 0 log 0 = 0: a tensor (n,)."""
+    return F.kl_div(F.log_softmax(logits.float(), dim=1), target_probs.float(), reduction="none").sum(1)
+
+
 def log_mean_softmax(logits: torch.Tensor, num_copies: int, copy_major: bool = False) -> torch.Tensor:
     """log(clamp(mean over the copies of softmax(logits), 1e-20)), shape (b, K).
 
@@ -125,7 +138,7 @@ def _check_layout(inputs: torch.Tensor, labels: torch.Tensor, num_copies: int):
 # --------------------------------------------------------------------------- SmoothAdv
 
 class PGD_L2:
-    """L2 projected gradient ascent on the smoothed soft classifier (SmoothAdv, SPEC 4.3).
+    """L2 projected gradient ascent on the smoothed soft classifier (SmoothAdv).
 
     d = 0; ``steps`` times: normalised gradient of the attack loss w.r.t. d,
     d += 2 * max_norm / steps along it, clip x + d to [0, 1], renorm d to
@@ -136,18 +149,15 @@ class PGD_L2:
     cross-entropy for one copy and the NLL of the mean softmax over the copies
     otherwise. ``no_grad`` (m > 1) replaces the gradient by
     mean_j(-p_y(x + d + e_j) * e_j), which needs no backward pass.
-    ``random_start`` is kept for the published interface; the attack starts
-    from d = 0 as the published one does.
+    ``attack`` returns ``inputs + d`` (adjacent layout, module docstring).
     """
 
-    def __init__(self, steps: int, random_start: bool = True, max_norm: Optional[float] = None, device=None):
+    def __init__(self, steps: int, max_norm: float):
         self.steps = steps
-        self.random_start = random_start
         self.max_norm = max_norm
-        self.device = device
 
     def attack(self, model, inputs: torch.Tensor, labels: torch.Tensor, noise: Optional[torch.Tensor] = None,
-               num_noise_vectors: int = 1, targeted: bool = False, no_grad: bool = False) -> torch.Tensor:
+               num_noise_vectors: int = 1, no_grad: bool = False) -> torch.Tensor:
         m = num_noise_vectors
         _check_layout(inputs, labels, m)
         if no_grad and m > 1 and noise is None:
@@ -155,17 +165,16 @@ class PGD_L2:
         inputs = inputs.detach()
         clean = inputs[::m]
         noise = torch.zeros_like(inputs) if noise is None else noise.detach()
-        sign = -1.0 if targeted else 1.0
         step = 2 * self.max_norm / self.steps
         delta = torch.zeros_like(clean)
         for _ in range(self.steps):
             if no_grad and m > 1:
                 # The published gradient-free step adds its (random where zero) direction.
                 direction = self._gradient_free_direction(model, inputs, labels, noise, delta, m)
-                delta = delta.add(normalize_per_example(direction, random_if_zero=True), alpha=sign * step)
+                delta = delta.add(normalize_per_example(direction, random_if_zero=True), alpha=step)
             else:
-                # A descent step on -sign * loss, as the published SGD step on the attack loss.
-                descent = normalize_per_example(-sign * self._gradient(model, inputs, labels, noise, delta, m),
+                # A descent step on -loss, as the published SGD step on the attack loss.
+                descent = normalize_per_example(-self._gradient(model, inputs, labels, noise, delta, m),
                                                 random_if_zero=True)
                 delta = delta.add(descent, alpha=-step)
             delta = (clean + delta).clamp(0, 1) - clean
@@ -194,7 +203,7 @@ class PGD_L2:
 
 
 class DDN:
-    """Decoupled direction and norm attack (Rony et al. 2019) on the smoothed soft classifier (SPEC 4.3).
+    """Decoupled direction and norm attack (Rony et al. 2019) on the smoothed soft classifier (SmoothAdv).
 
     Each example keeps a norm budget (``init_norm`` at first). Step i of T:
     record d if the (noisy, majority over copies) prediction is already wrong
@@ -219,20 +228,19 @@ class DDN:
     """
 
     def __init__(self, steps: int, gamma: float = 0.05, init_norm: float = 1.0, quantize: bool = True,
-                 levels: int = 256, max_norm: Optional[float] = None, device=None):
+                 levels: int = 256, max_norm: Optional[float] = None):
         self.steps = steps
         self.gamma = gamma
         self.init_norm = init_norm
         self.quantize = quantize
         self.levels = levels
         self.max_norm = max_norm
-        self.device = device
 
     def _learning_rate(self, i: int) -> float:
         return 0.01 + (1.0 - 0.01) * (1 + math.cos(math.pi * (i + 1) / self.steps)) / 2
 
     def attack(self, model, inputs: torch.Tensor, labels: torch.Tensor, noise: Optional[torch.Tensor] = None,
-               num_noise_vectors: int = 1, targeted: bool = False, no_grad: bool = False) -> torch.Tensor:
+               num_noise_vectors: int = 1, no_grad: bool = False) -> torch.Tensor:
         m = num_noise_vectors
         _check_layout(inputs, labels, m)
         if no_grad and m > 1:
@@ -240,7 +248,6 @@ class DDN:
         inputs = inputs.detach()
         clean = inputs[::m]
         noise = torch.zeros_like(inputs) if noise is None else noise.detach()
-        sign = -1.0 if targeted else 1.0
         scale = self.levels - 1
 
         delta = torch.zeros_like(clean)
@@ -261,14 +268,14 @@ class DDN:
                 grad, = torch.autograd.grad(loss, [delta])
             delta = delta.detach()
 
-            fooled = predictions == labels if targeted else predictions != labels
+            fooled = predictions != labels
             l2 = l2_norms(delta)
             better = fooled & (l2 < best_l2)
             best_l2 = torch.where(better, l2, best_l2)
             best_delta[better] = delta[better]
 
-            # Descent on -sign * loss with the published SGD update d <- d - lr * direction.
-            delta = delta.add(normalize_per_example(-sign * grad, random_if_zero=True), alpha=-self._learning_rate(i))
+            # Descent on -loss with the published SGD update d <- d - lr * direction.
+            delta = delta.add(normalize_per_example(-grad, random_if_zero=True), alpha=-self._learning_rate(i))
             budget = budget * (1 - (2 * fooled.float() - 1) * self.gamma)
             budget = torch.min(budget, worst_norm)
             delta = delta * per_example(budget / l2_norms(delta).clamp(min=1e-12), delta)
@@ -285,19 +292,17 @@ class DDN:
 
 
 class SmoothAdv_PGD:
-    """SmoothAdv's PGD with one noise tensor per copy (the attack of consistency training, SPEC 4.5).
+    """SmoothAdv's PGD with one noise tensor per copy (the attack of consistency training).
 
     ``steps`` times: loss = NLL of the mean softmax of f(adv + e_j) over the
     copies, adv += 2 * max_norm / steps * g / (|g| + 1e-8), project adv - x onto
-    the L2 ball of radius ``max_norm``, clip adv to [0, 1]. Starts at adv = x
-    (``random_start`` is kept for the published interface only).
+    the L2 ball of radius ``max_norm``, clip adv to [0, 1]. Starts at adv = x.
+    ``attack`` returns adv, shaped like ``inputs``.
     """
 
-    def __init__(self, steps: int, random_start: bool = True, max_norm: float = 1.0, device=None):
+    def __init__(self, steps: int, max_norm: float = 1.0):
         self.steps = steps
-        self.random_start = random_start
         self.max_norm = max_norm
-        self.device = device
 
     def attack(self, model, inputs: torch.Tensor, labels: torch.Tensor,
                noises: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
@@ -309,9 +314,121 @@ class SmoothAdv_PGD:
         for _ in range(self.steps):
             adv = adv.detach().requires_grad_(True)
             with torch.enable_grad():
-                logits = model(torch.cat([adv + noise for noise in noises])).float()
+                logits = model(add_noises(adv, noises)).float()
                 loss = smoothed_nll(logits, labels, m, copy_major=True)
                 grad, = torch.autograd.grad(loss, [adv])
             adv = adv.detach() + step * normalize_per_example(grad, stabilizer=1e-8)
             adv = (inputs + project_l2(adv - inputs, self.max_norm)).clamp(0, 1)
         return adv.detach()
+
+
+# --------------------------------------------------------------------------- SmoothMix
+
+class SmoothMix_PGD:
+    """The SmoothMix adversary: raw L2 steps of length ``alpha`` on the smoothed cross-entropy.
+
+    Each step moves adv from x along the normalised gradient of
+    -sum_i log(mean_j p(adv_i + e_j)[y_i]). ``attack`` returns ``(init, adv)``,
+    both shaped like ``inputs``: ``adv`` after ``steps`` steps (each projected
+    onto the L2 ball ``maxnorm`` around x when given, then clipped to [0, 1]);
+    ``init`` the iterate before step ``mix_step`` (x itself when ``mix_step``
+    is 0 or at least ``steps``), projected onto the ball ``maxnorm_s``
+    (default ``alpha * mix_step``) around x and clipped.
+    """
+
+    def __init__(self, steps: int, mix_step: int, alpha: float, maxnorm_s: Optional[float] = None,
+                 maxnorm: Optional[float] = None):
+        self.steps = steps
+        self.mix_step = mix_step
+        self.alpha = alpha
+        self.maxnorm = maxnorm
+        self.maxnorm_s = alpha * mix_step if maxnorm_s is None else maxnorm_s
+
+    @staticmethod
+    def _project(x: torch.Tensor, center: torch.Tensor, maxnorm: Optional[float]) -> torch.Tensor:
+        if maxnorm is not None:
+            x = center + project_l2(x - center, maxnorm)
+        return x.clamp(0, 1).detach()
+
+    def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+               noises: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        check_unit_interval(inputs, "SmoothMix_PGD")
+        if noises is None:
+            noises = [torch.zeros_like(inputs)]
+        m = len(noises)
+        inputs = inputs.detach()
+        adv, init = inputs, inputs
+        for step in range(self.steps):
+            if step == self.mix_step:
+                init = adv
+            adv = adv.detach().requires_grad_()
+            log_probs = log_mean_softmax(model(add_noises(adv, noises)), m, copy_major=True)
+            loss = F.nll_loss(log_probs, labels, reduction="sum")
+            grad = torch.autograd.grad(loss, [adv])[0]
+            adv = self._project(adv.detach() + self.alpha * normalize_per_example(grad, 1e-8), inputs,
+                                self.maxnorm)
+        return self._project(init, inputs, self.maxnorm_s), adv.detach()
+
+
+# --------------------------------------------------------------------------- CAT-RS
+
+def pixel_mean(noise: torch.Tensor) -> torch.Tensor:
+    """Mean over the pixels of each sample: [n] -> broadcastable [n x 1 x ...]."""
+    return per_example(noise.flatten(1).mean(1), noise)
+
+
+def pixel_rms(noise: torch.Tensor) -> torch.Tensor:
+    """Root mean square (not centred) over the pixels of each sample, broadcastable."""
+    return per_example(noise.flatten(1).pow(2).mean(1).sqrt(), noise)
+
+
+def restandardize(noise: torch.Tensor, mean0: torch.Tensor, rms0: torch.Tensor) -> torch.Tensor:
+    """e <- mean0 + rms0 * (e - mu) / r, mu and r the current pixel mean and root mean square.
+
+    The pixel mean becomes exactly ``mean0``; since r is not centred, the root
+    mean square becomes sqrt(mean0^2 + rms0^2 (1 - mu^2 / r^2)), which differs
+    from ``rms0`` only by terms of order (mean / rms)^2 (about 1/d for Gaussian
+    noise over d pixels).
+    """
+    return mean0 + rms0 * (noise - pixel_mean(noise)) / pixel_rms(noise).clamp_min(1e-12)
+
+
+class KL_PGD:
+    """The CAT-RS adversary on the noise: PGD on (1/m) sum_j KL(pi || p(x + e_j)).
+
+    ``attack(model, inputs, labels, noises)`` takes the m noise tensors and
+    returns the m attacked ones; ``labels`` are the soft targets pi [b x K].
+    Each step: normalised gradient ascent (step 2 * max_norm / steps), the
+    change from the starting noise clipped to L2 <= max_norm per sample, then
+    each sample re-standardised to its starting pixel mean and root mean square.
+    """
+
+    def __init__(self, steps: int, max_norm: Optional[float] = None):
+        self.steps = steps
+        self.max_norm = max_norm
+
+    def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+               noises: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        check_unit_interval(inputs, "KL_PGD")
+        if noises is None:
+            raise ValueError("KL_PGD attacks noise samples: pass noises=[e_1, ..., e_m]")
+        if self.steps == 0:
+            return list(noises)
+        if self.max_norm is None:
+            raise ValueError("KL_PGD needs max_norm (the L2 radius of the attack)")
+        m = len(noises)
+        repeated = inputs.detach().repeat(m, *([1] * (inputs.dim() - 1)))
+        targets = labels.detach().repeat(m, 1)
+        start = torch.cat(noises, dim=0).detach()
+        mean0, rms0 = pixel_mean(start), pixel_rms(start)
+        step_size = 2 * self.max_norm / self.steps
+        noise = start
+        for _ in range(self.steps):
+            noise = noise.detach().requires_grad_()
+            kl = kl_div_per_example(model(repeated + noise), targets)
+            loss = kl.view(m, -1).mean(0).sum()
+            grad = torch.autograd.grad(loss, [noise])[0]
+            noise = noise.detach() + step_size * normalize_per_example(grad, 1e-8)
+            noise = start + project_l2(noise - start, self.max_norm)
+            noise = restandardize(noise, mean0, rms0)
+        return list(noise.detach().chunk(m, dim=0))

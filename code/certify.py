@@ -34,13 +34,10 @@ near a decision and are wrong more often, so rows selected by ``samples`` are
 not each at level 1 - alpha. With ``--radii``, analyze.py shows the certified
 accuracy at the listed radii only, and no ACR.
 """
-import math
-
+from certify_rows import certify_images, result_header, row_formatter
 from common import ArgumentParser, run_cli
-from eval_utils import (CERTIFY_HEADER, SEQUENTIAL_CERTIFY_HEADER, ResultFile, add_engine_arguments,
-                        add_image_arguments, add_model_arguments, add_sampling_arguments, add_sequential_arguments,
-                        check_sequential_arguments, evaluation_dataset, format_time, run_on_image_sets,
-                        sequential_n_max, sequential_radius_tol)
+from eval_utils import (ResultFile, add_engine_arguments, add_image_arguments, add_model_arguments,
+                        add_sampling_arguments, add_sequential_arguments, evaluation_dataset, run_on_image_sets)
 
 
 def build_parser() -> ArgumentParser:
@@ -51,46 +48,6 @@ def build_parser() -> ArgumentParser:
     add_engine_arguments(parser)
     add_sequential_arguments(parser)
     return parser
-
-
-def format_row(idx: int, label: int, result, seconds: float) -> str:
-    prediction, radius = result
-    correct = int(prediction == label)
-    return "{}\t{}\t{}\t{:.3}\t{}\t{}".format(idx, label, prediction, radius, correct, format_time(seconds))
-
-
-def floor_3_digits(value: float) -> float:
-    """``value`` rounded down to 3 significant digits (0 stays 0)."""
-    if value <= 0:
-        return 0.0
-    step = 10.0 ** (math.floor(math.log10(value)) - 2)
-    # (the 1e-9 keeps a value that is already a 3-digit number from dropping a digit to float error)
-    return math.floor(value / step + 1e-9) * step
-
-
-def format_sequential_row(idx: int, label: int, result, seconds: float) -> str:
-    prediction, radius, samples = result
-    correct = int(prediction == label)
-    return "{}\t{}\t{}\t{:.3}\t{}\t{}\t{}".format(idx, label, prediction, floor_3_digits(radius), correct,
-                                               format_time(seconds), samples)
-
-
-def result_header(args) -> str:
-    return SEQUENTIAL_CERTIFY_HEADER if args.sequential else CERTIFY_HEADER
-
-
-def row_formatter(args):
-    return format_sequential_row if args.sequential else format_row
-
-
-def certify_images(args):
-    """``evaluate(smooth, xs, generators)`` for ``run_on_image_sets``: CERTIFY with the options of ``args``."""
-    check_sequential_arguments(args)
-    if args.sequential:
-        return lambda smooth, xs, generators: smooth.certify_sequential_many(
-            xs, args.N0, sequential_n_max(args), args.alpha, args.batch, generators, radii=args.radii,
-            radius_tol=sequential_radius_tol(args, smooth.sigma))
-    return lambda smooth, xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch, generators)
 
 
 def run(argv=None):

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from certify import certify_images, result_header, row_formatter
+from certify_rows import certify_images, result_header, row_formatter
 from common import ArgumentParser, UserError, positive_float, run_cli
 from datasets import get_input_shape
 from eval_utils import (ResultFile, add_engine_arguments, add_image_arguments, add_sampling_arguments,

@@ -9,7 +9,7 @@ examples, one SGD step each. Per mini-batch, with m noises e_j:
 * logits0_j = f(x + e_j) in train mode; t = (1/m) sum_j onehot(argmax logits0_j);
 * K ~ Binomial(m, w), clamped to >= 1, with w = t[y] (pi[y] with
   --confidence_mask); L_low = (1/m) * the sum of the K smallest CE(logits0_j, y);
-* ``KL_PGD`` moves the noises (each copy within L2 eps of where it started,
+* ``attacks.KL_PGD`` moves the noises (each copy within L2 eps of where it started,
   keeping the pixel mean and root mean square of each noise sample) to raise
   (1/m) sum_j KL(pi || p(x + e_j)); L_high = max_j KL(pi || p(x + e'_j));
 * loss = mean(L_low + lbd * [K == m] * L_high).
@@ -18,92 +18,20 @@ From epoch --warmup on the attack radius doubles; from epoch --lr_drop on the
 learning rate is gamma times the step schedule's (``train_utils.lr_factor``, the
 rate the published runs used in each epoch). The published code multiplied the
 rate by gamma at the start of epoch --lr_drop only, and its scheduler undid that
-after one epoch; this is the intent (SPEC 4.7). The train loss logged is
-mean L_low; the train accuracy is measured on the attacked copies.
+after one epoch; this is the intent. The train loss logged is mean L_low; the
+train accuracy is measured on the attacked copies.
 Run folder: logs/{dataset}/catrs/adv_{epsilon}_{num_steps}/lbd_{lbd}/num_{m}/noise_{sigma}/{arch}/{id}/.
 """
-import time
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from attacks import check_unit_interval, normalize_per_example, per_example, project_l2
+from attacks import KL_PGD, add_noises, kl_div_per_example
 from common import nonnegative_float, nonnegative_int, positive_int
-from train_smoothmix import add_noises
-from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, kl_div_per_example, train_main
+from train_utils import Method, accuracy, attack_mode, noise_copies, train_main
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-# --------------------------------------------------------------------------- the attack
-
-def pixel_mean(noise: torch.Tensor) -> torch.Tensor:
-    """Mean over the pixels of each sample: [n] -> broadcastable [n x 1 x ...]."""
-    return per_example(noise.flatten(1).mean(1), noise)
-
-
-def pixel_rms(noise: torch.Tensor) -> torch.Tensor:
-    """Root mean square (not centred) over the pixels of each sample, broadcastable."""
-    return per_example(noise.flatten(1).pow(2).mean(1).sqrt(), noise)
-
-
-def restandardize(noise: torch.Tensor, mean0: torch.Tensor, rms0: torch.Tensor) -> torch.Tensor:
-    """e <- mean0 + rms0 * (e - mu) / r, mu and r the current pixel mean and root mean square.
-
-    The pixel mean becomes exactly ``mean0``; since r is not centred, the root
-    mean square becomes sqrt(mean0^2 + rms0^2 (1 - mu^2 / r^2)), which differs
-    from ``rms0`` only by terms of order (mean / rms)^2 (about 1/d for Gaussian
-    noise over d pixels).
-    """
-    return mean0 + rms0 * (noise - pixel_mean(noise)) / pixel_rms(noise).clamp_min(1e-12)
-
-
-class KL_PGD:
-    """The CAT-RS adversary on the noise: PGD on (1/m) sum_j KL(pi || p(x + e_j)).
-
-    ``attack(model, inputs, labels, noises)`` takes the m noise tensors and
-    returns the m attacked ones; ``labels`` are the soft targets pi [b x K].
-    Each step: normalised gradient ascent (step 2 * max_norm / steps), the
-    change from the starting noise clipped to L2 <= max_norm per sample, then
-    each sample re-standardised to its starting pixel mean and root mean square.
-    ``random_start`` and ``device`` are kept for the published signature (the
-    attack starts from the given noise). Run it with the model in eval mode and
-    its parameters frozen.
-    """
-
-    def __init__(self, steps: int, random_start: bool = True, max_norm: Optional[float] = None,
-                 device: torch.device = torch.device("cpu")):
-        self.steps = steps
-        self.random_start = random_start
-        self.max_norm = max_norm
-        self.device = device
-
-    def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-               noises: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-        check_unit_interval(inputs, "KL_PGD")
-        if noises is None:
-            raise ValueError("KL_PGD attacks noise samples: pass noises=[e_1, ..., e_m]")
-        if self.steps == 0:
-            return list(noises)
-        if self.max_norm is None:
-            raise ValueError("KL_PGD needs max_norm (the L2 radius of the attack)")
-        m = len(noises)
-        repeated = inputs.detach().repeat(m, *([1] * (inputs.dim() - 1)))
-        targets = labels.detach().repeat(m, 1)
-        start = torch.cat(noises, dim=0).detach()
-        mean0, rms0 = pixel_mean(start), pixel_rms(start)
-        step_size = 2 * self.max_norm / self.steps
-        noise = start
-        for _ in range(self.steps):
-            noise = noise.detach().requires_grad_()
-            kl = kl_div_per_example(model(repeated + noise), targets)
-            loss = kl.view(m, -1).mean(0).sum()
-            grad = torch.autograd.grad(loss, [noise])[0]
-            noise = noise.detach() + step_size * normalize_per_example(grad, 1e-8)
-            noise = start + project_l2(noise - start, self.max_norm)
-            noise = restandardize(noise, mean0, rms0)
-        return list(noise.detach().chunk(m, dim=0))
 
 
 # --------------------------------------------------------------------------- the loss
@@ -194,45 +122,28 @@ def train_split(args) -> str:
     return f"train_t{args.noise_sd}"
 
 
-def train(ctx, loader, epoch: int):
+def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor, pi: torch.Tensor):
+    """(the CAT-RS loss, mean L_low, accuracy on the attacked copies); ``pi``: [b x K]."""
     args = ctx.args
-    m = args.num_noise_vec
-    attacker = KL_PGD(steps=args.num_steps, max_norm=attack_radius(args, epoch), device=ctx.device)
-    losses, top1 = AverageMeter(), AverageMeter()
-
-    def step(inputs, targets, pi):
-        """One SGD step on one mini-batch: (mean L_low, accuracy on the attacked copies), as tensors."""
-        b = inputs.shape[0]
-        noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
-        with ctx.autocast():
-            logits_clean = ctx.model(add_noises(inputs, noises))
-        logits_clean = logits_clean.view(m, b, -1)
-        num_accepted = sample_num_accepted(
-            acceptance_probability(logits_clean, targets, pi, args.confidence_mask), m)
-        with attack_mode(ctx.base_model) as model, ctx.autocast():
-            attacked = attacker.attack(model, inputs, pi, noises)
-        with ctx.autocast():
-            logits_adv = ctx.model(add_noises(inputs, attacked))
-        loss, loss_low = catrs_loss(logits_clean, logits_adv.view(m, b, -1), targets, pi, num_accepted, args.lbd)
-        ctx.step(loss)
-        # detached: a returned tensor that held the autograd graph would keep it alive into the next step
-        return loss_low.mean().detach(), accuracy(logits_adv, targets.repeat(m))
-
-    step = ctx.graphed(step)
-    started = time.time()
-    for i, batch in enumerate(loader):
-        batch_inputs, batch_targets, batch_pi = ctx.to_device(batch[0], batch[1], batch[2])
-        for inputs, targets, pi in chunk_minibatches((batch_inputs, batch_targets, batch_pi.float()), m):
-            loss_low, acc = step(inputs, targets, pi)
-            losses.update(loss_low, inputs.shape[0])
-            top1.update(acc, inputs.shape[0])
-        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
-    return losses.avg, top1.avg
+    m, b = args.num_noise_vec, inputs.shape[0]
+    pi = pi.float()
+    noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
+    with ctx.autocast():
+        logits_clean = ctx.model(add_noises(inputs, noises))
+    logits_clean = logits_clean.view(m, b, -1)
+    num_accepted = sample_num_accepted(acceptance_probability(logits_clean, targets, pi, args.confidence_mask), m)
+    attacker = KL_PGD(steps=args.num_steps, max_norm=attack_radius(args, epoch))
+    with attack_mode(ctx.base_model) as model, ctx.autocast():
+        attacked = attacker.attack(model, inputs, pi, noises)
+    with ctx.autocast():
+        logits_adv = ctx.model(add_noises(inputs, attacked))
+    loss, loss_low = catrs_loss(logits_clean, logits_adv.view(m, b, -1), targets, pi, num_accepted, args.lbd)
+    return loss, loss_low.mean(), accuracy(logits_adv, targets.repeat(m))
 
 
 METHOD = Method(description="CAT-RS: confidence-aware training of smoothed classifiers (Jeong et al., AAAI 2023)",
-                method_path=method_path, train=train, add_arguments=add_arguments, train_split=train_split,
-                lr_multiplier=lr_multiplier, supports_cuda_graphs=True)
+                method_path=method_path, batch_loss=batch_loss, add_arguments=add_arguments, train_split=train_split,
+                lr_multiplier=lr_multiplier, minibatches=noise_copies, supports_cuda_graphs=True)
 
 
 def main(argv=None):

@@ -3,10 +3,11 @@
 J. Jeong and J. Shin, "Consistency Regularization for Certified Robustness of
 Smoothed Classifiers".
 
-Chunked (SPEC 4.5): each loader batch is split into m = ``--num-noise-vec``
+Chunked: each loader batch is split into m = ``--num-noise-vec``
 consecutive mini-batches of b examples, one SGD step each. The copies are
-concatenated copy-major, [x + e_1; ...; x + e_m]; the loss is the mean
-cross-entropy over all copies plus ``consistency.consistency_loss``. With
+concatenated copy-major, [x + e_1; ...; x + e_m] (``attacks.add_noises``);
+the loss is the mean cross-entropy over all copies plus
+``consistency.consistency_loss``. With
 ``--adv-training``, x is first replaced by a SmoothAdv PGD adversary
 (Salman et al., NeurIPS 2019) against the same noises, its radius growing
 linearly over the first ``--warmup`` epochs.
@@ -16,17 +17,13 @@ The train loss logged is the mean cross-entropy term alone, as published.
 Run folder: logs/{dataset}/consistency/cohen/num_{m}/lbd_{lbd}/eta_{eta}/noise_{s}/{arch}/{id}/
 or .../consistency/salman_{eps}_{steps}_{warmup}/..., eps as typed (1/256 units).
 """
-import time
-
 import torch
 import torch.nn.functional as F
 
-from attacks import SmoothAdv_PGD, warmup_epsilon
+from attacks import SmoothAdv_PGD, add_noises, warmup_epsilon
 from common import UserError, nonnegative_float, positive_float, positive_int
 from consistency import consistency_loss
-from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, train_main
-
-__all__ = ["SmoothAdv_PGD", "METHOD", "main"]
+from train_utils import Method, accuracy, attack_mode, noise_copies, train_main
 
 
 def add_arguments(parser):
@@ -51,38 +48,28 @@ def method_path(args) -> str:
     return f"consistency/{base}/num_{args.num_noise_vec}/lbd_{args.lbd}/eta_{args.eta}/noise_{args.noise_sd}"
 
 
-def train(ctx, loader, epoch: int):
+def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor):
+    """(cross-entropy plus the consistency term, the cross-entropy as published, accuracy on the copies)."""
     args = ctx.args
     m = args.num_noise_vec
-    attacker = None
+    noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
     if args.adv_training:
-        attacker = SmoothAdv_PGD(steps=args.num_steps, max_norm=warmup_epsilon(args.epsilon / 256.0, epoch,
-                                                                                args.warmup), device=ctx.device)
-    losses, top1 = AverageMeter(), AverageMeter()
-    started = time.time()
-    for i, batch in enumerate(loader):
-        inputs, targets = ctx.to_device(batch[0], batch[1])
-        for x, y in chunk_minibatches((inputs, targets), m):
-            noises = [torch.randn_like(x) * args.noise_sd for _ in range(m)]
-            if attacker is not None:
-                with attack_mode(ctx.base_model), ctx.autocast():
-                    x = attacker.attack(ctx.base_model, x, y, noises=noises)
-            noisy, = ctx.to_device(torch.cat([x + noise for noise in noises]))
-            y_all = y.repeat(m)
-            with ctx.autocast():
-                logits = ctx.model(noisy)
-            logits = logits.float()
-            cross_entropy = F.cross_entropy(logits, y_all)
-            loss = cross_entropy + consistency_loss(logits.chunk(m), args.lbd, args.eta)
-            ctx.step(loss)
-            losses.update(cross_entropy, x.shape[0])  # the published log's train loss
-            top1.update(accuracy(logits, y_all), x.shape[0])
-        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
-    return losses.avg, top1.avg
+        attacker = SmoothAdv_PGD(steps=args.num_steps,
+                                 max_norm=warmup_epsilon(args.epsilon / 256.0, epoch, args.warmup))
+        with attack_mode(ctx.base_model), ctx.autocast():
+            inputs = attacker.attack(ctx.base_model, inputs, targets, noises=noises)
+    targets_all = targets.repeat(m)
+    with ctx.autocast():
+        logits = ctx.model(ctx.memory_format(add_noises(inputs, noises)))
+    logits = logits.float()
+    cross_entropy = F.cross_entropy(logits, targets_all)
+    loss = cross_entropy + consistency_loss(logits.chunk(m), args.lbd, args.eta)
+    return loss, cross_entropy, accuracy(logits, targets_all)
 
 
 METHOD = Method(description="Consistency regularisation (Jeong and Shin 2020)", method_path=method_path,
-                train=train, add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50})
+                batch_loss=batch_loss, add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50},
+                minibatches=noise_copies)
 
 
 def main(argv=None):

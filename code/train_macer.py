@@ -4,25 +4,25 @@ R. Zhai, C. Dan, D. He, H. Zhang, B. Gong, P. Ravikumar, C.-J. Hsieh and
 L. Wang, "MACER: Attack-free and Scalable Robust Training via Maximizing
 Certified Radius".
 
-One SGD step per loader batch of B examples (SPEC 4.4), each with m noisy
-copies (adjacent). ``macer_loss`` gives (cl + lbd * rl) / B: cl the summed
-NLL of the mean softmax over the copies, rl the hinge on the soft certified
-radius of the examples whose soft smoothed prediction (softmax of beta * z)
-is correct. With ``--deferred`` the robustness term is off (lbd = 0) while
-epoch <= lr_step_size, as published: the robustness loss starts in epoch
+One SGD step per loader batch of B examples, each with m noisy copies
+(adjacent). ``macer_loss`` gives the objective (cl + lbd * rl) / B: cl the
+summed NLL of the mean softmax over the copies, rl the hinge on the soft
+certified radius of the examples whose soft smoothed prediction (softmax of
+beta * z) is correct. With ``--deferred`` the robustness term is off (lbd = 0)
+while epoch <= lr_step_size, as published: the robustness loss starts in epoch
 lr_step_size + 1, the first epoch at the decayed learning rate. The train loss
 logged is the classification loss per example (cl / B), as published; the
 train accuracy is not measured (the log's column holds 0.0).
 
 Run folder: logs/{dataset}/macer[_deferred{lr_step_size}]/num_{m}/lbd_{lbd}/gamma_{margin}/beta_{beta}/noise_{s}/{arch}/{id}/.
 """
-import time
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
 from common import nonnegative_float, positive_float, positive_int
-from train_utils import AverageMeter, Method, train_main
+from train_utils import Method, train_main
 
 
 def _standard_normal_quantile(p: torch.Tensor) -> torch.Tensor:
@@ -30,15 +30,8 @@ def _standard_normal_quantile(p: torch.Tensor) -> torch.Tensor:
 
 
 def macer_loss(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float, margin: float, sigma: float,
-               lbd: float) -> torch.Tensor:
-    """MACER's objective (cl + lbd * rl) / B (see ``macer_loss_parts``)."""
-    classification, robustness = macer_loss_parts(logits, targets, m, beta, margin, sigma)
-    return (classification + lbd * robustness) / targets.shape[0]
-
-
-def macer_loss_parts(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float, margin: float,
-                     sigma: float):
-    """MACER's summed classification loss cl and robustness loss rl (both scalars).
+               lbd: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MACER's objective (cl + lbd * rl) / B and its classification part cl / B (0-d tensors).
 
     ``logits``: shape (B * m, K), the m copies of each example adjacent (row
     i * m + j is copy j of example i); ``targets``: shape (B,).
@@ -65,7 +58,7 @@ def macer_loss_parts(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: 
     kept_gap = _standard_normal_quantile(torch.where(keep, q2, half)) - \
         _standard_normal_quantile(torch.where(keep, q1, half))
     robustness = torch.where(keep, kept_gap + margin, torch.zeros_like(kept_gap)).sum() * sigma / 2
-    return classification, robustness
+    return (classification + lbd * robustness) / batch, classification / batch
 
 
 def add_arguments(parser):
@@ -89,29 +82,21 @@ def robustness_weight(args, epoch: int) -> float:
     return 0.0 if args.deferred and epoch <= args.lr_step_size else args.lbd
 
 
-def train(ctx, loader, epoch: int):
+def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor):
+    """(MACER's objective, cl / B as published, None: the train accuracy is not measured)."""
     args = ctx.args
     m = args.num_noise_vec
-    lbd = robustness_weight(args, epoch)
-    losses = AverageMeter()
-    started = time.time()
-    for i, batch in enumerate(loader):
-        inputs, targets = ctx.to_device(batch[0], batch[1])
-        copies, = ctx.to_device(inputs.repeat_interleave(m, dim=0))
-        noisy = copies + torch.randn_like(copies) * args.noise_sd
-        with ctx.autocast():
-            outputs = ctx.model(noisy)
-        classification, robustness = macer_loss_parts(outputs, targets, m, args.beta, args.margin, args.noise_sd)
-        loss = (classification + lbd * robustness) / inputs.size(0)
-        ctx.step(loss)
-        # the published log's train loss: the classification loss per example
-        losses.update(classification / inputs.size(0), inputs.size(0))
-        ctx.log_batch(epoch, i, len(loader), losses, AverageMeter(), started)
-    return losses.avg, 0.0
+    copies = ctx.memory_format(inputs.repeat_interleave(m, dim=0))
+    noisy = copies + torch.randn_like(copies) * args.noise_sd
+    with ctx.autocast():
+        outputs = ctx.model(noisy)
+    loss, classification = macer_loss(outputs, targets, m, args.beta, args.margin, args.noise_sd,
+                                      robustness_weight(args, epoch))
+    return loss, classification, None
 
 
 METHOD = Method(description="MACER: maximising the certified radius (Zhai et al. 2020)",
-                method_path=method_path, train=train, add_arguments=add_arguments, defaults={"batch": 64},
+                method_path=method_path, batch_loss=batch_loss, add_arguments=add_arguments, defaults={"batch": 64},
                 measures_train_accuracy=False)
 
 

@@ -3,30 +3,28 @@
 H. Salman, G. Yang, J. Li, P. Zhang, H. Zhang, I. Razenshteyn and S. Bubeck,
 "Provably Robust Deep Learning via Adversarially Trained Smoothed Classifiers".
 
-Chunked (SPEC 4.3): each loader batch of B examples is split into m =
+Chunked: each loader batch of B examples is split into m =
 ``--num-noise-vec`` consecutive mini-batches of b = B // m examples, one SGD
 step each. Each example is repeated m times (copies adjacent), each copy gets
 its own noise e_j ~ N(0, s^2 I), and a PGD or DDN attack on the smoothed soft
 classifier (``attacks.py``) finds one perturbation d per example, shared by its
 copies. The loss is the cross-entropy at x + d + e_j over all copies. The
 attack radius grows linearly over the first ``--warmup`` epochs; DDN starts
-from a norm equal to that radius every epoch.
+from a norm equal to that radius every epoch. The train loss and accuracy
+logged are those of all copies (each mini-batch weighs b * m, as published).
 
 Run folder: logs/{dataset}/salman/pgd_{eps}_{steps}_{warmup}/num_{m}/noise_{s}/{arch}/{id}/
 or .../salman/ddn_{eps}_{steps}_{warmup}_{init_norm_DDN}_{gamma_DDN}/..., eps as typed
 (in 1/256 units: ``--epsilon 256`` is an L2 radius of 1.0).
 """
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from attacks import DDN, PGD_L2, warmup_epsilon
 from common import UserError, positive_float, positive_int, probability
-from train_utils import AverageMeter, Method, accuracy, attack_mode, chunk_minibatches, train_main
-
-__all__ = ["PGD_L2", "DDN", "METHOD", "main", "str_to_bool"]
+from train_utils import Method, accuracy, attack_mode, noise_copies, train_main
 
 
 def str_to_bool(text: str) -> bool:
@@ -52,7 +50,8 @@ def add_arguments(parser):
     group.add_argument("--no-grad-attack", action="store_true",
                        help="PGD with m > 1: estimate the gradient from the noise, without backward passes")
     group.add_argument("--random-start", default=True, type=str_to_bool,
-                       help="kept for the published command lines; PGD starts from d = 0 as published")
+                       help="ignored, as in the published code (kept for its command lines): PGD starts "
+                            "from d = 0")
     group.add_argument("--init-norm-DDN", default=256.0, type=positive_float,
                        help="DDN's initial norm in 1/256 units, as named in the run folder; training sets "
                             "the initial norm to the warmed-up radius each epoch, as published")
@@ -76,40 +75,33 @@ def method_path(args) -> str:
     return f"salman/{attack}/num_{args.num_noise_vec}/noise_{args.noise_sd}"
 
 
-def make_attacker(args, epoch: int, device):
+def make_attacker(args, epoch: int):
+    """The attack of epoch ``epoch``: PGD or DDN at the warmed-up radius."""
     radius = warmup_epsilon(args.epsilon / 256.0, epoch, args.warmup)
     if args.attack == "PGD":
-        return PGD_L2(steps=args.num_steps, random_start=args.random_start, max_norm=radius, device=device)
-    return DDN(steps=args.num_steps, gamma=args.gamma_DDN, init_norm=radius, max_norm=radius, device=device)
+        return PGD_L2(steps=args.num_steps, max_norm=radius)
+    return DDN(steps=args.num_steps, gamma=args.gamma_DDN, init_norm=radius, max_norm=radius)
 
 
-def train(ctx, loader, epoch: int):
+def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor):
+    """(cross-entropy over the attacked noisy copies, the same, accuracy on them)."""
     args = ctx.args
     m = args.num_noise_vec
-    attacker = make_attacker(args, epoch, ctx.device)
-    losses, top1 = AverageMeter(), AverageMeter()
-    started = time.time()
-    for i, batch in enumerate(loader):
-        inputs, targets = ctx.to_device(batch[0], batch[1])
-        for x, y in chunk_minibatches((inputs, targets), m):
-            copies, = ctx.to_device(x.repeat_interleave(m, dim=0))
-            noise = torch.randn_like(copies) * args.noise_sd
-            with attack_mode(ctx.base_model), ctx.autocast():
-                copies = attacker.attack(ctx.base_model, copies, y, noise=noise, num_noise_vectors=m,
-                                         no_grad=args.no_grad_attack)
-            y_copies = y.repeat_interleave(m)
-            with ctx.autocast():
-                outputs = ctx.model(copies + noise)
-            loss = F.cross_entropy(outputs.float(), y_copies)
-            ctx.step(loss)
-            losses.update(loss, copies.shape[0])
-            top1.update(accuracy(outputs, y_copies), copies.shape[0])
-        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
-    return losses.avg, top1.avg
+    copies = ctx.memory_format(inputs.repeat_interleave(m, dim=0))
+    noise = torch.randn_like(copies) * args.noise_sd
+    with attack_mode(ctx.base_model), ctx.autocast():
+        copies = make_attacker(args, epoch).attack(ctx.base_model, copies, targets, noise=noise,
+                                                   num_noise_vectors=m, no_grad=args.no_grad_attack)
+    targets_copies = targets.repeat_interleave(m)
+    with ctx.autocast():
+        outputs = ctx.model(copies + noise)
+    loss = F.cross_entropy(outputs.float(), targets_copies)
+    return loss, loss, accuracy(outputs, targets_copies)
 
 
 METHOD = Method(description="SmoothAdv: adversarial training of smoothed classifiers (Salman et al. 2019)",
-                method_path=method_path, train=train, add_arguments=add_arguments)
+                method_path=method_path, batch_loss=batch_loss, add_arguments=add_arguments,
+                minibatches=noise_copies, logged_per_example=noise_copies)
 
 
 def main(argv=None):

@@ -4,10 +4,10 @@ Confidence-calibrated Smoothed Classifiers for Certified Robustness", NeurIPS 20
 Chunked: each loader batch is split into m = --num-noise-vec mini-batches of
 B // m examples, one SGD step each. Per mini-batch, with m noises e_j:
 
-* ``SmoothMix_PGD`` walks adv from x with T raw L2 steps of length alpha up the
-  smoothed cross-entropy -log(mean_j p(adv + e_j)[y]); ``init`` is the point
-  reached after ``mix_step`` steps, projected onto the L2 ball of radius
-  maxnorm_s (default alpha * mix_step, times the warmup factor) around x;
+* ``attacks.SmoothMix_PGD`` walks adv from x with T raw L2 steps of length
+  alpha up the smoothed cross-entropy -log(mean_j p(adv + e_j)[y]); ``init``
+  is the point reached after ``mix_step`` steps, projected onto the L2 ball of
+  radius maxnorm_s (default alpha * mix_step, times the warmup factor) around x;
 * loss = mean_j CE(f(init + e_j), y)
   + eta * w_e * mean_j [argmax pbar = y] * KL(y_mix || p(x_mix + e_j)),
   pbar = mean_j p(init + e_j), x_mix = (1 - lam) init + lam adv,
@@ -19,69 +19,12 @@ Run folder: logs/{dataset}/smix_{alpha}_{steps}_m{mix_step}[_ms{maxnorm_s}][_max
 eta_{eta}/num_{m}/noise_{sigma}/{arch}/{id}/; as published, a part is present only when its
 value is given and non-zero.
 """
-import time
-from typing import List, Optional, Sequence, Tuple
-
 import torch
 import torch.nn.functional as F
 
-from attacks import check_unit_interval, log_mean_softmax, normalize_per_example, per_example, project_l2
+from attacks import SmoothMix_PGD, add_noises, kl_div_per_example, per_example
 from common import nonnegative_float, nonnegative_int, positive_float, positive_int
-from train_utils import AverageMeter, Method, attack_mode, chunk_minibatches, kl_div_per_example, train_main
-
-
-# --------------------------------------------------------------------------- shared with CAT-RS
-
-def add_noises(inputs: torch.Tensor, noises: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The noisy copies [x + e_1; ...; x + e_m] concatenated copy-major."""
-    return torch.cat([inputs + noise for noise in noises], dim=0)
-
-
-# --------------------------------------------------------------------------- the attack
-
-class SmoothMix_PGD:
-    """The SmoothMix adversary: raw L2 steps of length ``alpha`` on the smoothed cross-entropy.
-
-    ``attack`` returns ``(init, adv)``: ``adv`` after ``steps`` steps (each
-    projected onto the L2 ball ``maxnorm`` around x when given, then clipped to
-    [0, 1]); ``init`` the iterate before step ``mix_step`` (x itself when
-    ``mix_step`` is 0 or at least ``steps``), projected onto the ball
-    ``maxnorm_s`` (default ``alpha * mix_step``) around x and clipped.
-    Run it with the model in eval mode and its parameters frozen.
-    """
-
-    def __init__(self, steps: int, mix_step: int, alpha: Optional[float] = None,
-                 maxnorm_s: Optional[float] = None, maxnorm: Optional[float] = None):
-        self.steps = steps
-        self.mix_step = mix_step
-        self.alpha = alpha
-        self.maxnorm = maxnorm
-        self.maxnorm_s = alpha * mix_step if maxnorm_s is None else maxnorm_s
-
-    @staticmethod
-    def _project(x: torch.Tensor, center: torch.Tensor, maxnorm: Optional[float]) -> torch.Tensor:
-        if maxnorm is not None:
-            x = center + project_l2(x - center, maxnorm)
-        return x.clamp(0, 1).detach()
-
-    def attack(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-               noises: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        check_unit_interval(inputs, "SmoothMix_PGD")
-        if noises is None:
-            noises = [torch.zeros_like(inputs)]
-        m = len(noises)
-        inputs = inputs.detach()
-        adv, init = inputs, inputs
-        for step in range(self.steps):
-            if step == self.mix_step:
-                init = adv
-            adv = adv.detach().requires_grad_()
-            log_probs = log_mean_softmax(model(add_noises(adv, noises)), m, copy_major=True)
-            loss = F.nll_loss(log_probs, labels, reduction="sum")
-            grad = torch.autograd.grad(loss, [adv])[0]
-            adv = self._project(adv.detach() + self.alpha * normalize_per_example(grad, 1e-8), inputs,
-                                self.maxnorm)
-        return self._project(init, inputs, self.maxnorm_s), adv.detach()
+from train_utils import Method, attack_mode, noise_copies, train_main
 
 
 # --------------------------------------------------------------------------- the loss
@@ -151,37 +94,28 @@ def method_path(args) -> str:
     return f"{mode}/eta_{args.eta}/num_{args.num_noise_vec}/noise_{args.noise_sd}"
 
 
-def train(ctx, loader, epoch: int):
+def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor):
+    """(the SmoothMix loss, the same, None: the train accuracy is not measured, as published)."""
     args = ctx.args
-    m = args.num_noise_vec
+    m, b = args.num_noise_vec, inputs.shape[0]
     w_e = warmup_factor(epoch, args.warmup)
     attacker = SmoothMix_PGD(steps=args.num_steps, mix_step=args.mix_step, alpha=args.alpha,
                              maxnorm_s=w_e * base_maxnorm_s(args), maxnorm=args.maxnorm)
-    losses, top1 = AverageMeter(), AverageMeter()
-    started = time.time()
-    for i, batch in enumerate(loader):
-        batch_inputs, batch_targets = ctx.to_device(batch[0], batch[1])
-        for inputs, targets in chunk_minibatches((batch_inputs, batch_targets), m):
-            b = inputs.shape[0]
-            noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
-            with attack_mode(ctx.base_model) as model, ctx.autocast():
-                init, adv = attacker.attack(model, inputs, targets, noises)
-            with ctx.autocast():
-                logits_clean = ctx.model(add_noises(init, noises))
-            lam = torch.rand(b, device=inputs.device) / 2
-            with ctx.autocast():
-                logits_mix = ctx.model(add_noises(mix(init, adv, lam), noises))
-            loss = smoothmix_loss(logits_clean.view(m, b, -1), logits_mix.view(m, b, -1), targets, lam,
-                                  args.eta * w_e)
-            ctx.step(loss)
-            losses.update(loss, b)
-        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
-    return losses.avg, 0.0
+    noises = [torch.randn_like(inputs) * args.noise_sd for _ in range(m)]
+    with attack_mode(ctx.base_model) as model, ctx.autocast():
+        init, adv = attacker.attack(model, inputs, targets, noises)
+    with ctx.autocast():
+        logits_clean = ctx.model(add_noises(init, noises))
+    lam = torch.rand(b, device=inputs.device) / 2
+    with ctx.autocast():
+        logits_mix = ctx.model(add_noises(mix(init, adv, lam), noises))
+    loss = smoothmix_loss(logits_clean.view(m, b, -1), logits_mix.view(m, b, -1), targets, lam, args.eta * w_e)
+    return loss, loss, None
 
 
-METHOD = Method(description="SmoothMix (Jeong et al., NeurIPS 2021)", method_path=method_path, train=train,
-                add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50},
-                measures_train_accuracy=False)
+METHOD = Method(description="SmoothMix (Jeong et al., NeurIPS 2021)", method_path=method_path,
+                batch_loss=batch_loss, add_arguments=add_arguments, defaults={"epochs": 150, "lr_step_size": 50},
+                minibatches=noise_copies, measures_train_accuracy=False)
 
 
 def main(argv=None):

@@ -1,10 +1,13 @@
-"""The training loop every ``train_*.py`` shares (SPEC section 3).
+"""The training loop every ``train_*.py`` shares.
 
-A training script describes its method with a ``Method``: its options, its
-run-folder path and its ``train`` function (one epoch). ``train_main``
-does everything else: the common options, the data, the model, SGD with the
-step schedule, noisy test accuracy after every epoch, ``log.txt``,
-TensorBoard, a copy of ``code/`` in the run folder, and checkpoints.
+A training script describes its method with a ``Method``: the loss of one
+mini-batch (with its attack), its options and its run-folder path.
+``train_main`` does everything else: the common options, the data, the model,
+SGD with the step schedule, the epoch (meters, timing, console and device
+moves; ``train_epoch``), noisy test accuracy after every epoch, ``log.txt``,
+TensorBoard, a copy of ``code/`` in the run folder, and checkpoints. The fast
+path (data on the device, channels-last, CUDA graphs, ``--compile``) lives in
+``fast_path``.
 
 Checkpoints hold the published keys (``epoch``, ``arch``, ``state_dict``,
 ``optimizer``) plus what an exact resume needs: the scheduler, every random
@@ -29,45 +32,65 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from architectures import ARCHITECTURES, check_architecture, get_architecture
 from common import (ArgumentParser, Distributed, UserError, atomic_save, load_checkpoint, replace_atomic,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli, RESUME_TRAINING)
-from datasets import DATASETS, WithSmoothPrediction, get_dataset, get_num_classes
+from datasets import DATASETS, WithSmoothPrediction, get_dataset
+from fast_path import (ON_DEVICE_AUGMENTED, GraphedStep, TensorLoader, add_fast_path_arguments, check_cuda_graphs,
+                       check_data_on_device, compile_model, data_on_device, use_channels_last)
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_HEADER = "epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
 
+def noise_copies(args) -> int:
+    """``--num-noise-vec`` (m): the chunked methods split each loader batch into m mini-batches."""
+    return args.num_noise_vec
+
+
 @dataclass
 class Method:
-    """What a training script adds to the shared loop.
+    """A training method: the loss of one mini-batch, its options and its run folder.
 
-    ``train(ctx, loader, epoch) -> (mean train loss, train accuracy in %)`` runs one epoch.
-    ``defaults`` overrides common defaults (e.g. ``{"epochs": 150}``);
-    ``train_split(args)`` names the training split; ``lr_multiplier(args, epoch)``
-    scales the step schedule's learning rate. ``measures_train_accuracy=False``
-    marks a method that, as published, does not measure its train accuracy: its
-    ``train`` returns 0.0, which log.txt keeps, and the console says "n/a".
+    ``batch_loss(ctx, epoch, *tensors) -> (objective, logged loss, accuracy)`` is the method: the loss
+    of one mini-batch in the 0-based ``epoch``, whose tensors are the items of a loader batch on the
+    device (images [b x C x H x W] in [0, 1], labels [b], and for the ``train_t{sigma}`` split the
+    smoothed prediction pi [b x K]). ``objective`` is the 0-d tensor SGD minimises, ``logged`` the 0-d
+    tensor log.txt averages as the train loss, ``accuracy`` the train accuracy in % (0-d tensor) or None
+    when ``measures_train_accuracy`` is False (as published: log.txt's column then holds 0.0 and the
+    console says "n/a"). The model is in train mode (attacks switch it with ``attack_mode``). A
+    ``batch_loss`` that reads nothing back to the host lets the host run ahead of the device, and can
+    be replayed from a CUDA graph.
+
+    ``method_path(args)`` names the run folder below ``{logdir}/{dataset}/``; ``add_arguments(parser)``
+    adds the method's options and ``defaults`` overrides common defaults (e.g. ``{"epochs": 150}``);
+    ``train_split(args)`` names the training split; ``lr_multiplier(args, epoch)`` scales the step
+    schedule's learning rate. ``minibatches(args)``: each loader batch is split into that many
+    consecutive mini-batches, one SGD step each (``chunk_minibatches``). ``logged_per_example(args)``:
+    how many times each example of a mini-batch counts in the epoch's averages.
+    ``supports_cuda_graphs``: a GPU has run the method's graphed step (``--cuda-graphs``).
     """
     description: str
     method_path: Callable
-    train: Callable
+    batch_loss: Callable
     add_arguments: Callable = lambda parser: None
     defaults: Dict = field(default_factory=dict)
     train_split: Callable = lambda args: "train"
     lr_multiplier: Callable = lambda args, epoch: 1.0
+    minibatches: Callable = lambda args: 1
+    logged_per_example: Callable = lambda args: 1
     measures_train_accuracy: bool = True
-    supports_cuda_graphs: bool = False   # its ``train`` runs each step through ``TrainingContext.graphed``
+    supports_cuda_graphs: bool = False
 
 
 # --------------------------------------------------------------------------- options
@@ -107,27 +130,7 @@ def build_parser(method: Method) -> ArgumentParser:
     parser.add_argument("--smooth-prediction", type=str, default=None, metavar="PATH",
                         help="smoothed prediction .npy for the train_t{sigma} split")
     parser.add_argument("--logdir", type=str, default="logs", help="where run folders go")
-    fast = parser.add_argument_group("fast path (off by default where it changes numerics)")
-    fast.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes")
-    fast.add_argument("--channels-last", nargs="?", const="yes", choices=["auto", "yes", "no"], default="auto",
-                      help="channels-last memory format for the model and its inputs (same formulas, other "
-                           "float rounding); auto: on a CPU (oneDNN's channels-last kernels run a LeNet "
-                           "forward and backward pass about 1.6x as fast) and with --bf16")
-    fast.add_argument("--cuda-graphs", action="store_true",
-                      help="replay each training step from a CUDA graph (CAT-RS; one CUDA device): a small "
-                           "network's step is a few thousand short kernels, whose launches, not their "
-                           "arithmetic, bound it on a GPU; the random draws differ from an eager run's (same "
-                           "distribution)")
-    fast.add_argument("--compile", action="store_true",
-                      help="run the model through torch.compile: each residual block (the whole model if it has "
-                           "none) becomes a few fused kernels (batch norm, ReLU and the residual sum in one pass); "
-                           "the first steps of each batch shape and mode compile (about a minute for ResNet-110); "
-                           "other float rounding. With a small network on a GPU, pair it with --cuda-graphs: "
-                           "checking the compiled blocks' guards made an eager CAT-RS step of CIFAR ResNet-110 "
-                           "1.5x slower")
-    fast.add_argument("--data-on-device", choices=["auto", "yes", "no"], default="auto",
-                      help="keep the whole data set on the device (CIFAR: random crop and flip drawn on the "
-                           "device every epoch; not for imagenet); auto: for mnist and fmnist")
+    add_fast_path_arguments(parser)
     method.add_arguments(parser)
     parser.set_defaults(**method.defaults)
     return parser
@@ -139,107 +142,12 @@ def run_folder(args, method_path: str) -> str:
 
 # --------------------------------------------------------------------------- data
 
-class TensorLoader:
-    """Batches of a data set held as tensors on the device (no per-batch host copies).
-
-    Shuffling draws ``torch.randperm`` from its own generator, whose state goes
-    into checkpoints; under torchrun each process takes every K-th example.
-
-    ``augment="crop_flip"`` (CIFAR training) gives each image of every epoch a
-    fresh random crop and flip, as torchvision's ``RandomCrop(32, padding=4)``
-    then ``RandomHorizontalFlip()``: a shift drawn uniformly from [-4, 4]^2
-    (zero padding) and a flip with probability 1/2, per image. The draws come
-    from the same checkpointed generator, right after the epoch's order, so a
-    resumed run sees the same crops; they are applied on the device, batch by
-    batch.
-    """
-
-    PAD = 4
-
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, device, generator: torch.Generator,
-                 rank: int = 0, world_size: int = 1, augment: Optional[str] = None):
-        if augment not in (None, "crop_flip"):
-            raise ValueError(f"unknown augmentation {augment!r}")
-        items = [dataset[i] for i in range(len(dataset))]
-        self.tensors = [torch.stack([torch.as_tensor(item[j]) for item in items]).to(device)
-                        for j in range(len(items[0]))]
-        self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
-        self.rank, self.world_size = rank, world_size
-        self.augment = augment
-
-    def _indices(self):
-        n = self.tensors[0].shape[0]
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        return order[self.rank::self.world_size]
-
-    def __len__(self):
-        n = len(range(self.rank, self.tensors[0].shape[0], self.world_size))
-        return (n + self.batch_size - 1) // self.batch_size
-
-    def _draw_crop_flip(self):
-        """Per position of the epoch's order (all processes): row and column shift in [-4, 4], flip or not."""
-        n = self.tensors[0].shape[0]
-        shifts = torch.randint(-self.PAD, self.PAD + 1, (n, 2), generator=self.generator)
-        flips = torch.rand(n, generator=self.generator) < 0.5
-        return shifts[self.rank::self.world_size], flips[self.rank::self.world_size]
-
-    def __iter__(self):
-        device = self.tensors[0].device
-        order = self._indices().to(device)
-        if self.augment:
-            shifts, flips = (t.to(device) for t in self._draw_crop_flip())
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            batch = tuple(t[index] for t in self.tensors)
-            if self.augment:
-                chunk = slice(start, start + self.batch_size)
-                batch = (crop_flip(batch[0], shifts[chunk], flips[chunk], self.PAD),) + batch[1:]
-            yield batch
-
-
-def crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Each image [n, C, H, W] zero-padded by ``pad``, cropped back to H x W at offset ``pad + shift``, then
-    mirrored left-right where ``flips``: torchvision's RandomCrop(padding=pad) and RandomHorizontalFlip with
-    the random choices given. ``shifts`` [n, 2] holds (row, column) shifts in [-pad, pad]."""
-    n, _, height, width = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    rows = (pad + shifts[:, 0]).view(n, 1) + torch.arange(height, device=images.device).view(1, height)
-    columns = torch.arange(width, device=images.device).view(1, width)
-    columns = torch.where(flips.view(n, 1), width - 1 - columns, columns)
-    columns = (pad + shifts[:, 1]).view(n, 1) + columns
-    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
-    channels = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
-    return padded[batch, channels, rows.view(n, 1, height, 1), columns.view(n, 1, 1, width)]
-
-
-ON_DEVICE_AUGMENTED = ("cifar10", "cifar100")
-
-
-def check_data_on_device(args):
-    """``--data-on-device yes`` works where the training augmentation can run on the device."""
-    if args.data_on_device == "yes" and args.dataset == "imagenet":
-        raise UserError("--data-on-device yes is not available for imagenet (its random resized crop runs "
-                        "in the loader, and the data set does not fit a device); use --data-on-device no or auto")
-
-
-def check_cuda_graphs(args, method: "Method", device: torch.device, dist: "Distributed"):
-    """``--cuda-graphs`` needs a method that supports it, one process and a CUDA device."""
-    if not args.cuda_graphs:
-        return
-    if not method.supports_cuda_graphs:
-        raise UserError("--cuda-graphs is not available for this method (CAT-RS only); leave it out")
-    if device.type != "cuda":
-        raise UserError(f"--cuda-graphs needs a CUDA device, and this run is on {device.type}; leave it out")
-    if dist.enabled:
-        raise UserError("--cuda-graphs runs in one process; leave it out under torchrun")
-
-
 def make_loaders(args, method: Method, device, dist: Distributed, generator: torch.Generator):
-    train_split = method.train_split(args)
-    on_device = args.data_on_device == "yes" or (args.data_on_device == "auto" and args.dataset in ("mnist", "fmnist"))
+    """The training and test loaders of this process: ``TensorLoader``s on the device or ``DataLoader``s."""
+    on_device = data_on_device(args)
     # On the device, CIFAR images are stored unaugmented and cropped and flipped there, fresh every epoch.
     augment_on_device = on_device and args.dataset in ON_DEVICE_AUGMENTED
-    train_data = get_dataset(args.dataset, train_split, smooth_prediction=args.smooth_prediction,
+    train_data = get_dataset(args.dataset, method.train_split(args), smooth_prediction=args.smooth_prediction,
                              augment=not augment_on_device)
     test_data = get_dataset(args.dataset, "test")
     if isinstance(train_data, WithSmoothPrediction):   # pi must be computed for every image used
@@ -298,14 +206,12 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TrainingContext:
-    """What a method's ``train`` uses: the model (DDP-wrapped under torchrun), optimizer, device, options."""
+    """What a method's ``batch_loss`` uses: the model (DDP-wrapped under torchrun), optimizer, device, options."""
     args: object
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
-    num_classes: int
     dist: Distributed
-    writer: object = None
     channels_last: bool = False   # ``--channels-last`` resolved for this device (``use_channels_last``)
 
     @property
@@ -324,11 +230,14 @@ class TrainingContext:
         """``step`` replayed from CUDA graphs with ``--cuda-graphs`` (see ``GraphedStep``), else ``step``."""
         return GraphedStep(step) if self.args.cuda_graphs else step
 
+    def memory_format(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the model's memory format: channels-last for an image batch where that is in use."""
+        if self.channels_last and tensor.dim() == 4:
+            return tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
     def to_device(self, *tensors):
-        moved = tuple(t.to(self.device, non_blocking=True) for t in tensors)
-        if self.channels_last:
-            moved = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in moved)
-        return moved
+        return tuple(self.memory_format(t.to(self.device, non_blocking=True)) for t in tensors)
 
     def step(self, loss: torch.Tensor):
         self.optimizer.zero_grad()
@@ -342,54 +251,6 @@ class TrainingContext:
             acc_text = f"{acc.avg:.3f}" if acc.count else "n/a"
             print(f"Epoch: [{epoch}][{i}/{num_batches}]\tTime {time.time() - started:.1f}s\t"
                   f"Loss {loss.avg:.4f}\tAcc@1 {acc_text}", flush=True)
-
-
-class GraphedStep:
-    """A method's training step, ``step(*tensors) -> tuple of tensors``, replayed from a CUDA graph.
-
-    ``step`` is one whole SGD step on one mini-batch (forward passes, attack,
-    loss, ``ctx.step``) that reads nothing back to the host and returns
-    detached tensors. For each input
-    shape, its first ``WARMUP`` calls run eagerly on a side stream (real
-    steps: they let cuDNN, the allocator and the optimizer's state settle, as
-    capture requires), the next call is captured into a graph and replayed,
-    and every later call copies its tensors into the graph's inputs and
-    replays it: the same kernels on the same memory, launched with one call.
-    Each call is exactly one step, eager or replayed. Replays advance the CUDA
-    generator as eager steps do, but draw other numbers (same distribution).
-    The learning rate and other optimizer settings are fixed at capture, so a
-    ``GraphedStep`` serves one epoch. The outputs returned are copies.
-    """
-
-    WARMUP = 3
-
-    def __init__(self, step: Callable):
-        self.step = step
-        self.graphs: Dict[tuple, tuple] = {}
-        self.eager_calls: Dict[tuple, int] = {}
-        self.side_stream = torch.cuda.Stream()
-
-    def __call__(self, *inputs: torch.Tensor):
-        key = tuple((t.shape, t.dtype, t.stride()) for t in inputs)
-        if key not in self.graphs:
-            calls = self.eager_calls.get(key, 0)
-            if calls < self.WARMUP:
-                self.eager_calls[key] = calls + 1
-                self.side_stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(self.side_stream):
-                    outputs = self.step(*inputs)
-                torch.cuda.current_stream().wait_stream(self.side_stream)
-                return outputs
-            static_inputs = tuple(t.clone() for t in inputs)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_outputs = self.step(*static_inputs)
-            self.graphs[key] = (graph, static_inputs, static_outputs)
-        graph, static_inputs, static_outputs = self.graphs[key]
-        for static, given in zip(static_inputs, inputs):
-            static.copy_(given)
-        graph.replay()
-        return tuple(t.clone() for t in static_outputs)
 
 
 @contextlib.contextmanager
@@ -408,42 +269,58 @@ def attack_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def use_channels_last(choice, device: torch.device, bf16: bool) -> bool:
-    """Resolve ``--channels-last`` (auto / yes / no; a bool passes through, as in old checkpoints' args)."""
-    if isinstance(choice, bool):
-        return choice
-    if choice == "auto":
-        return device.type == "cpu" or bf16
-    return choice == "yes"
+# --------------------------------------------------------------------------- the epoch
 
+def chunk_minibatches(tensors, num: int):
+    """Split a loader batch (a sequence of tensors) into ``num`` consecutive mini-batches of len // num examples.
 
-# Residual blocks (ours and torchvision's): ``--compile`` compiles each of these instead of the whole model.
-COMPILED_BLOCKS = ("BasicBlock", "Bottleneck")
-
-
-def compile_model(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """Compile ``model`` in place for ``--compile``; returns the modules compiled.
-
-    Each residual block is compiled on its own (regional compilation): the
-    blocks of a ResNet share their code, so one compilation per block shape
-    and mode serves them all, in seconds rather than the minutes of the whole
-    unrolled network, and the fusion that pays (batch norm, ReLU and the
-    residual sum of a block in one pass) lies inside a block. A model without
-    such blocks is compiled whole. ``Module.compile`` keeps the parameter
-    names, so checkpoints are unchanged. Shapes stay static (``dynamic=False``:
-    the last, smaller batch of an epoch gets its own kernels, and the full
-    batches keep theirs), and the recompile limit is raised to cover each
-    block shape in train, attack (eval) and test mode at two batch sizes.
+    The chunked methods take one SGD step per mini-batch. With ``num`` 1 the
+    batch itself is the one mini-batch; otherwise the remainder of the
+    division is dropped, as in the published code, and a batch smaller than
+    ``num`` yields nothing.
     """
-    import torch._dynamo
-    config = torch._dynamo.config
-    for limit in ("recompile_limit", "cache_size_limit"):  # the name changed between torch versions
-        if hasattr(config, limit):
-            setattr(config, limit, max(getattr(config, limit), 64))
-    compiled = [module for module in model.modules() if type(module).__name__ in COMPILED_BLOCKS] or [model]
-    for module in compiled:
-        module.compile(dynamic=False)
-    return compiled
+    if num == 1:
+        yield tuple(tensors)
+        return
+    size = tensors[0].shape[0] // num
+    if size == 0:
+        return
+    for i in range(num):
+        yield tuple(t[i * size:(i + 1) * size] for t in tensors)
+
+
+def sgd_step(method: Method, ctx: TrainingContext, epoch: int) -> Callable:
+    """``step(*tensors) -> (logged loss,)`` or ``(logged loss, accuracy)``: one SGD step on one mini-batch.
+
+    The values returned are detached 0-d tensors: a tensor that held the
+    autograd graph would keep it alive into the next step.
+    """
+    def step(*tensors):
+        objective, logged, accuracy = method.batch_loss(ctx, epoch, *tensors)
+        ctx.step(objective)
+        return (logged.detach(),) if accuracy is None else (logged.detach(), accuracy.detach())
+    return step
+
+
+def train_epoch(method: Method, ctx: TrainingContext, loader, epoch: int) -> Tuple[float, float]:
+    """One epoch of ``method`` over ``loader``: (mean train loss, train accuracy in %, 0.0 if not measured).
+
+    The means weigh each mini-batch by its examples (times ``logged_per_example``);
+    the console shows them every ``--print-freq`` batches.
+    """
+    step = ctx.graphed(sgd_step(method, ctx, epoch))
+    num_minibatches, weight = method.minibatches(ctx.args), method.logged_per_example(ctx.args)
+    losses, top1 = AverageMeter(), AverageMeter()
+    started = time.time()
+    for i, batch in enumerate(loader):
+        for minibatch in chunk_minibatches(ctx.to_device(*batch), num_minibatches):
+            loss, *accuracy = step(*minibatch)
+            count = minibatch[0].shape[0] * weight
+            losses.update(loss, count)
+            if accuracy:
+                top1.update(accuracy[0], count)
+        ctx.log_batch(epoch, i, len(loader), losses, top1, started)
+    return losses.avg, top1.avg
 
 
 def test(ctx: TrainingContext, loader, noise_sd: float):
@@ -633,7 +510,7 @@ def record_overrides(folder: str, start_epoch: int, changes: List[str]):
                      f"{'; '.join(changes)}\n")
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the run
 
 def parse_args(method: Method, argv=None):
     parser = build_parser(method)
@@ -654,45 +531,70 @@ def train_main(method: Method, argv=None):
     run_cli(lambda: _train(method, parse_args(method, argv)), resume_hint=RESUME_TRAINING)
 
 
+@dataclass
+class _Run:
+    """What a training run carries from epoch to epoch."""
+    method: Method
+    ctx: TrainingContext
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_loader: object
+    test_loader: object
+    loader_generator: torch.Generator
+    folder: str
+    log_rows: List[str]
+    writer: object = None
+
+
 def _train(method: Method, args):
     check_data_on_device(args)
     dist = Distributed()
-    device = dist.device
-    check_cuda_graphs(args, method, device, dist)
+    check_cuda_graphs(args, method.supports_cuda_graphs, dist.device, dist.enabled)
     folder = run_folder(args, method.method_path(args))
-    checkpoint_path = os.path.join(folder, CHECKPOINT_NAME)
-    log_path = os.path.join(folder, "log.txt")
+    checkpoint, overrides = _read_checkpoint(method, args, folder, dist)
+    if checkpoint is not None and int(checkpoint["epoch"]) >= args.epochs:
+        if dist.is_main:
+            print(f"already complete: {int(checkpoint['epoch'])} epochs, {_checkpoint_path(folder)}", flush=True)
+        dist.close()
+        return
+    run, start_epoch = _start(method, args, dist, folder, checkpoint, overrides)
+    for epoch in range(start_epoch, args.epochs):
+        _run_epoch(run, epoch)
+    if run.writer is not None:
+        run.writer.close()
+    if dist.is_main:
+        print(f"run folder: {folder}", flush=True)
+    dist.barrier()
+    dist.close()
 
-    checkpoint, overrides = None, []
-    if os.path.exists(checkpoint_path):
-        if not args.resume:
-            raise UserError(f"run folder '{folder}' already holds a checkpoint; add --resume to continue it, "
-                            "or choose another --id")
-        checkpoint = load_checkpoint(checkpoint_path)
-        stored = checkpoint.get("args")
-        if args.seed is None and isinstance(stored, dict) and stored.get("seed") is not None:
-            args.seed = stored["seed"]
-        parser = build_parser(method)
-        defaults = {key: parser.get_default(key) for key in vars(args)}
-        overrides = check_resume_arguments(checkpoint, args, defaults, checkpoint_path)
-        done = int(checkpoint["epoch"])
-        if done >= args.epochs:
-            if dist.is_main:
-                print(f"already complete: {done} epochs, {checkpoint_path}", flush=True)
-            dist.close()
-            return
-    elif args.resume and dist.is_main:
-        print(f"--resume: no checkpoint in '{folder}', starting a fresh run", flush=True)
-    if args.seed is None:
-        args.seed = random.randint(0, 2 ** 31)
-    seed_everything(args.seed + dist.rank)
-    loader_generator = torch.Generator()
-    loader_generator.manual_seed(loader_seed(args.seed))
 
-    if device.type == "cuda":
-        # the shapes repeat every step, so cuDNN's timed choice of kernels pays off (as in torchvision's references)
-        torch.backends.cudnn.benchmark = True
-    train_loader, test_loader = make_loaders(args, method, device, dist, loader_generator)
+def _checkpoint_path(folder: str) -> str:
+    return os.path.join(folder, CHECKPOINT_NAME)
+
+
+def _read_checkpoint(method: Method, args, folder: str, dist: Distributed):
+    """(the run folder's checkpoint or None, the argument changes ``--resume-changed-args`` accepted).
+
+    Refuses an existing checkpoint without ``--resume``; a resume without ``--seed`` takes the stored one.
+    """
+    checkpoint_path = _checkpoint_path(folder)
+    if not os.path.exists(checkpoint_path):
+        if args.resume and dist.is_main:
+            print(f"--resume: no checkpoint in '{folder}', starting a fresh run", flush=True)
+        return None, []
+    if not args.resume:
+        raise UserError(f"run folder '{folder}' already holds a checkpoint; add --resume to continue it, "
+                        "or choose another --id")
+    checkpoint = load_checkpoint(checkpoint_path)
+    stored = checkpoint.get("args")
+    if args.seed is None and isinstance(stored, dict) and stored.get("seed") is not None:
+        args.seed = stored["seed"]
+    parser = build_parser(method)
+    defaults = {key: parser.get_default(key) for key in vars(args)}
+    return checkpoint, check_resume_arguments(checkpoint, args, defaults, checkpoint_path)
+
+
+def _build_model(args, device: torch.device) -> Tuple[torch.nn.Module, bool]:
+    """The model (initial or ``--pretrained-model`` weights, memory format, compiled) and channels-last."""
     model = get_architecture(args.arch, args.dataset, device)
     if args.pretrained_model:
         pretrained = load_checkpoint(args.pretrained_model, map_location=device)
@@ -705,87 +607,112 @@ def _train(method: Method, args):
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         compile_model(model)
+    return model, channels_last
+
+
+def _start(method: Method, args, dist: Distributed, folder: str, checkpoint: Optional[dict],
+           overrides: List[str]) -> Tuple[_Run, int]:
+    """Seed, load the data, build the model and optimizer (restored from ``checkpoint`` if given) and
+    prepare the run folder; returns the run and its first epoch."""
+    if args.seed is None:
+        args.seed = random.randint(0, 2 ** 31)
+    seed_everything(args.seed + dist.rank)
+    loader_generator = torch.Generator()
+    loader_generator.manual_seed(loader_seed(args.seed))
+    device = dist.device
+    if device.type == "cuda":
+        # the shapes repeat every step, so cuDNN's timed choice of kernels pays off (as in torchvision's references)
+        torch.backends.cudnn.benchmark = True
+    train_loader, test_loader = make_loaders(args, method, device, dist, loader_generator)
+    model, channels_last = _build_model(args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     # LambdaLR's factor for epoch e is the rate used in epoch e (the scheduler steps after each epoch).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(method, args))
-
     start_epoch, log_rows = 0, []
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if "scheduler" in checkpoint:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch = int(checkpoint["epoch"])
-        log_rows = list(checkpoint.get("log", []))
-        states = checkpoint.get("rng")
-        if states:
-            set_rng_state(states[dist.rank] if dist.rank < len(states) else states[0], loader_generator)
-        if overrides:
-            apply_optimizer_arguments(optimizer, scheduler, args)
+        start_epoch, log_rows = _restore(checkpoint, model, scheduler, loader_generator, dist, args, overrides)
         if dist.is_main:
             print(f"resuming '{folder}' after epoch {start_epoch - 1}", flush=True)
             if overrides:
                 print(f"warning: resuming with changed arguments ({'; '.join(overrides)}); recorded in "
                       f"{os.path.join(folder, OVERRIDES_NAME)}", file=sys.stderr, flush=True)
-
     if dist.enabled:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        ddp_model = model
-
-    writer = None
-    if dist.is_main:
-        os.makedirs(folder, exist_ok=True)
-        shutil.copytree(CODE_DIR, os.path.join(folder, "code"), dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "dataset_cache"))
-        write_log(log_path, log_rows)
-        if overrides:
-            record_overrides(folder, start_epoch, overrides)
-        writer = _summary_writer(folder, start_epoch)
-        if not method.measures_train_accuracy:
-            print("note: this method does not measure its train accuracy (as published): log.txt's train acc "
-                  "column holds 0.0 and the console shows n/a", flush=True)
-    ctx = TrainingContext(args=args, model=ddp_model, optimizer=optimizer, device=device,
-                          num_classes=get_num_classes(args.dataset), dist=dist, writer=writer,
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = _prepare_folder(method, folder, log_rows, start_epoch, overrides) if dist.is_main else None
+    ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=device, dist=dist,
                           channels_last=channels_last)
+    return _Run(method, ctx, scheduler, train_loader, test_loader, loader_generator, folder, log_rows,
+                writer), start_epoch
 
-    for epoch in range(start_epoch, args.epochs):
-        if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        before = time.time()
-        ddp_model.train()
-        train_loss, train_acc = method.train(ctx, train_loader, epoch)
-        train_loss, train_acc = dist.mean(train_loss, train_acc)
-        test_loss, test_acc = test(ctx, test_loader, args.noise_sd)
-        after = time.time()
-        scheduler.step()
-        rngs = gather_rng_states(dist, loader_generator)
-        if not dist.is_main:
-            continue
-        if not np.isfinite(train_loss):
-            print(f"warning: train loss is {train_loss} in epoch {epoch}", file=sys.stderr)
-        log_rows.append(format_log_row(epoch, after - before, lr, train_loss, train_acc, test_loss, test_acc))
-        train_acc_text = f"{train_acc:.2f}" if method.measures_train_accuracy else "n/a"
-        print(f"epoch {epoch}/{args.epochs - 1}: lr {lr:.3g}  train loss {train_loss:.4f}  train acc "
-              f"{train_acc_text}  noisy test loss {test_loss:.4f}  noisy test acc {test_acc:.2f}  "
-              f"({after - before:.1f}s)", flush=True)
-        atomic_save({"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": rngs, "args": vars(args), "log": log_rows}, checkpoint_path)
-        write_log(log_path, log_rows)
-        if writer is not None:
-            for name, value in (("loss/train", train_loss), ("loss/test", test_loss), ("accuracy/train", train_acc),
-                                ("accuracy/test", test_acc), ("learning_rate", lr), ("time/epoch", after - before)):
-                writer.add_scalar(name, value, epoch)
-            writer.flush()
-    if writer is not None:
-        writer.close()
-    if dist.is_main:
-        print(f"run folder: {folder}", flush=True)
-    dist.barrier()
-    dist.close()
+
+def _restore(checkpoint: dict, model: torch.nn.Module, scheduler, loader_generator: torch.Generator,
+             dist: Distributed, args, overrides: List[str]) -> Tuple[int, List[str]]:
+    """Load the checkpoint's weights, optimizer, schedule and random states; (first epoch, log rows)."""
+    optimizer = scheduler.optimizer
+    model.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if "scheduler" in checkpoint:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    states = checkpoint.get("rng")
+    if states:
+        set_rng_state(states[dist.rank] if dist.rank < len(states) else states[0], loader_generator)
+    if overrides:
+        apply_optimizer_arguments(optimizer, scheduler, args)
+    return int(checkpoint["epoch"]), list(checkpoint.get("log", []))
+
+
+def _prepare_folder(method: Method, folder: str, log_rows: List[str], start_epoch: int, overrides: List[str]):
+    """The run folder with a copy of ``code/``, ``log.txt`` so far and any overrides; its TensorBoard writer."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copytree(CODE_DIR, os.path.join(folder, "code"), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "dataset_cache"))
+    write_log(os.path.join(folder, "log.txt"), log_rows)
+    if overrides:
+        record_overrides(folder, start_epoch, overrides)
+    if not method.measures_train_accuracy:
+        print("note: this method does not measure its train accuracy (as published): log.txt's train acc "
+              "column holds 0.0 and the console shows n/a", flush=True)
+    return _summary_writer(folder, start_epoch)
+
+
+def _run_epoch(run: _Run, epoch: int):
+    """Train one epoch, test, step the schedule; on rank 0 log the epoch and save the checkpoint."""
+    ctx = run.ctx
+    if isinstance(getattr(run.train_loader, "sampler", None), DistributedSampler):
+        run.train_loader.sampler.set_epoch(epoch)
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    before = time.time()
+    ctx.model.train()
+    train_loss, train_acc = ctx.dist.mean(*train_epoch(run.method, ctx, run.train_loader, epoch))
+    test_loss, test_acc = test(ctx, run.test_loader, ctx.args.noise_sd)
+    seconds = time.time() - before
+    run.scheduler.step()
+    rngs = gather_rng_states(ctx.dist, run.loader_generator)
+    if ctx.dist.is_main:
+        _record_epoch(run, epoch, lr, seconds, (train_loss, train_acc, test_loss, test_acc), rngs)
+
+
+def _record_epoch(run: _Run, epoch: int, lr: float, seconds: float, values, rngs: List[dict]):
+    """Console line, log.txt row, checkpoint and TensorBoard scalars of a finished epoch."""
+    train_loss, train_acc, test_loss, test_acc = values
+    args, model, optimizer = run.ctx.args, run.ctx.base_model, run.ctx.optimizer
+    if not np.isfinite(train_loss):
+        print(f"warning: train loss is {train_loss} in epoch {epoch}", file=sys.stderr)
+    run.log_rows.append(format_log_row(epoch, seconds, lr, train_loss, train_acc, test_loss, test_acc))
+    train_acc_text = f"{train_acc:.2f}" if run.method.measures_train_accuracy else "n/a"
+    print(f"epoch {epoch}/{args.epochs - 1}: lr {lr:.3g}  train loss {train_loss:.4f}  train acc "
+          f"{train_acc_text}  noisy test loss {test_loss:.4f}  noisy test acc {test_acc:.2f}  "
+          f"({seconds:.1f}s)", flush=True)
+    atomic_save({"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "rng": rngs, "args": vars(args), "log": run.log_rows}, _checkpoint_path(run.folder))
+    write_log(os.path.join(run.folder, "log.txt"), run.log_rows)
+    if run.writer is not None:
+        for name, value in (("loss/train", train_loss), ("loss/test", test_loss), ("accuracy/train", train_acc),
+                            ("accuracy/test", test_acc), ("learning_rate", lr), ("time/epoch", seconds)):
+            run.writer.add_scalar(name, value, epoch)
+        run.writer.flush()
 
 
 def _summary_writer(folder: str, start_epoch: int):
@@ -798,24 +725,3 @@ def _summary_writer(folder: str, start_epoch: int):
         except ImportError:
             return None
     return SummaryWriter(folder, purge_step=start_epoch if start_epoch > 0 else None)
-
-
-# --------------------------------------------------------------------------- shared loss pieces
-
-def kl_div_per_example(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(logits)) for each row, with 0 log 0 = 0: a tensor [batch]."""
-    return F.kl_div(F.log_softmax(logits.float(), dim=1), target_probs.float(), reduction="none").sum(1)
-
-
-def chunk_minibatches(tensors, num: int):
-    """Split a loader batch (a sequence of tensors) into ``num`` consecutive mini-batches of len // num examples.
-
-    The chunked methods take one SGD step per mini-batch (SPEC 4). The remainder
-    of the division is dropped, as in the published code; a batch smaller than
-    ``num`` yields nothing.
-    """
-    size = tensors[0].shape[0] // num
-    if size == 0:
-        return
-    for i in range(num):
-        yield tuple(t[i * size:(i + 1) * size] for t in tensors)

@@ -1,4 +1,4 @@
-"""Shared test set-up: scripts in code/ are importable, paths to the repository and shared/."""
+"""Shared test set-up: scripts in code/ are importable, the path to the repository."""
 import os
 import sys
 
@@ -7,7 +7,6 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = os.path.join(REPO, "code")
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
 if CODE not in sys.path:
     sys.path.insert(0, CODE)
 # In-process runs of the scripts read the data cache of the repository, whatever the working folder.

@@ -23,7 +23,7 @@ import train_utils
 from architectures import get_architecture
 from archs.lenet import LeNet, _SingleChannelConv2d
 from conftest import REPO, python_env
-from train_utils import compile_model, use_channels_last
+from fast_path import compile_model, use_channels_last
 
 
 def test_single_channel_conv_gradients_match_finite_differences():
@@ -76,8 +76,7 @@ def test_noisy_test_pass_is_the_weighted_mean_over_batches():
     class Args:
         bf16 = False
         channels_last = False
-    ctx = train_utils.TrainingContext(args=Args(), model=model, optimizer=None, device=torch.device("cpu"),
-                                      num_classes=3, dist=None)
+    ctx = train_utils.TrainingContext(args=Args(), model=model, optimizer=None, device=torch.device("cpu"), dist=None)
     torch.manual_seed(4)
     loss, acc = train_utils.test(ctx, batches, 0.0)
     with torch.no_grad():

@@ -21,7 +21,8 @@ import train_stab
 from architectures import get_architecture
 from attacks import check_unit_interval
 from core import Smooth
-from train_utils import AverageMeter, GraphedStep, compile_model
+from fast_path import GraphedStep, compile_model
+from train_utils import AverageMeter
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from profile_train_step import random_epoch  # noqa: E402

@@ -18,10 +18,10 @@ from architectures import get_architecture
 from common import load_base_classifier, load_checkpoint
 from core import Smooth
 from datasets import coverage_path, get_dataset
-from train_catrs import (KL_PGD, acceptance_probability, attack_radius, catrs_loss, restandardize,
-                         sample_num_accepted)
-from train_smoothmix import SmoothMix_PGD, smoothmix_loss, warmup_factor
-from train_utils import attack_mode, build_parser, chunk_minibatches, kl_div_per_example
+from attacks import KL_PGD, SmoothMix_PGD, kl_div_per_example, restandardize
+from train_catrs import acceptance_probability, attack_radius, catrs_loss, sample_num_accepted
+from train_smoothmix import smoothmix_loss, warmup_factor
+from train_utils import attack_mode, build_parser, chunk_minibatches
 
 FMNIST_TRAIN_SIZE = 60000
 

@@ -12,27 +12,28 @@ import train_smoothmix
 import train_stab
 from architectures import get_architecture
 from test_datasets_architectures import write_cifar10
-import train_utils
-from train_utils import TensorLoader, TrainingContext, build_parser, make_loaders
+import fast_path
+from fast_path import TensorLoader
+from train_utils import TrainingContext, build_parser, make_loaders, train_epoch
 
 
 # --------------------------------------------------------------------------- logged train loss
 
 def _logged_train_loss(module, options, seed=0):
-    """One epoch of ``module.train`` at learning rate 0 (the model never changes) on fixed random data."""
+    """One epoch of ``module.METHOD`` at learning rate 0 (the model never changes) on fixed random data."""
     args = build_parser(module.METHOD).parse_args(["fmnist", "lenet", "--lr", "1e-9", "--print-freq", "1000"]
                                                    + options)
     torch.manual_seed(123)
     model = get_architecture("lenet", "fmnist", "cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=torch.device("cpu"), num_classes=10,
+    ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=torch.device("cpu"),
                           dist=types.SimpleNamespace(is_main=False, enabled=False))
     generator = torch.Generator().manual_seed(7)
     loader = [(torch.rand(32, 1, 28, 28, generator=generator), torch.randint(0, 10, (32,), generator=generator))
               for _ in range(2)]
     model.train()
     torch.manual_seed(seed)
-    loss, _ = module.train(ctx, loader, 40)
+    loss, _ = train_epoch(module.METHOD, ctx, loader, 40)
     return loss, loader, model
 
 
@@ -94,13 +95,13 @@ def test_crop_flip_is_torchvision_random_crop_then_flip():
     images = torch.rand(5, 3, 32, 32)
     shifts = torch.tensor([[-4, 4], [0, 0], [3, -2], [4, -4], [-1, 1]])
     flips = torch.tensor([False, True, True, False, True])
-    out = train_utils.crop_flip(images, shifts, flips, 4)
+    out = fast_path.crop_flip(images, shifts, flips, 4)
     for image, (dy, dx), flip, got in zip(images, shifts.tolist(), flips.tolist(), out):
         expected = TF.crop(TF.pad(image, 4), 4 + dy, 4 + dx, 32, 32)
         if flip:
             expected = TF.hflip(expected)
         assert torch.equal(got, expected)
-    row, column, flipped = _decode(train_utils.crop_flip(_coded_image().expand(5, 3, 32, 32), shifts, flips, 4))
+    row, column, flipped = _decode(fast_path.crop_flip(_coded_image().expand(5, 3, 32, 32), shifts, flips, 4))
     assert row.tolist() == shifts[:, 0].tolist() and column.tolist() == shifts[:, 1].tolist()
     assert flipped.tolist() == flips.tolist()
 
@@ -150,7 +151,7 @@ def _augmentations(loader):
     stored = loader.tensors[0]
     n = len(stored)
     choices = [(dy, dx, flip) for dy in range(-4, 5) for dx in range(-4, 5) for flip in (False, True)]
-    candidates = torch.stack([train_utils.crop_flip(stored, torch.tensor([[dy, dx]] * n), torch.tensor([flip] * n), 4)
+    candidates = torch.stack([fast_path.crop_flip(stored, torch.tensor([[dy, dx]] * n), torch.tensor([flip] * n), 4)
                               for dy, dx, flip in choices]).flatten(2)  # [choices, n, pixels]
     found = {}
     for images, _ in loader:

@@ -40,6 +40,7 @@ from scipy.stats import beta, binom, norm
 
 import analyze
 import certify
+import certify_rows
 import core
 import eval_utils
 import predict
@@ -567,10 +568,10 @@ def test_certify_records_the_scheme_of_its_looks(linear_script, tmp_path, n_max,
 
 def test_floor_3_digits_never_rounds_up():
     for value in np.concatenate([np.random.default_rng(0).uniform(0, 3, 2000), [0.25, 0.5, 1.0, 0.2496]]):
-        printed = float("{:.3}".format(certify.floor_3_digits(value)))
+        printed = float("{:.3}".format(certify_rows.floor_3_digits(value)))
         assert printed <= value + 1e-12 and value - printed < 0.01 * max(value, 1e-3) + 1e-12
-    assert certify.floor_3_digits(0.2496) == pytest.approx(0.249)
-    assert certify.floor_3_digits(0.0) == 0.0
+    assert certify_rows.floor_3_digits(0.2496) == pytest.approx(0.249)
+    assert certify_rows.floor_3_digits(0.0) == 0.0
 
 
 # --------------------------------------------------------------------------- analysis
