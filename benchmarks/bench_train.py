@@ -3,7 +3,7 @@
 Each method's script runs as it would from the command line, for one epoch
 on the first ``--train-subset`` training images (``--test-subset`` test
 images, one by default), with the method options of the published CIFAR-10
-commands (SPEC section 7; MACER without ``--deferred`` so that its
+commands (EXPERIMENTS.md; MACER without ``--deferred`` so that its
 robustness term is part of the epoch). The epoch time is read from the
 ``time`` column of the run's ``log.txt`` (training plus the noisy test
 pass; start-up is not included). Scripts that do not exist are reported as

@@ -2,10 +2,13 @@
 
 Two kinds of checks:
 
-* the published certification results in ``<repo>/../shared/reference-results``
-  must give exactly the numbers of the table in that folder's README (ACR to
-  3 decimals, certified accuracy in percent to 1 decimal).  The table is parsed
-  here, so the expected numbers live in one place only;
+* the certification results published with the CAT-RS paper, when
+  ``$PUBLISHED_RESULTS`` names a folder of them (``{dataset}/noise_{sigma}/
+  {method}/*.tsv.gz`` and a README.md with their table), must give exactly
+  the numbers of that table (ACR to 3 decimals, certified accuracy in percent
+  to 1 decimal); the table is parsed here, so the expected numbers live in
+  one place only. They are not part of the repository, so without the
+  variable these tests are skipped;
 * small synthetic result files whose certified accuracies and ACR can be
   worked out by hand, plus the tables, plots and the command line, including
   its behaviour on malformed input (one ``error:`` line, exit status 2, no
@@ -15,6 +18,7 @@ Two kinds of checks:
 import gzip
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +32,7 @@ sys.path.insert(0, str(REPO / "code"))
 import analyze  # noqa: E402
 
 SCRIPT = REPO / "code" / "analyze.py"
-REFERENCE = REPO.parent / "shared" / "reference-results"
+REFERENCE = Path(os.environ.get("PUBLISHED_RESULTS", "/nonexistent/published-results"))
 README = REFERENCE / "README.md"
 
 

@@ -22,7 +22,7 @@ def run_script(script, args, cwd=REPO, **kwargs):
 
 
 def published(line):
-    """A SPEC section 7 command line moved to Fashion-MNIST / LeNet, as the published README says."""
+    """A published CIFAR-10 command line moved to Fashion-MNIST / LeNet, as the published README says."""
     return line.replace("cifar10 cifar_resnet110", "fmnist lenet").split()
 
 
