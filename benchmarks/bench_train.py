@@ -113,6 +113,9 @@ def build_parser():
                         help="comma-separated subset of: " + ", ".join(m[0] for m in METHODS))
     parser.add_argument("--timeout", type=positive_int, default=1800, help="seconds allowed per run")
     parser.add_argument("--test-subset", type=positive_int, default=1, help="test images in the noisy test pass")
+    parser.add_argument("--baseline", default=None, metavar="PATH",
+                        help="compare with another checkout of this repository in PATH (e.g. `git worktree add "
+                             "PATH REV`), side by side: does a change make training slower?")
     parser.add_argument("--published", default=None, metavar="PATH",
                         help="compare with the published code in PATH (its code/train_*.py), side by side")
     return parser
@@ -162,14 +165,15 @@ def run_script(command, cwd: str, env: dict, timeout: int, label: str, stderr_ta
         raise RuntimeError(f"{label} failed ({done.returncode}): {done.stderr.strip()[-stderr_tail:]}")
 
 
-def run_once(name, script, options, args, workdir, run_id, smooth_prediction):
-    command = [sys.executable, os.path.join(REPO, "code", script), "fmnist", "lenet", "--lr", "0.01",
+def run_once(name, script, options, args, workdir, run_id, smooth_prediction, repo=REPO):
+    """One epoch of ``script`` of the checkout ``repo`` (this one by default); its seconds per epoch."""
+    command = [sys.executable, os.path.join(repo, "code", script), "fmnist", "lenet", "--lr", "0.01",
                "--epochs", "1", "--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset),
                "--workers", "0",
                "--seed", "0", "--id", str(run_id), "--logdir", workdir, "--print-freq", "1000000"] + options
     if name == "catrs":
         command += ["--smooth-prediction", smooth_prediction]
-    run_script(command, REPO, run_env(args.threads), args.timeout, script)
+    run_script(command, repo, run_env(args.threads), args.timeout, script)
     return epoch_seconds(find_log(os.path.join(workdir, "fmnist"), script, run_id))
 
 
@@ -234,29 +238,28 @@ def load_text() -> str:
     return "load average " + ", ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
-def compare_with_published(args):
-    """Published and ours, alternately, per method; ratio = published s/epoch / ours."""
-    code_dir = published_code_dir(args.published)
-    methods = select_methods(args.methods, COMPARISON)
+def side_by_side(args, methods, other: str, run_other, description: str):
+    """``other`` and ours, alternately, one epoch per method and repeat; ratio = other s/epoch / ours.
+
+    ``run_other(name, script, options, workdir, run_id, smooth_prediction)`` times the other side's epoch.
+    """
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  OMP_NUM_THREADS={args.threads}  "
           f"fmnist lenet --lr 0.01, --train-subset {args.train_subset} --test-subset {args.test_subset}, "
-          f"one epoch, {args.repeats} repeats, published code from {code_dir}; {load_text()}", flush=True)
-    times = {name: {"published": [], "ours": []} for name, _, _ in methods}
+          f"one epoch, {args.repeats} repeats, {description}; {load_text()}", flush=True)
+    times = {name: {other: [], "ours": []} for name, _, _ in methods}
     errors = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
         smooth_prediction = random_targets(workdir)
-        root = prepare_published(code_dir, workdir, smooth_prediction)
         run_id = 0
         for repeat in range(args.repeats):
             for name, script, options in methods:
-                sides = ["published", "ours"] if repeat % 2 == 0 else ["ours", "published"]
-                for side in sides:
+                for side in ([other, "ours"] if repeat % 2 == 0 else ["ours", other]):
                     if name in errors:
                         continue
                     run_id += 1
                     try:
-                        if side == "published":
-                            seconds = run_published(script, options, args, root, run_id)
+                        if side == other:
+                            seconds = run_other(name, script, options, workdir, run_id, smooth_prediction)
                         else:
                             seconds = run_once(name, script, options, args, workdir, run_id, smooth_prediction)
                     except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -264,19 +267,44 @@ def compare_with_published(args):
                         continue
                     times[name][side].append(seconds)
                     print(f"#   repeat {repeat} {name} {side}: {seconds:.2f} s ({load_text()})", flush=True)
+
     def cells(name, _script):
-        published, ours = times[name]["published"], times[name]["ours"]
-        ratios = [p / o for p, o in zip(published, ours)]
-        return [f"{statistics.median(published):.2f}", f"{statistics.median(ours):.2f}",
+        theirs, ours = times[name][other], times[name]["ours"]
+        ratios = [p / o for p, o in zip(theirs, ours)]
+        return [f"{statistics.median(theirs):.2f}", f"{statistics.median(ours):.2f}",
                 f"{statistics.median(ratios):.2f}x", f"{min(ratios):.2f}-{max(ratios):.2f}x"]
-    print_method_table(["published s/epoch", "ours s/epoch", "ours vs published (speed)", "min-max"], methods,
+    print_method_table([f"{other} s/epoch", "ours s/epoch", f"ours vs {other} (speed)", "min-max"], methods,
                        errors, cells)
     print(f"# finished {datetime.datetime.now().isoformat(timespec='seconds')}; {load_text()}")
+
+
+def compare_with_published(args):
+    """The published scripts against ours (sigma 0.5, the same options on both sides)."""
+    code_dir = published_code_dir(args.published)
+    roots = {}
+
+    def run_published_side(name, script, options, workdir, run_id, smooth_prediction):
+        if workdir not in roots:   # one prepared folder for the published scripts per benchmark
+            roots[workdir] = prepare_published(code_dir, workdir, smooth_prediction)
+        return run_published(script, options, args, roots[workdir], run_id)
+    side_by_side(args, select_methods(args.methods, COMPARISON), "published", run_published_side,
+                 f"published code from {code_dir}")
+
+
+def compare_with_baseline(args):
+    """Another checkout of this repository against this one (the options of the throughput table)."""
+    baseline = os.path.abspath(args.baseline)
+
+    def run_baseline(name, script, options, workdir, run_id, smooth_prediction):
+        return run_once(name, script, options, args, workdir, run_id, smooth_prediction, baseline)
+    side_by_side(args, select_methods(args.methods, METHODS), "baseline", run_baseline, f"baseline {baseline}")
 
 
 def benchmark(args):
     if args.published is not None:
         return compare_with_published(args)
+    if args.baseline is not None:
+        return compare_with_baseline(args)
     methods = select_methods(args.methods, METHODS)
     present = [m for m in methods if os.path.isfile(os.path.join(REPO, "code", m[1]))]
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  OMP_NUM_THREADS={args.threads}  "
