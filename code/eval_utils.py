@@ -14,7 +14,7 @@ Images
     any image is refused. Evaluation splits are
     read without training augmentation, so every image is the same on every
     run. With ``--seed S`` the noise of image ``idx`` comes from
-    ``core.noise_generator(S, idx, device, key)`` (``key``: empty, or the
+    ``noise_streams.noise_generator(S, idx, device, key)`` (``key``: empty, or the
     corruption of certify_c): its row depends neither on how many images
     share a forward pass, nor on how the images are split among processes,
     nor on interruptions. Without ``--seed`` rank 0 draws a fresh 128-bit
@@ -142,10 +142,12 @@ from tqdm import tqdm
 
 from common import (ArgumentParser, Distributed, UserError, check_checkpoint_file, file_sha256, load_base_classifier,
                     nonnegative_float, nonnegative_int, positive_float, positive_int, probability, replace_atomic)
-from core import MIXTURE_SHARE, SEQUENTIAL_FINAL_SHARE, Smooth, noise_generator, sequential_scheme
+from core import Smooth
 from datasets import DATASETS, get_dataset, get_num_classes
+from noise_streams import noise_generator
 from provenance import SIDECAR_FORMAT, settings_differences, sidecar_path
 from provenance import read_sidecar as read_record
+from sequential import MIXTURE_SHARE, SEQUENTIAL_FINAL_SHARE, sequential_scheme
 
 CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
@@ -214,7 +216,7 @@ def add_engine_arguments(parser: ArgumentParser):
 
 
 def add_sequential_arguments(parser: ArgumentParser, certify: bool = True):
-    """``--sequential`` and its options (``core.Smooth.certify_sequential_many`` / ``predict_sequential_many``)."""
+    """``--sequential`` and its options (``sequential.certify_sequential`` / ``predict_sequential``)."""
     group = parser.add_argument_group("sequential mode: same guarantee, fewer samples")
     final, mixture = SEQUENTIAL_FINAL_SHARE, MIXTURE_SHARE
     how = (f"with --radii, a look after every --batch, the lower bound the largest of a mixture confidence "
@@ -713,7 +715,7 @@ class Evaluation:
     format_row: Callable[[int, int, object, float], str]
     record: Optional[Callable[[object], np.ndarray]] = None
     description: str = ""
-    noise_key: Tuple[int, ...] = ()   # the noise of image idx: core.noise_generator(seed, idx, device, noise_key)
+    noise_key: Tuple[int, ...] = ()   # the noise of image idx: noise_streams.noise_generator(seed, idx, device, noise_key)
 
 
 class Coordinator:
