@@ -37,10 +37,10 @@ accuracy at the listed radii only, and no ACR.
 import math
 
 from common import ArgumentParser, run_cli
-from eval_utils import (CERTIFY_HEADER, SEQUENTIAL_CERTIFY_HEADER, ResultFile, add_engine_arguments,
-                        add_image_arguments, add_model_arguments, add_sampling_arguments, add_sequential_arguments,
-                        check_sequential_arguments, evaluation_dataset, format_time, run_on_image_sets,
-                        sequential_n_max, sequential_radius_tol)
+from eval_utils import (CERTIFY_HEADER, SEQUENTIAL_CERTIFY_HEADER, add_engine_arguments, add_image_arguments,
+                        add_model_arguments, add_sampling_arguments, add_sequential_arguments, check_sequential_arguments,
+                        evaluation_dataset, format_time, run_on_image_sets, sequential_n_max, sequential_radius_tol)
+from result_files import ResultFile
 
 
 def build_parser() -> ArgumentParser:

@@ -30,8 +30,9 @@ import torch
 from certify import certify_images, result_header, row_formatter
 from common import ArgumentParser, UserError, positive_float, run_cli
 from datasets import get_input_shape
-from eval_utils import (ResultFile, add_engine_arguments, add_image_arguments, add_sampling_arguments,
-                        add_sequential_arguments, run_on_image_sets)
+from eval_utils import (add_engine_arguments, add_image_arguments, add_sampling_arguments, add_sequential_arguments,
+                        run_on_image_sets)
+from result_files import ResultFile
 
 MNIST_C_CORRUPTIONS = ["identity", "brightness", "dotted_line", "glass_blur", "impulse_noise", "rotate", "shear",
                        "spatter", "translate", "canny_edges", "fog", "motion_blur", "scale", "shot_noise", "stripe",

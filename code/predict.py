@@ -15,10 +15,10 @@ first look whose test rejects at that look's level, or, abstaining, once
 Rows then end with a column ``samples``, the samples drawn for the image.
 """
 from common import ArgumentParser, run_cli
-from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, ResultFile, add_engine_arguments,
-                        add_image_arguments, add_model_arguments, add_sampling_arguments, add_sequential_arguments,
-                        check_sequential_arguments, evaluation_dataset, format_time, run_on_image_sets,
-                        sequential_n_max)
+from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, add_engine_arguments, add_image_arguments,
+                        add_model_arguments, add_sampling_arguments, add_sequential_arguments, check_sequential_arguments,
+                        evaluation_dataset, format_time, run_on_image_sets, sequential_n_max)
+from result_files import ResultFile
 
 
 def build_parser() -> ArgumentParser:

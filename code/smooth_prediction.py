@@ -29,9 +29,9 @@ import numpy as np
 
 from common import ArgumentParser, UserError, replace_atomic, run_cli
 from datasets import coverage_path, get_num_classes
-from eval_utils import (SMOOTH_PREDICTION_HEADER, RecordStore, ResultFile, add_engine_arguments, add_image_arguments,
-                        add_model_arguments, add_sampling_arguments, check_output_path, evaluation_dataset,
-                        format_time, run_on_image_sets)
+from eval_utils import (SMOOTH_PREDICTION_HEADER, add_engine_arguments, add_image_arguments, add_model_arguments,
+                        add_sampling_arguments, evaluation_dataset, format_time, run_on_image_sets)
+from result_files import RecordStore, ResultFile, check_output_path
 
 
 def confidence_path(outfile: str, sigma: float, split: str) -> str:
