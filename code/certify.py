@@ -37,9 +37,10 @@ accuracy at the listed radii only, and no ACR.
 import math
 
 from common import ArgumentParser, run_cli
-from eval_utils import (CERTIFY_HEADER, SEQUENTIAL_CERTIFY_HEADER, add_engine_arguments, add_image_arguments,
-                        add_model_arguments, add_sampling_arguments, add_sequential_arguments, check_sequential_arguments,
-                        evaluation_dataset, format_time, run_on_image_sets, sequential_n_max, sequential_radius_tol)
+from eval_utils import (CERTIFY_HEADER, SEQUENTIAL_CERTIFY_HEADER, ImageSet, add_engine_arguments, add_image_arguments,
+                        add_model_arguments, add_sampling_arguments, add_sequential_arguments, certification_scheme,
+                        check_sequential_arguments, evaluation_dataset, format_time, run_on_image_sets,
+                        sequential_n_max, sequential_radius_tol)
 from result_files import ResultFile
 
 
@@ -98,8 +99,8 @@ def run(argv=None):
     evaluate = certify_images(args)
     dataset = evaluation_dataset(args.dataset, args.split)
     output = ResultFile(args.outfile, result_header(args), overwrite=args.overwrite)
-    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output], evaluate, row_formatter(args),
-                      script="certify.py")
+    run_on_image_sets(args, args.dataset, [ImageSet("certify", dataset, output)], evaluate, row_formatter(args),
+                      script="certify.py", sequential_scheme=certification_scheme(args))
 
 
 def main(argv=None):

@@ -126,8 +126,8 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -268,9 +268,20 @@ def evaluation_dataset(dataset: str, split: str):
     return get_dataset(dataset, split, augment=False)
 
 
-def make_smooth(model: torch.nn.Module, num_classes: int, sigma: float, args) -> Smooth:
-    return Smooth(model, num_classes, sigma, images_per_batch=args.batch_images, channels_last=args.channels_last,
-                  bf16=args.bf16, compile=args.compile)
+@dataclass
+class ImageSet:
+    """One output of a run: a set of images and the result file their rows fill.
+
+    ``images[idx]`` is (image [C x H x W], label); ``settings``: what the script
+    adds to this output's settings record (certify_c's corruption), compared
+    like the command line's; ``noise_key``: the key of the images' noise
+    streams (``Evaluation.noise_key``).
+    """
+    description: str
+    images: Sequence
+    output: ResultFile
+    settings: Dict[str, object] = field(default_factory=dict)
+    noise_key: Tuple[int, ...] = ()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -290,7 +301,7 @@ class Evaluation:
     format_row: Callable[[int, int, object, float], str]
     record: Optional[Callable[[object], np.ndarray]] = None
     description: str = ""
-    noise_key: Tuple[int, ...] = ()   # the noise of image idx: noise_streams.noise_generator(seed, idx, device, noise_key)
+    noise_key: Tuple[int, ...] = ()   # image idx's noise: noise_streams.noise_generator(seed, idx, device, noise_key)
 
 
 class Coordinator:
@@ -357,58 +368,56 @@ def run_evaluations(evaluations: Sequence[Evaluation], args, dist: Distributed):
     coordinator.barrier()   # no rank leaves before the last merge
 
 
-def run_on_image_sets(args, dataset: str, image_sets: Sequence[Tuple[str, object]], outputs: Sequence["ResultFile"],
-                      evaluate: Callable, format_row: Callable, record: Optional[Callable] = None, *, script: str,
-                      output_settings: Optional[Sequence[dict]] = None,
-                      noise_keys: Optional[Sequence[Tuple[int, ...]]] = None):
+def certification_scheme(args) -> Optional[str]:
+    """The sequential scheme (``sequential.sequential_scheme``) of a certification with these options; None: fixed-N."""
+    return sequential_scheme(sequential_n_max(args), args.batch) if args.sequential else None
+
+
+def run_on_image_sets(args, dataset: str, image_sets: Sequence[ImageSet], evaluate: Callable, format_row: Callable,
+                      record: Optional[Callable] = None, *, script: str, sequential_scheme: Optional[str] = None):
     """The run of every evaluation script: check the outputs, load the smoothed classifier, fill each output.
 
-    ``image_sets``: (description, indexable of (image, label)) per output;
-    ``evaluate(smooth, xs, generators)`` returns one result per image;
-    ``script``: the script's file name; ``output_settings``: settings of each
-    output beyond the command line's (certify_c's corruption), recorded and
-    compared like them; ``noise_keys``: one ``Evaluation.noise_key`` per
-    output (default: all empty).
-
-    Before any work: an empty image selection, a foreign output and an output
-    made with other settings stop the run (``UserError``). Outputs that are
-    already complete are only reported. At the end, each output's path is
-    printed on stdout.
+    ``evaluate(smooth, xs, generators)`` returns one result per image of ``xs``
+    [G x C x H x W]; ``format_row`` and ``record`` as in ``Evaluation``;
+    ``script``: the script's file name; ``sequential_scheme``: the scheme of a
+    sequential certification (``certification_scheme``), recorded in the
+    settings. Before any work: an empty image selection, a foreign output and
+    an output made with other settings stop the run (``UserError``). Outputs
+    that are already complete are only reported. At the end, each output's
+    path is printed on stdout.
     """
-    selections = []
-    for description, images in image_sets:
-        indices = select_indices(len(images), args.skip, args.max, args.start)
-        if not indices:
-            raise UserError(f"no image to evaluate: --start {args.start} --max {args.max} --skip {args.skip} select "
-                            f"none of the {len(images)} images ({description}); lower --start or raise --max")
-        selections.append(indices)
+    selections = [selected_images(args, image_set) for image_set in image_sets]
     check_checkpoint_file(args.base_classifier)
-    scheme = sequential_scheme(sequential_n_max(args), args.batch) \
-        if getattr(args, "sequential", False) and hasattr(args, "radii") else None
     provenance = Provenance.of_run(script, dataset, vars(args), file_sha256(args.base_classifier), torch.__version__,
-                                   scheme)
-    for output, extra in zip(outputs, output_settings or [{}] * len(outputs)):
-        output.expect(provenance.with_settings(**extra), resume_unverified=args.resume_unverified)
-        output.check()
+                                   sequential_scheme)
+    for image_set in image_sets:
+        image_set.output.expect(provenance.with_settings(**image_set.settings),
+                                resume_unverified=args.resume_unverified)
+        image_set.output.check()
     # Nothing has been written yet, so every torchrun process finds the same outputs complete.
-    complete = [output.complete(indices) for output, indices in zip(outputs, selections)]
-    main_process = os.environ.get("RANK", "0") == "0"
-    if all(complete):
-        if main_process:
-            for output in outputs:
-                output.report(already_complete=True)
-        return
-    dist = Distributed()
-    model = load_base_classifier(args.base_classifier, dataset, dist.device)
-    smooth = make_smooth(model, get_num_classes(dataset), args.sigma, args)
-    evaluations = [Evaluation(output=output, indices=indices, load=images.__getitem__,
-                              evaluate=lambda xs, generators: evaluate(smooth, xs, generators),
-                              format_row=format_row, record=record, description=description, noise_key=tuple(key))
-                   for (description, images), output, indices, done, key
-                   in zip(image_sets, outputs, selections, complete, noise_keys or [()] * len(outputs))
-                   if not done]
-    run_evaluations(evaluations, args, dist)
-    dist.close()
-    if main_process:
-        for output, done in zip(outputs, complete):
-            output.report(already_complete=done)
+    complete = [image_set.output.complete(indices) for image_set, indices in zip(image_sets, selections)]
+    if not all(complete):
+        dist = Distributed()
+        model = load_base_classifier(args.base_classifier, dataset, dist.device)
+        smooth = Smooth(model, get_num_classes(dataset), args.sigma, images_per_batch=args.batch_images,
+                        channels_last=args.channels_last, bf16=args.bf16, compile=args.compile)
+        evaluations = [Evaluation(output=image_set.output, indices=indices, load=image_set.images.__getitem__,
+                                  evaluate=lambda xs, generators: evaluate(smooth, xs, generators),
+                                  format_row=format_row, record=record, description=image_set.description,
+                                  noise_key=tuple(image_set.noise_key))
+                       for image_set, indices, done in zip(image_sets, selections, complete) if not done]
+        run_evaluations(evaluations, args, dist)
+        dist.close()
+    if os.environ.get("RANK", "0") == "0":
+        for image_set, done in zip(image_sets, complete):
+            image_set.output.report(already_complete=done)
+
+
+def selected_images(args, image_set: ImageSet) -> List[int]:
+    """The indices of ``image_set`` that ``--start``, ``--max`` and ``--skip`` select; ``UserError`` if none."""
+    indices = select_indices(len(image_set.images), args.skip, args.max, args.start)
+    if not indices:
+        raise UserError(f"no image to evaluate: --start {args.start} --max {args.max} --skip {args.skip} select "
+                        f"none of the {len(image_set.images)} images ({image_set.description}); lower --start or "
+                        "raise --max")
+    return indices

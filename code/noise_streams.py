@@ -30,7 +30,10 @@ _cpu_state_template: Optional[np.ndarray] = None
 
 
 def _mt19937_first_words(seed: int, count: int):
-    """The first words of mt19937 seeded with ``seed``: w[0] = seed mod 2^32, w[i] = 1812433253 (w[i-1] ^ (w[i-1] >> 30)) + i."""
+    """The first words of mt19937 seeded with ``seed``.
+
+    w[0] = seed mod 2^32, w[i] = 1812433253 (w[i-1] ^ (w[i-1] >> 30)) + i mod 2^32.
+    """
     words = [seed & 0xFFFFFFFF]
     for i in range(1, count):
         words.append((1812433253 * (words[-1] ^ (words[-1] >> 30)) + i) & 0xFFFFFFFF)

@@ -15,9 +15,10 @@ first look whose test rejects at that look's level, or, abstaining, once
 Rows then end with a column ``samples``, the samples drawn for the image.
 """
 from common import ArgumentParser, run_cli
-from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, add_engine_arguments, add_image_arguments,
-                        add_model_arguments, add_sampling_arguments, add_sequential_arguments, check_sequential_arguments,
-                        evaluation_dataset, format_time, run_on_image_sets, sequential_n_max)
+from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, ImageSet, add_engine_arguments, add_image_arguments,
+                        add_model_arguments, add_sampling_arguments, add_sequential_arguments,
+                        check_sequential_arguments, evaluation_dataset, format_time, run_on_image_sets,
+                        sequential_n_max)
 from result_files import ResultFile
 
 
@@ -54,7 +55,7 @@ def run(argv=None):
         evaluate = lambda smooth, xs, generators: smooth.predict_many(  # noqa: E731
             xs, args.N, args.alpha, args.batch, generators)
     output = ResultFile(args.outfile, header, overwrite=args.overwrite)
-    run_on_image_sets(args, args.dataset, [("predict", dataset)], [output], evaluate, row, script="predict.py")
+    run_on_image_sets(args, args.dataset, [ImageSet("predict", dataset, output)], evaluate, row, script="predict.py")
 
 
 def main(argv=None):

@@ -172,10 +172,12 @@ def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
 
     Radius 1.0 (Phi(4)) is out of reach for every stream of N_max = 10^5 samples, so it is not waited for.
     """
-    needed = math.log(1 / (0.001 * sequential.MIXTURE_SHARE * sequential.MIXTURE_POINT_WEIGHT)) / -math.log(norm.cdf(3.0))
+    weight = sequential.MIXTURE_SHARE * sequential.MIXTURE_POINT_WEIGHT
+    needed = math.log(1 / (0.001 * weight)) / -math.log(norm.cdf(3.0))
     assert 5000 < needed <= 6000 and math.ceil(needed) == 5969
     share = 0.001 * sequential.MIXTURE_SHARE
-    assert [sequential.mixture_lower(np.array([n]), n, share)[0] >= norm.cdf(3.0) for n in (5941, 5942)] == [False, True]
+    reached = [sequential.mixture_lower(np.array([n]), n, share)[0] >= norm.cdf(3.0) for n in (5941, 5942)]
+    assert reached == [False, True]
     assert [cp_lower(n, n, 0.001) >= norm.cdf(3.0) for n in (5113, 5114)] == [False, True]
     certifier = SequentialCertifier(SIGMA, 0.001, sequential.batch_looks(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
                                     final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=sequential.RADII_STOP_ALPHA,
@@ -214,7 +216,8 @@ def test_the_recorded_scheme_names_a_single_look_and_keeps_the_multi_look_text()
     assert sequential.SEQUENTIAL_SCHEME == (
         "radii: mixture 0.35 (weight 0.9 at p1 = 1) at every batch + Clopper-Pearson 0.15 at geometric looks + "
         "1/2 at the last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
-    assert sequential.sequential_scheme(100000, 1000) == sequential.sequential_scheme(1001, 1000) == sequential.SEQUENTIAL_SCHEME
+    assert sequential.sequential_scheme(100000, 1000) == sequential.sequential_scheme(1001, 1000) \
+        == sequential.SEQUENTIAL_SCHEME
     assert sequential.sequential_scheme(1000, 1000) == sequential.sequential_scheme(500, 1000) \
         == sequential.SEQUENTIAL_SINGLE_LOOK_SCHEME != sequential.SEQUENTIAL_SCHEME
 
@@ -560,7 +563,8 @@ def test_sequential_rows_are_refused_by_a_fixed_n_run_and_resumed_by_a_sequentia
     assert rows[:len(first) - 1] == first[:-1] and len(rows) == len(first) + 2
 
 
-@pytest.mark.parametrize("n_max, scheme", [(500, sequential.SEQUENTIAL_SINGLE_LOOK_SCHEME), (2000, sequential.SEQUENTIAL_SCHEME)])
+@pytest.mark.parametrize("n_max, scheme", [(500, sequential.SEQUENTIAL_SINGLE_LOOK_SCHEME),
+                                           (2000, sequential.SEQUENTIAL_SCHEME)])
 def test_certify_records_the_scheme_of_its_looks(linear_script, tmp_path, n_max, scheme):
     import json
     out = tmp_path / "seq.tsv"
