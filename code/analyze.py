@@ -83,7 +83,7 @@ PathLike = Union[str, Path]
 #: Columns every certification result must have.
 REQUIRED_COLUMNS = ("radius", "correct")
 
-#: Radii of the tables in the papers and in shared/reference-results/README.md.
+#: Radii of the certified-accuracy tables in the papers (Cohen et al. 2019; CAT-RS, AAAI 2023).
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
@@ -118,8 +118,28 @@ def load_results(path: PathLike) -> pd.DataFrame:
     holds values in those columns that are not numbers (``correct`` must be 0
     or 1).
     """
-    p = Path(path)
     expected = "a tab-separated certification result with columns " + ", ".join(REQUIRED_COLUMNS)
+    df = _read_table(path, expected)
+    _check_columns(path, df, expected)
+    radius = pd.to_numeric(df["radius"], errors="coerce")
+    correct = pd.to_numeric(df["correct"], errors="coerce")
+    bad = radius.isna().to_numpy() | ~np.isin(correct.to_numpy(), (0, 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        # +2: one for the header, one because file lines count from 1
+        raise ResultsFileError(
+            path, f"line {row + 2}: radius must be a number and correct must be 0 or 1 "
+                  f"(got radius={str(df['radius'].iloc[row])!r}, "
+                  f"correct={str(df['correct'].iloc[row])!r})")
+    df = df.copy()
+    df["radius"] = radius.astype(float)
+    df["correct"] = correct.astype(int)
+    return df
+
+
+def _read_table(path: PathLike, expected: str) -> pd.DataFrame:
+    """The file as a table (columns stripped of blanks); `ResultsFileError` when it is none."""
+    p = Path(path)
     if not p.exists():
         raise ResultsFileError(path, "no such file")
     if p.is_dir():
@@ -145,8 +165,12 @@ def load_results(path: PathLike) -> pd.DataFrame:
     except Exception as err:   # anything else pandas may raise on a file that is not a table
         raise ResultsFileError(path, f"could not be read as a table ({type(err).__name__}: "
                                      f"{_first_line(err)})") from None
-
     df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _check_columns(path: PathLike, df: pd.DataFrame, expected: str):
+    """`ResultsFileError` unless the table has the required columns and at least one row."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         header = "\t".join(df.columns)
@@ -159,21 +183,6 @@ def load_results(path: PathLike) -> pd.DataFrame:
                   f"{', '.join(missing)} (found: {found})")
     if len(df) == 0:
         raise ResultsFileError(path, "has a header but no result rows")
-
-    radius = pd.to_numeric(df["radius"], errors="coerce")
-    correct = pd.to_numeric(df["correct"], errors="coerce")
-    bad = radius.isna().to_numpy() | ~np.isin(correct.to_numpy(), (0, 1))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        # +2: one for the header, one because file lines count from 1
-        raise ResultsFileError(
-            path, f"line {row + 2}: radius must be a number and correct must be 0 or 1 "
-                  f"(got radius={str(df['radius'].iloc[row])!r}, "
-                  f"correct={str(df['correct'].iloc[row])!r})")
-    df = df.copy()
-    df["radius"] = radius.astype(float)
-    df["correct"] = correct.astype(int)
-    return df
 
 
 def result_settings(path: PathLike) -> Optional[dict]:

@@ -9,10 +9,10 @@ sigma * PhiInv(pA). Writes ``idx label predict radius correct time`` rows
 (radius with 3 significant digits) and the settings record
 ``OUTFILE.meta.json``. Re-running the same command continues an interrupted
 run (a run with other settings is refused); ``torchrun --nproc_per_node K``
-shares the images among K processes and leaves one file (see eval_utils).
+shares the images among K processes and leaves one file (see result_files.py).
 
 ``--sequential`` (opt-in; not the published algorithm) certifies with the
-same guarantee and far fewer samples (``core.SequentialCertifier``): the same
+same guarantee and far fewer samples (``sequential.SequentialCertifier``): the same
 selection step, then estimation samples in rounds, at most ``--N-max``
 (default ``--N``), stopping as soon as the answer is decided:
 

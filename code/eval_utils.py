@@ -1,4 +1,4 @@
-"""What the evaluation scripts share (certify, predict, smooth_prediction, certify_c).
+"""What the evaluation scripts share (certify, predict, smooth_prediction, certify_c): options and the loop.
 
 Options
     The published options of each script, plus ``--seed``, ``--batch-images``,
@@ -11,115 +11,21 @@ Options
 Images
     Image ``idx`` is evaluated when ``idx >= --start``, ``idx % --skip == 0``
     and, when ``--max`` is not negative, ``idx < --max``; a selection without
-    any image is refused. Evaluation splits are
-    read without training augmentation, so every image is the same on every
-    run. With ``--seed S`` the noise of image ``idx`` comes from
-    ``noise_streams.noise_generator(S, idx, device, key)`` (``key``: empty, or the
-    corruption of certify_c): its row depends neither on how many images
+    any image is refused. Evaluation splits are read without training
+    augmentation, so every image is the same on every run. With ``--seed S``
+    the noise of image ``idx`` comes from
+    ``noise_streams.noise_generator(S, idx, device, key)`` (``key``: empty, or
+    the corruption of certify_c): its row depends neither on how many images
     share a forward pass, nor on how the images are split among processes,
     nor on interruptions. Without ``--seed`` rank 0 draws a fresh 128-bit
-    seed for the run.
-    The ``time`` column is the wall-clock time of the image's group divided by
-    the group's size.
+    seed for the run. The ``time`` column is the wall-clock time of the
+    image's group divided by the group's size.
 
-Resumable result files (``ResultFile``)
-    The header is written first; each row is appended and flushed as soon as
-    its image is done. Running the same command again keeps every complete
-    row unchanged, drops a torn last row (no trailing newline or a wrong
-    number of fields) and evaluates only the images without a row. A file
-    whose first line is not the expected header is never modified: the run
-    stops with one line and exit status 2 (``--overwrite`` starts over).
-    When every selected image already has a row, the run says
-    ``already complete: K rows, OUTFILE`` and does nothing else; every run
-    ends by printing its output paths.
-
-Settings records (``Provenance``)
-    Next to each output (the TSV, and smooth_prediction's ``.npy``) lies
-    ``{output}.meta.json``, written atomically by rank 0 before the first row.
-    Its ``settings`` are what determines the rows: the script, the data set,
-    every option of the command line except those in ``NOT_ROW_SETTINGS``
-    (image selection, ``--batch-images``, output handling, input paths), the
-    SHA-256 of the checkpoint's content, and per output what the script adds
-    (certify_c's corruption); options added to a script later are settings
-    without further ado. Its ``environment`` is recorded, not compared:
-    checkpoint path, code version (SHA-256 of ``code/**/*.py``, always
-    available, and the git commit when there is one), torch version, command.
-    A run that finds an existing output compares, before any work:
-    * a record with other settings: stop, one line naming each key
-      ``old -> new`` (``--overwrite`` starts over); a larger ``--max``, another
-      ``--skip``/``--start`` only add images and are allowed;
-    * another code or torch version: a warning line, the run continues;
-    * rows without a record (the published code, older versions): stop unless
-      ``--resume-unverified``, which writes a record counting the rows it
-      adopted (``unverified_rows``).
-    ``--overwrite`` replaces the records with the output. analyze.py reads the
-    records to refuse combining rows made with different settings.
-
-Several processes (``torchrun --nproc_per_node K``)
-    Rank 0 first merges what an interrupted run left into the result file and
-    lists the selected images that have no row: this one list, sent to every
-    rank (``Coordinator.share``), is dealt round-robin to the ranks. Rank r
-    appends its rows to ``{outfile}.part{r}`` (a result file of its own, with
-    the header). When every rank is done, rank 0 merges the result file and
-    the parts, sorted by idx, into the result file (written to a temporary
-    file, then renamed) and removes the parts. The output folder must be
-    shared by all processes.
-
-Row records (smooth_prediction)
-    A script may attach a vector to each row (the class frequencies that go
-    into the ``.npy``). The vector is appended to ``{tsv}.journal`` (fixed-size
-    float64 records: idx, values) and flushed before the row is written, so
-    every row has its vector on disk. Merging hands the journal records of
-    the rows to the script's ``RecordStore``, which saves them (atomically),
-    with the list of rows it now covers, before the parts and journals are
-    removed.
-
-The sharing protocol and its invariant
-    Phases of one result file, for K processes (K = 1: no parts; the rows go
-    to the result file and its journal directly):
-
-    1. prepare (rank 0 alone; the other ranks wait in ``share``): merge the
-       leftovers of an interrupted run (step 4), create the result file.
-    2. snapshot (rank 0 alone, still before ``share``): todo = the selected
-       images without a row in the result file. No part exists and no
-       other rank writes, so nothing can change under this read. ``share``
-       sends todo to every rank; each rank's share is todo[r::K].
-    3. work (every rank): rank r writes only ``{outfile}.part{r}`` and its
-       journal, which it creates after ``share``; nobody reads them.
-    4. merge (rank 0 alone, after a barrier every rank reaches with its
-       files closed): the records of rows with a complete line go to the
-       store (saved atomically), then the result file is replaced
-       atomically by its rows and the parts' rows, then the parts are
-       removed, then the journals. The other ranks wait in the next
-       ``share`` (next file) or in the final barrier.
-
-    Invariant, at every moment (a process killed at any instruction
-    included):
-
-    (a) every row ever completed is in the result file or in a part;
-    (b) every such row of a file with records has its record in a journal
-        or in the store (the store's coverage lists only rows it holds);
-    (c) each image has at most one complete row: an idx is dealt to
-        exactly one rank, and only if it had no row in the one snapshot of
-        step 2; two copies of a row (a result file renamed into place
-        before the part it came from is removed) are the same line.
-
-    (a) and (b) hold because each step writes the new copy before the old
-    one goes: journal record before row; store (``.npy``, then coverage)
-    before parts and journals are removed; the new result file, by rename,
-    before the parts. A merge interrupted anywhere is simply done again by
-    the next run (merging is idempotent; the first copy of an idx wins).
-    So no row is lost or duplicated. A row that was being written when a
-    process died is torn: it is dropped and its image done again, and so is
-    a record without a complete row. Appends are flushed, not fsynced: a
-    crash of the machine (not of the process) may lose the last rows, or
-    keep a row whose record was lost; such a row is dropped with a warning
-    at the next merge and its image done again.
-
-    Earlier versions let every rank read the result file and the parts for
-    itself after the barrier; a rank that already wrote a row into its part
-    changed what a slower rank read, the ranks dealt different todo lists,
-    and images were never done. Every rank now uses rank 0's snapshot.
+The loop
+    ``run_on_image_sets`` checks every output and its settings record before
+    any work (result_files.py, provenance.py), builds the ``core.Smooth`` and
+    has ``run_evaluations`` fill each output, sharing its images among the
+    torchrun processes by the protocol of result_files.py.
 """
 import datetime
 import os
@@ -147,10 +53,7 @@ PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
 # --sequential: the same columns and the samples drawn for the image
 SEQUENTIAL_CERTIFY_HEADER = CERTIFY_HEADER + "\tsamples"
 SEQUENTIAL_PREDICT_HEADER = PREDICT_HEADER + "\tsamples"
-# --sequential's default --radius-tol, in units of sigma. Radii scale with sigma, and so does what a
-# sample size buys: at pA near 1 each doubling of the samples adds about 0.2 sigma to the radius, so a
-# tolerance much below 0.1 sigma makes every confident image run to N-max. At 0.1 sigma the mean loss
-# against fixed-N CERTIFY stays near 0.03 sigma per image (docs/BENCHMARKS.md).
+# --sequential's default --radius-tol, in units of sigma (why 0.1: docs/DESIGN.md)
 DEFAULT_RADIUS_TOL_SIGMAS = 0.1
 SMOOTH_PREDICTION_HEADER = "idx\tlabel\tp1\tp2\tc1\tc2\tcorrect\ttime"
 

@@ -6,10 +6,10 @@ For each selected image: class counts from N noisy samples; the top two
 classes have counts nA >= nB; abstain (-1) when the two-sided binomial test of
 nA successes in nA + nB trials at p = 1/2 has p-value > alpha. Writes
 ``idx label predict correct time`` rows. Resumable and shardable with torchrun
-like certify.py (see eval_utils).
+like certify.py (see result_files.py).
 
 ``--sequential`` (opt-in) runs the same test in rounds with alpha-spending
-over a fixed schedule of looks (``core.SequentialPredictor``): it stops at the
+over a fixed schedule of looks (``sequential.SequentialPredictor``): it stops at the
 first look whose test rejects at that look's level, or, abstaining, once
 ``--N-max`` samples (default ``--N``) could not make it reject; same guarantee.
 Rows then end with a column ``samples``, the samples drawn for the image.

@@ -11,10 +11,22 @@ Resumable result files (``ResultFile``)
     ``already complete: K rows, OUTFILE`` and does nothing else; every run
     ends by printing its output paths.
 
+Settings on resume (``ResultFile.check_settings``)
+    Each output has a settings record (provenance.py), written before its
+    first row. A run that finds an existing output compares, before any work:
+
+    * a record with other settings: stop, one line naming each key
+      ``old -> new`` (``--overwrite`` starts over); a larger ``--max``, another
+      ``--skip``/``--start`` only add images and are allowed;
+    * another code or torch version: a warning line, the run continues;
+    * rows without a record (the published code): stop unless
+      ``--resume-unverified``, which writes a record counting the rows it
+      adopted (``unverified_rows``).
+
 Several processes (``torchrun --nproc_per_node K``)
     Rank 0 first merges what an interrupted run left into the result file and
     lists the selected images that have no row: this one list, sent to every
-    rank (``Coordinator.share``), is dealt round-robin to the ranks. Rank r
+    rank (``eval_utils.Coordinator.share``), is dealt round-robin to the ranks. Rank r
     appends its rows to ``{outfile}.part{r}`` (a result file of its own, with
     the header). When every rank is done, rank 0 merges the result file and
     the parts, sorted by idx, into the result file (written to a temporary

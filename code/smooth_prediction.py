@@ -20,7 +20,7 @@ the ``.npy`` (atomically), then the coverage, and the journals are removed. So e
 frequencies in the journal or the ``.npy``; an image whose row is missing is
 simply done again. A ``.npy`` that exists without the TSV belongs to another
 run and is not touched (``--overwrite`` replaces both). Both files get a
-settings record (``.meta.json``, see eval_utils), checked when a run resumes.
+settings record (``.meta.json``, see provenance.py), checked when a run resumes.
 """
 import os
 import sys
@@ -81,7 +81,7 @@ class ConfidenceArray(RecordStore):
         self.overwrite = False
 
     def covered(self):
-        """The rows of the coverage file; None for a .npy without one (an older run: its TSV rows count)."""
+        """The rows of the coverage file; None for a .npy without one (its TSV rows count)."""
         if not os.path.exists(self.path):
             return set()
         try:
