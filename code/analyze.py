@@ -668,16 +668,21 @@ def certified_accuracy_figure(title: Optional[str], max_radius: float, lines: Se
     """A matplotlib figure of certified accuracy against radius, one curve per line."""
     fig, ax = _pyplot().subplots(figsize=(6.4, 4.8))
     _draw_curves(ax, max_radius, lines, radius_step)
-    ax.tick_params(labelsize=12)
-    ax.set_xlabel("radius", fontsize=14)
-    ax.set_ylabel("certified accuracy", fontsize=14)
-    ax.grid(alpha=0.3)
-    if any(line.legend for line in lines):
-        ax.legend(fontsize=11, loc="upper right")
-    if title:
-        ax.set_title(title, fontsize=14)
+    _label_axes(ax, title, lines, tick_size=12, label_size=14, legend_size=11)
     fig.tight_layout()
     return fig
+
+
+def _label_axes(ax, title: Optional[str], lines: Sequence[Line], tick_size: int, label_size: int, legend_size: int):
+    """Axis labels, grid, legend (when a line has one) and title of a certified-accuracy plot."""
+    ax.tick_params(labelsize=tick_size)
+    ax.set_xlabel("radius", fontsize=label_size)
+    ax.set_ylabel("certified accuracy", fontsize=label_size)
+    ax.grid(alpha=0.3)
+    if any(line.legend for line in lines):
+        ax.legend(fontsize=legend_size, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=label_size)
 
 
 def plot_certified_accuracy(outfile: PathLike, title: Optional[str], max_radius: float,
@@ -701,14 +706,7 @@ def smallplot_certified_accuracy(outfile: PathLike, title: Optional[str], max_ra
     fig, ax = _pyplot().subplots(figsize=(3.2, 2.6))
     _draw_curves(ax, max_radius, methods, radius_step)
     ax.set_xticks(np.round(np.arange(0, max_radius + 1e-9, xticks), 10))
-    ax.tick_params(labelsize=9)
-    ax.set_xlabel("radius", fontsize=10)
-    ax.set_ylabel("certified accuracy", fontsize=10)
-    ax.grid(alpha=0.3)
-    if any(m.legend for m in methods):
-        ax.legend(fontsize=7, loc="upper right")
-    if title:
-        ax.set_title(title, fontsize=10)
+    _label_axes(ax, title, methods, tick_size=9, label_size=10, legend_size=7)
     fig.tight_layout()
     try:
         return _save(fig, outfile)
