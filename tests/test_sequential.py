@@ -118,7 +118,7 @@ def test_clopper_pearson_bounds_are_the_textbook_quantiles():
     low, high = np.maximum(k, 1), np.minimum(k, n - 1)
     assert np.allclose(cp_lower(k, n, a), np.where(k > 0, beta.ppf(a, low, n - low + 1), 0))
     assert np.allclose(cp_upper(k, n, a), np.where(k < n, beta.ppf(1 - a, high + 1, n - high), 1))
-    # exactly the bound of statsmodels that fixed-N CERTIFY used before it shared cp_lower
+    # exactly statsmodels' Clopper-Pearson bound (proportion_confint, method "beta"), as in Cohen et al.'s code
     for count in (0, 1, 50, 99, 100):
         assert Smooth.lower_confidence_bound(count, n, a) == float(cp_lower(count, n, a)) \
             == proportion_confint(count, n, alpha=2 * a, method="beta")[0]
