@@ -79,8 +79,9 @@ class Smooth:
     returns a class that, with probability at least 1 - alpha, is g(x) (or
     ABSTAIN). Radii are in the units of the input (pixel values in [0, 1]),
     like sigma. With ``bf16`` the guarantees hold for the base classifier
-    evaluated in bfloat16 autocast (a different, equally valid f); no other
-    option changes the samples' distribution or the model's values.
+    evaluated in bfloat16 autocast (a different, equally valid f); the other
+    options change neither the samples' distribution nor which sample goes
+    with which image, only the speed.
     """
 
     # to abstain, Smooth returns this int
