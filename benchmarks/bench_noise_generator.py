@@ -1,4 +1,4 @@
-"""Cost of one image's noise stream: ``core.noise_generator`` against a bare ``manual_seed``.
+"""Cost of one image's noise stream: ``noise_streams.noise_generator`` against a bare ``manual_seed``.
 
 ``noise_generator`` fills the CPU generator's whole mt19937 state from a
 ``SeedSequence`` (a bare ``manual_seed`` keeps only 32 bits of a seed); this
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
 
 from common import ArgumentParser, positive_int, run_cli  # noqa: E402
-from core import noise_generator  # noqa: E402
+from noise_streams import noise_generator  # noqa: E402
 
 
 def per_image(make, images: int, repeats: int = 5) -> float:

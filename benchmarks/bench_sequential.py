@@ -39,7 +39,7 @@ Lagrangian (dual) lower bound on that knapsack problem.
     python benchmarks/bench_sequential.py --exact-worst-case [--sigma S --radii ... --N 100000 --batch 1000]
 
 prints, for alpha = 0.001 and 0.05, the exact probability that
-``certify.py --sequential`` (the decision rule ``core.sequential_certifier``
+``certify.py --sequential`` (the decision rule ``sequential.sequential_certifier``
 builds, every decision through ``SequentialCertifier.step``) reports
 pA_lower above the true pA, i.e. certifies a radius larger than the true
 one: dynamic programming over the distribution of the count at each look of
@@ -208,7 +208,7 @@ def exact_false_certificates(certifier, p: float, stop_rule=None, tail: float = 
 def exact_worst_case(args):
     from scipy.stats import norm
 
-    from core import sequential_certifier
+    from sequential import sequential_certifier
     radii = [r for r in args.radii if r > 0]
     print(f"exact false-certificate rates: sigma {args.sigma}, N-max {args.N:,}, batch {args.batch}, "
           f"radii {' '.join(f'{r:g}' for r in radii)} (radii mode), radius tolerance 0.1 sigma (ACR mode)")
@@ -251,7 +251,8 @@ def timing(args):
     import torch
 
     from common import load_base_classifier
-    from core import Smooth, noise_generator
+    from core import Smooth
+    from noise_streams import noise_generator
     from datasets import get_dataset
 
     torch.set_num_threads(args.threads)

@@ -83,7 +83,7 @@ PathLike = Union[str, Path]
 #: Columns every certification result must have.
 REQUIRED_COLUMNS = ("radius", "correct")
 
-#: Radii of the tables in the papers and in shared/reference-results/README.md.
+#: Radii of the certified-accuracy tables in the papers (Cohen et al. 2019; CAT-RS, AAAI 2023).
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
@@ -118,8 +118,28 @@ def load_results(path: PathLike) -> pd.DataFrame:
     holds values in those columns that are not numbers (``correct`` must be 0
     or 1).
     """
-    p = Path(path)
     expected = "a tab-separated certification result with columns " + ", ".join(REQUIRED_COLUMNS)
+    df = _read_table(path, expected)
+    _check_columns(path, df, expected)
+    radius = pd.to_numeric(df["radius"], errors="coerce")
+    correct = pd.to_numeric(df["correct"], errors="coerce")
+    bad = radius.isna().to_numpy() | ~np.isin(correct.to_numpy(), (0, 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        # +2: one for the header, one because file lines count from 1
+        raise ResultsFileError(
+            path, f"line {row + 2}: radius must be a number and correct must be 0 or 1 "
+                  f"(got radius={str(df['radius'].iloc[row])!r}, "
+                  f"correct={str(df['correct'].iloc[row])!r})")
+    df = df.copy()
+    df["radius"] = radius.astype(float)
+    df["correct"] = correct.astype(int)
+    return df
+
+
+def _read_table(path: PathLike, expected: str) -> pd.DataFrame:
+    """The file as a table (columns stripped of blanks); `ResultsFileError` when it is none."""
+    p = Path(path)
     if not p.exists():
         raise ResultsFileError(path, "no such file")
     if p.is_dir():
@@ -145,8 +165,12 @@ def load_results(path: PathLike) -> pd.DataFrame:
     except Exception as err:   # anything else pandas may raise on a file that is not a table
         raise ResultsFileError(path, f"could not be read as a table ({type(err).__name__}: "
                                      f"{_first_line(err)})") from None
-
     df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _check_columns(path: PathLike, df: pd.DataFrame, expected: str):
+    """`ResultsFileError` unless the table has the required columns and at least one row."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         header = "\t".join(df.columns)
@@ -159,21 +183,6 @@ def load_results(path: PathLike) -> pd.DataFrame:
                   f"{', '.join(missing)} (found: {found})")
     if len(df) == 0:
         raise ResultsFileError(path, "has a header but no result rows")
-
-    radius = pd.to_numeric(df["radius"], errors="coerce")
-    correct = pd.to_numeric(df["correct"], errors="coerce")
-    bad = radius.isna().to_numpy() | ~np.isin(correct.to_numpy(), (0, 1))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        # +2: one for the header, one because file lines count from 1
-        raise ResultsFileError(
-            path, f"line {row + 2}: radius must be a number and correct must be 0 or 1 "
-                  f"(got radius={str(df['radius'].iloc[row])!r}, "
-                  f"correct={str(df['correct'].iloc[row])!r})")
-    df = df.copy()
-    df["radius"] = radius.astype(float)
-    df["correct"] = correct.astype(int)
-    return df
 
 
 def result_settings(path: PathLike) -> Optional[dict]:
@@ -659,16 +668,21 @@ def certified_accuracy_figure(title: Optional[str], max_radius: float, lines: Se
     """A matplotlib figure of certified accuracy against radius, one curve per line."""
     fig, ax = _pyplot().subplots(figsize=(6.4, 4.8))
     _draw_curves(ax, max_radius, lines, radius_step)
-    ax.tick_params(labelsize=12)
-    ax.set_xlabel("radius", fontsize=14)
-    ax.set_ylabel("certified accuracy", fontsize=14)
-    ax.grid(alpha=0.3)
-    if any(line.legend for line in lines):
-        ax.legend(fontsize=11, loc="upper right")
-    if title:
-        ax.set_title(title, fontsize=14)
+    _label_axes(ax, title, lines, tick_size=12, label_size=14, legend_size=11)
     fig.tight_layout()
     return fig
+
+
+def _label_axes(ax, title: Optional[str], lines: Sequence[Line], tick_size: int, label_size: int, legend_size: int):
+    """Axis labels, grid, legend (when a line has one) and title of a certified-accuracy plot."""
+    ax.tick_params(labelsize=tick_size)
+    ax.set_xlabel("radius", fontsize=label_size)
+    ax.set_ylabel("certified accuracy", fontsize=label_size)
+    ax.grid(alpha=0.3)
+    if any(line.legend for line in lines):
+        ax.legend(fontsize=legend_size, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=label_size)
 
 
 def plot_certified_accuracy(outfile: PathLike, title: Optional[str], max_radius: float,
@@ -692,14 +706,7 @@ def smallplot_certified_accuracy(outfile: PathLike, title: Optional[str], max_ra
     fig, ax = _pyplot().subplots(figsize=(3.2, 2.6))
     _draw_curves(ax, max_radius, methods, radius_step)
     ax.set_xticks(np.round(np.arange(0, max_radius + 1e-9, xticks), 10))
-    ax.tick_params(labelsize=9)
-    ax.set_xlabel("radius", fontsize=10)
-    ax.set_ylabel("certified accuracy", fontsize=10)
-    ax.grid(alpha=0.3)
-    if any(m.legend for m in methods):
-        ax.legend(fontsize=7, loc="upper right")
-    if title:
-        ax.set_title(title, fontsize=10)
+    _label_axes(ax, title, methods, tick_size=9, label_size=10, legend_size=7)
     fig.tight_layout()
     try:
         return _save(fig, outfile)

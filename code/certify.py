@@ -9,10 +9,10 @@ sigma * PhiInv(pA). Writes ``idx label predict radius correct time`` rows
 (radius with 3 significant digits) and the settings record
 ``OUTFILE.meta.json``. Re-running the same command continues an interrupted
 run (a run with other settings is refused); ``torchrun --nproc_per_node K``
-shares the images among K processes and leaves one file (see eval_utils).
+shares the images among K processes and leaves one file (see result_files.py).
 
 ``--sequential`` (opt-in; not the published algorithm) certifies with the
-same guarantee and far fewer samples (``core.SequentialCertifier``): the same
+same guarantee and far fewer samples (``sequential.SequentialCertifier``): the same
 selection step, then estimation samples in rounds, at most ``--N-max``
 (default ``--N``), stopping as soon as the answer is decided:
 
@@ -36,8 +36,10 @@ accuracy at the listed radii only, and no ACR.
 """
 from certify_rows import certify_images, result_header, row_formatter
 from common import ArgumentParser, run_cli
-from eval_utils import (ResultFile, add_engine_arguments, add_image_arguments, add_model_arguments,
-                        add_sampling_arguments, add_sequential_arguments, evaluation_dataset, run_on_image_sets)
+from eval_utils import (ImageSet, add_engine_arguments, add_image_arguments, add_model_arguments,
+                        add_sampling_arguments, add_sequential_arguments, certification_scheme, evaluation_dataset,
+                        run_on_image_sets)
+from result_files import ResultFile
 
 
 def build_parser() -> ArgumentParser:
@@ -55,8 +57,8 @@ def run(argv=None):
     evaluate = certify_images(args)
     dataset = evaluation_dataset(args.dataset, args.split)
     output = ResultFile(args.outfile, result_header(args), overwrite=args.overwrite)
-    run_on_image_sets(args, args.dataset, [("certify", dataset)], [output], evaluate, row_formatter(args),
-                      script="certify.py")
+    run_on_image_sets(args, args.dataset, [ImageSet("certify", dataset, output)], evaluate, row_formatter(args),
+                      script="certify.py", sequential_scheme=certification_scheme(args))
 
 
 def main(argv=None):

@@ -30,8 +30,9 @@ import torch
 from certify_rows import certify_images, result_header, row_formatter
 from common import ArgumentParser, UserError, positive_float, run_cli
 from datasets import get_input_shape
-from eval_utils import (ResultFile, add_engine_arguments, add_image_arguments, add_sampling_arguments,
-                        add_sequential_arguments, run_on_image_sets)
+from eval_utils import (ImageSet, add_engine_arguments, add_image_arguments, add_sampling_arguments,
+                        add_sequential_arguments, certification_scheme, run_on_image_sets)
+from result_files import ResultFile
 
 MNIST_C_CORRUPTIONS = ["identity", "brightness", "dotted_line", "glass_blur", "impulse_noise", "rotate", "shear",
                        "spatter", "translate", "canny_edges", "fog", "motion_blur", "scale", "shot_noise", "stripe",
@@ -135,11 +136,11 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     evaluate = certify_images(args)
     dataset, sets = find_corrupted_sets(args.base_c_path, _corruption_list(args.corruptions))
-    outputs = [ResultFile(f"{args.outfile}{s.name}.tsv", result_header(args), overwrite=args.overwrite)
-               for s in sets]
-    run_on_image_sets(args, dataset, [(s.name, s) for s in sets], outputs, evaluate, row_formatter(args),
-                      script="certify_c.py", output_settings=[{"corruption": s.name} for s in sets],
-                      noise_keys=[corruption_noise_key(s.name) for s in sets])
+    image_sets = [ImageSet(s.name, s, ResultFile(f"{args.outfile}{s.name}.tsv", result_header(args),
+                                                 overwrite=args.overwrite),
+                           settings={"corruption": s.name}, noise_key=corruption_noise_key(s.name)) for s in sets]
+    run_on_image_sets(args, dataset, image_sets, evaluate, row_formatter(args), script="certify_c.py",
+                      sequential_scheme=certification_scheme(args))
 
 
 def main(argv=None):

@@ -6,19 +6,20 @@ For each selected image: class counts from N noisy samples; the top two
 classes have counts nA >= nB; abstain (-1) when the two-sided binomial test of
 nA successes in nA + nB trials at p = 1/2 has p-value > alpha. Writes
 ``idx label predict correct time`` rows. Resumable and shardable with torchrun
-like certify.py (see eval_utils).
+like certify.py (see result_files.py).
 
 ``--sequential`` (opt-in) runs the same test in rounds with alpha-spending
-over a fixed schedule of looks (``core.SequentialPredictor``): it stops at the
+over a fixed schedule of looks (``sequential.SequentialPredictor``): it stops at the
 first look whose test rejects at that look's level, or, abstaining, once
 ``--N-max`` samples (default ``--N``) could not make it reject; same guarantee.
 Rows then end with a column ``samples``, the samples drawn for the image.
 """
 from common import ArgumentParser, run_cli
-from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, ResultFile, add_engine_arguments,
-                        add_image_arguments, add_model_arguments, add_sampling_arguments, add_sequential_arguments,
+from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, ImageSet, add_engine_arguments, add_image_arguments,
+                        add_model_arguments, add_sampling_arguments, add_sequential_arguments,
                         check_sequential_arguments, evaluation_dataset, format_time, run_on_image_sets,
                         sequential_n_max)
+from result_files import ResultFile
 
 
 def build_parser() -> ArgumentParser:
@@ -54,7 +55,7 @@ def run(argv=None):
         evaluate = lambda smooth, xs, generators: smooth.predict_many(  # noqa: E731
             xs, args.N, args.alpha, args.batch, generators)
     output = ResultFile(args.outfile, header, overwrite=args.overwrite)
-    run_on_image_sets(args, args.dataset, [("predict", dataset)], [output], evaluate, row, script="predict.py")
+    run_on_image_sets(args, args.dataset, [ImageSet("predict", dataset, output)], evaluate, row, script="predict.py")
 
 
 def main(argv=None):

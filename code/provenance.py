@@ -1,17 +1,35 @@
-"""The settings records next to evaluation outputs: where they lie, how they read, how two compare.
+"""The settings records next to evaluation outputs: what they hold, where they lie, how they read and compare.
 
 An evaluation output ``OUT`` (a result TSV, smooth_prediction's ``.npy``) has
-its record in ``OUT.meta.json``: a JSON object with ``settings`` (what
-determines the output's rows, compared on resume and by analyze.py),
-``environment`` (recorded only) and ``unverified_rows`` (rows it already had
-when its record was written, adopted with ``--resume-unverified``). What goes
-into the settings is decided in ``eval_utils.Provenance``. This module needs
-nothing but the standard library, so that analyze.py can read records without
-importing torch.
+its record in ``OUT.meta.json``, written atomically before the output's first
+row: a JSON object with
+
+* ``settings``: what determines the output's rows (``Provenance.of_run``): the
+  script, the data set, every option of the command line except those in
+  ``NOT_ROW_SETTINGS``, the SHA-256 of the checkpoint's content, the
+  sequential scheme of a sequential certification, and what a script adds
+  per output (certify_c's corruption). Options added to a script later are
+  settings without further ado. A run that finds an existing output compares
+  them before any work (result_files.py) and analyze.py compares them before
+  combining rows.
+* ``environment``: recorded, not compared: the input paths, the code version
+  (``code_version``), the torch version, the command.
+* ``unverified_rows``: the rows the output already had when its record was
+  written, adopted with ``--resume-unverified``.
+
+This module imports nothing but the standard library (analyze.py reads
+records without torch); ``write_sidecar`` imports ``common`` when called.
 """
+import datetime
+import functools
+import hashlib
 import json
 import os
-from typing import Dict, List, Optional
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional
 
 SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_FORMAT = 1
@@ -59,3 +77,96 @@ def settings_differences(old: Dict[str, object], new: Dict[str, object]) -> List
     return [f"{key} {_shown(key, old.get(key, _ABSENT))} -> {_shown(key, new.get(key, _ABSENT))}"
             for key in sorted(set(old) | set(new))
             if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+
+
+def write_sidecar(path: str, record: dict):
+    """Write the record of the output ``path`` atomically (a crash leaves the old record or the new one)."""
+    from common import replace_atomic   # (common imports torch, which readers of records do not need)
+    replace_atomic(sidecar_path(path), lambda handle: handle.write(json.dumps(record, indent=1) + "\n"))
+
+
+CODE_FOLDER = os.path.dirname(os.path.abspath(__file__))
+
+#: Options that name input files: recorded (as absolute paths) in the environment under these keys, not
+#: compared (the checkpoint is compared by the SHA-256 of its content).
+INPUT_PATHS = {"base_classifier": "checkpoint", "base_c_path": "base_c_path"}
+
+#: Options that never change the value of a row, so they are neither part of the
+#: settings nor compared on resume: which images are done (a resumed run may add
+#: images), how images are grouped (rows do not depend on it), which outputs are
+#: written and how existing ones are treated, and the paths of the inputs.
+#: Every other option of a script, including options added later, is a setting.
+NOT_ROW_SETTINGS = frozenset({
+    "max", "skip", "start",
+    "batch_images",
+    "outfile", "corruptions", "overwrite", "resume_unverified",
+}) | frozenset(INPUT_PATHS)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> Dict[str, Optional[str]]:
+    """The code that runs: SHA-256 of the ``.py`` files under ``code/`` and, when available, the git commit.
+
+    The hash is always available (also in a copy of ``code/`` without git) and
+    changes with any edit; the commit is for humans (None outside a git
+    checkout; ``+dirty`` when ``code/`` differs from it).
+    """
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(CODE_FOLDER)):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, CODE_FOLDER).encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+    commit = None
+    try:
+        def git(*command):
+            return subprocess.run(["git", "-C", CODE_FOLDER] + list(command), capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", ".") else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"code_sha256": digest.hexdigest(), "git_commit": commit}
+
+
+def _json_value(value):
+    """``value`` as it reads back from JSON (tuples become lists), so recorded and new settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclass
+class Provenance:
+    """What made an output: ``settings`` (compared on resume) and ``environment`` (recorded only)."""
+    settings: Dict[str, object]
+    environment: Dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def of_run(cls, script: str, dataset: str, options: Mapping[str, object], checkpoint_sha256: str,
+               torch_version: str, sequential_scheme: Optional[str] = None) -> "Provenance":
+        """The record of a run of ``script`` on ``dataset`` with the command-line ``options`` (name: value).
+
+        ``checkpoint_sha256``: the SHA-256 of the checkpoint's content; ``sequential_scheme``: the
+        scheme of a sequential certification (``sequential.sequential_scheme``), None for any other run.
+        """
+        settings = {"script": script, "dataset": dataset}
+        settings.update((key, value) for key, value in options.items() if key not in NOT_ROW_SETTINGS)
+        settings["checkpoint_sha256"] = checkpoint_sha256
+        if sequential_scheme is not None:
+            # the confidence sequence and looks decide the rows: a file of another scheme is not resumed
+            settings["sequential_scheme"] = sequential_scheme
+        paths = {INPUT_PATHS[name]: os.path.abspath(str(value)) for name, value in options.items()
+                 if name in INPUT_PATHS and value}
+        environment = {"checkpoint": paths.pop("checkpoint", None), **code_version(), "torch": torch_version,
+                       "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]), **paths}
+        return cls(_json_value(settings), _json_value(environment))
+
+    def with_settings(self, **extra) -> "Provenance":
+        """The same record with ``extra`` settings (what a script adds per output)."""
+        return Provenance(_json_value({**self.settings, **extra}), self.environment)
+
+    def record(self, file: str, unverified_rows: int = 0) -> dict:
+        """The sidecar of ``file``: the settings, the environment, and how many rows it had before its record."""
+        return {"format": SIDECAR_FORMAT, "file": os.path.basename(file), "settings": self.settings,
+                "environment": self.environment, "unverified_rows": unverified_rows,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

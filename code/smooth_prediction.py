@@ -20,7 +20,7 @@ the ``.npy`` (atomically), then the coverage, and the journals are removed. So e
 frequencies in the journal or the ``.npy``; an image whose row is missing is
 simply done again. A ``.npy`` that exists without the TSV belongs to another
 run and is not touched (``--overwrite`` replaces both). Both files get a
-settings record (``.meta.json``, see eval_utils), checked when a run resumes.
+settings record (``.meta.json``, see provenance.py), checked when a run resumes.
 """
 import os
 import sys
@@ -29,9 +29,9 @@ import numpy as np
 
 from common import ArgumentParser, UserError, replace_atomic, run_cli
 from datasets import coverage_path, get_num_classes
-from eval_utils import (SMOOTH_PREDICTION_HEADER, RecordStore, ResultFile, add_engine_arguments, add_image_arguments,
-                        add_model_arguments, add_sampling_arguments, check_output_path, evaluation_dataset,
-                        format_time, run_on_image_sets)
+from eval_utils import (SMOOTH_PREDICTION_HEADER, ImageSet, add_engine_arguments, add_image_arguments,
+                        add_model_arguments, add_sampling_arguments, evaluation_dataset, format_time, run_on_image_sets)
+from result_files import RecordStore, ResultFile, check_output_path
 
 
 def confidence_path(outfile: str, sigma: float, split: str) -> str:
@@ -81,7 +81,7 @@ class ConfidenceArray(RecordStore):
         self.overwrite = False
 
     def covered(self):
-        """The rows of the coverage file; None for a .npy without one (an older run: its TSV rows count)."""
+        """The rows of the coverage file; None for a .npy without one (its TSV rows count)."""
         if not os.path.exists(self.path):
             return set()
         try:
@@ -152,10 +152,11 @@ def run(argv=None):
         return "{}\t{}\t{}\t{}\t{:.5}\t{:.5}\t{}\t{}".format(idx, label, p1, p2, float(c1), float(c2),
                                                              int(p1 == label), format_time(seconds))
 
-    run_on_image_sets(args, args.dataset, [("smooth prediction", dataset)], [output],
-                      lambda smooth, xs, generators: list(smooth.sample_counts_many(xs, args.N, args.batch, generators)),
-                      format_row, record=lambda counts: counts / args.N,
-                      script="smooth_prediction.py")
+    def evaluate(smooth, xs, generators):
+        return list(smooth.sample_counts_many(xs, args.N, args.batch, generators))
+
+    run_on_image_sets(args, args.dataset, [ImageSet("smooth prediction", dataset, output)], evaluate, format_row,
+                      record=lambda counts: counts / args.N, script="smooth_prediction.py")
 
 
 def main(argv=None):

@@ -31,7 +31,8 @@ from scipy.stats import beta, binom, norm
 import certify
 import eval_utils
 import predict
-from core import Smooth, noise_generator
+from core import Smooth
+from noise_streams import noise_generator
 
 W = torch.tensor([3.0, -4.0, 0.0, 12.0])   # |w| = 13
 B = 0.5

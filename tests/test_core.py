@@ -23,9 +23,11 @@ from scipy.stats import beta, binom, kstest, norm
 from torch import nn
 
 import core
+import noise_streams
 from architectures import get_architecture
 from conftest import REPO
-from core import Smooth, chunk_sizes, noise_generator
+from core import Smooth, chunk_sizes
+from noise_streams import noise_generator
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 DEVICES = ["cpu", CUDA]
@@ -345,9 +347,8 @@ def test_a_key_changes_the_stream():
 
 
 def test_an_unknown_generator_state_layout_fails_loudly(monkeypatch):
-    import core
-    monkeypatch.setattr(core, "_cpu_state_template", None)
-    monkeypatch.setattr(core, "_OFFSET_WORDS", 32)
+    monkeypatch.setattr(noise_streams, "_cpu_state_template", None)
+    monkeypatch.setattr(noise_streams, "_OFFSET_WORDS", 32)
     with pytest.raises(RuntimeError, match="layout"):
         noise_generator(0, 0, "cpu")
 

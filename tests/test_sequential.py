@@ -1,5 +1,5 @@
-"""Sequential (anytime-valid) certification and prediction: ``core.SequentialCertifier``,
-``core.SequentialPredictor``, ``Smooth.certify_sequential_many`` and ``--sequential``.
+"""Sequential (anytime-valid) certification and prediction: ``sequential.SequentialCertifier``,
+``sequential.SequentialPredictor``, ``Smooth.certify_sequential_many`` and ``--sequential``.
 
 Soundness is checked three ways.
 
@@ -22,7 +22,7 @@ Soundness is checked three ways.
   against enumerating every count path): the worst false-certificate rate
   of each mode at alpha = 0.001 and 0.05 is at most alpha, and uncorrected
   peeking exceeds it.
-* The mixture confidence sequence (``core.mixture_lower``) on its own: on
+* The mixture confidence sequence (``sequential.mixture_lower``) on its own: on
   simulated streams looked at every 250 samples it exceeds p on at most
   alpha of them, where CERTIFY's fixed-n bound re-checked at every look does
   not.
@@ -37,16 +37,18 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import beta, binom, norm
+from statsmodels.stats.proportion import proportion_confint
 
 import analyze
 import certify
 import certify_rows
-import core
 import eval_utils
 import predict
+import sequential
 from conftest import REPO
-from core import (SEQUENTIAL_FINAL_SHARE, SequentialCertifier, SequentialPredictor, Smooth, cp_lower, cp_upper,
-                  look_schedule, noise_generator)
+from core import Smooth, cp_lower, cp_upper
+from noise_streams import noise_generator
+from sequential import SEQUENTIAL_FINAL_SHARE, SequentialCertifier, SequentialPredictor, look_schedule
 from test_certify_statistics import Linear, points, read_columns, wrong_certificates
 
 
@@ -117,8 +119,10 @@ def test_clopper_pearson_bounds_are_the_textbook_quantiles():
     low, high = np.maximum(k, 1), np.minimum(k, n - 1)
     assert np.allclose(cp_lower(k, n, a), np.where(k > 0, beta.ppf(a, low, n - low + 1), 0))
     assert np.allclose(cp_upper(k, n, a), np.where(k < n, beta.ppf(1 - a, high + 1, n - high), 1))
-    for count in (1, 50, 99, 100):
-        assert cp_lower(count, n, a) == pytest.approx(Smooth.lower_confidence_bound(count, n, a))
+    # exactly statsmodels' Clopper-Pearson bound (proportion_confint, method "beta"), as in Cohen et al.'s code
+    for count in (0, 1, 50, 99, 100):
+        assert Smooth.lower_confidence_bound(count, n, a) == float(cp_lower(count, n, a)) \
+            == proportion_confint(count, n, alpha=2 * a, method="beta")[0]
 
 
 @pytest.mark.parametrize("sequence", ["spending", "mixture"])
@@ -136,11 +140,11 @@ def test_alpha_spending_sums_to_alpha(final_share, sequence):
 def test_mixture_lower_for_all_correct_streams_and_monotone_in_the_count():
     alpha = 5e-4
     for n in (1000, 6000, 100000):
-        bound = core.mixture_lower(np.array([n]), n, alpha)[0]
+        bound = sequential.mixture_lower(np.array([n]), n, alpha)[0]
         # the point mass at p1 = 1 (weight 1/2) alone rejects every p0 < (alpha / 2)^(1 / n)
         assert (alpha / 2) ** (1 / n) - 1e-9 <= bound < 1
     counts = np.arange(0, 1001, 50)
-    bounds = core.mixture_lower(counts, 1000, alpha)
+    bounds = sequential.mixture_lower(counts, 1000, alpha)
     assert np.all(np.diff(bounds) >= 0) and np.all(bounds <= counts / 1000) and bounds[0] == 0
     # wider than the fixed-n Clopper-Pearson bound at the same level: it pays for holding at every n
     assert np.all(bounds <= cp_lower(counts, 1000, alpha) + 1e-12)
@@ -155,7 +159,7 @@ def test_mixture_lower_is_a_confidence_sequence_and_peeking_is_not(p):
     ever = np.zeros(runs, dtype=bool)
     peek = np.zeros(runs, dtype=bool)
     for k in range(looks):
-        ever |= core.mixture_lower(counts[k], step * (k + 1), alpha) > p
+        ever |= sequential.mixture_lower(counts[k], step * (k + 1), alpha) > p
         peek |= cp_lower(counts[k], step * (k + 1), alpha) > p
     assert rate_is_at_most(ever.sum(), runs, alpha), ever.mean()
     assert not rate_is_at_most(peek.sum(), runs, alpha), peek.mean()
@@ -169,25 +173,27 @@ def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
 
     Radius 1.0 (Phi(4)) is out of reach for every stream of N_max = 10^5 samples, so it is not waited for.
     """
-    needed = math.log(1 / (0.001 * core.MIXTURE_SHARE * core.MIXTURE_POINT_WEIGHT)) / -math.log(norm.cdf(3.0))
+    weight = sequential.MIXTURE_SHARE * sequential.MIXTURE_POINT_WEIGHT
+    needed = math.log(1 / (0.001 * weight)) / -math.log(norm.cdf(3.0))
     assert 5000 < needed <= 6000 and math.ceil(needed) == 5969
-    share = 0.001 * core.MIXTURE_SHARE
-    assert [core.mixture_lower(np.array([n]), n, share)[0] >= norm.cdf(3.0) for n in (5941, 5942)] == [False, True]
+    share = 0.001 * sequential.MIXTURE_SHARE
+    reached = [sequential.mixture_lower(np.array([n]), n, share)[0] >= norm.cdf(3.0) for n in (5941, 5942)]
+    assert reached == [False, True]
     assert [cp_lower(n, n, 0.001) >= norm.cdf(3.0) for n in (5113, 5114)] == [False, True]
-    certifier = SequentialCertifier(SIGMA, 0.001, core.batch_looks(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
-                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=core.RADII_STOP_ALPHA,
+    certifier = SequentialCertifier(SIGMA, 0.001, sequential.batch_looks(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
+                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=sequential.RADII_STOP_ALPHA,
                                     checkpoints=look_schedule(100000, 1000))
     lower, samples = simulate(certifier, 1.0, 5, np.random.default_rng(0))
     assert np.all(samples == 6000)
     assert np.all((certifier.radius(lower) >= 0.75) & (certifier.radius(lower) < 1.0))
-    assert core.batch_looks(3500, 1000) == [1000, 2000, 3000, 3500]
+    assert sequential.batch_looks(3500, 1000) == [1000, 2000, 3000, 3500]
 
 
 def test_a_single_look_spends_the_whole_alpha_as_fixed_n_certify_does():
     """N-max at most one batch: one look, at which both modes report Clopper-Pearson at the whole of alpha."""
     alpha = 0.001
     for mode in ({"radii": [0.25, 0.5, 0.75]}, {"radius_tol": 0.1 * SIGMA}):
-        certifier = core.sequential_certifier(SIGMA, alpha, 500, 1000, **mode)
+        certifier = sequential.sequential_certifier(SIGMA, alpha, 500, 1000, **mode)
         assert certifier.looks == [500]
         assert sum(certifier.union_levels()) == pytest.approx(alpha) and len(certifier.union_levels()) == 1
         counts = np.array([500, 490, 400, 200])
@@ -200,20 +206,21 @@ def test_a_single_look_spends_the_whole_alpha_as_fixed_n_certify_does():
     xs = torch.stack([x for x, _ in data])
     smooth = Smooth(Linear(), 2, SIGMA)
     for mode in ({"radii": [0.1, 0.2]}, {}):
-        sequential = smooth.certify_sequential_many(xs, 50, 500, alpha, 1000,
-                                                    [noise_generator(2, i, "cpu") for i in range(len(data))], **mode)
+        rows = smooth.certify_sequential_many(xs, 50, 500, alpha, 1000,
+                                              [noise_generator(2, i, "cpu") for i in range(len(data))], **mode)
         fixed = smooth.certify_many(xs, 50, 500, alpha, 1000, [noise_generator(2, i, "cpu") for i in range(len(data))])
-        assert [(c, pytest.approx(r, abs=1e-12), 550) for c, r in fixed] == sequential
+        assert [(c, pytest.approx(r, abs=1e-12), 550) for c, r in fixed] == rows
 
 
 def test_the_recorded_scheme_names_a_single_look_and_keeps_the_multi_look_text():
     """Runs in progress with many looks must keep resuming: their recorded scheme text is unchanged."""
-    assert core.SEQUENTIAL_SCHEME == (
+    assert sequential.SEQUENTIAL_SCHEME == (
         "radii: mixture 0.35 (weight 0.9 at p1 = 1) at every batch + Clopper-Pearson 0.15 at geometric looks + "
         "1/2 at the last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
-    assert core.sequential_scheme(100000, 1000) == core.sequential_scheme(1001, 1000) == core.SEQUENTIAL_SCHEME
-    assert core.sequential_scheme(1000, 1000) == core.sequential_scheme(500, 1000) \
-        == core.SEQUENTIAL_SINGLE_LOOK_SCHEME != core.SEQUENTIAL_SCHEME
+    assert sequential.sequential_scheme(100000, 1000) == sequential.sequential_scheme(1001, 1000) \
+        == sequential.SEQUENTIAL_SCHEME
+    assert sequential.sequential_scheme(1000, 1000) == sequential.sequential_scheme(500, 1000) \
+        == sequential.SEQUENTIAL_SINGLE_LOOK_SCHEME != sequential.SEQUENTIAL_SCHEME
 
 
 # --------------------------------------------------------------------------- soundness on simulated counts
@@ -235,7 +242,7 @@ def test_bounds_hold_under_the_worst_stopping_rule_and_peeking_does_not(final_sh
 
 
 @pytest.mark.parametrize("sequence", ["spending", "mixture"])
-@pytest.mark.parametrize("stop_alpha", [None, core.RADII_STOP_ALPHA])
+@pytest.mark.parametrize("stop_alpha", [None, sequential.RADII_STOP_ALPHA])
 @pytest.mark.parametrize("below", [1e-4, 1e-3])
 def test_radii_mode_false_certificates_at_most_alpha_and_peeking_exceeds_it(below, stop_alpha, sequence):
     """pA just below the threshold of radius 0.5: certifying 0.5 is a false certificate."""
@@ -271,7 +278,7 @@ def test_acr_mode_false_certificates_at_most_alpha(p, tol, sequence):
 def test_radii_mode_stops_early_when_decided_and_reports_the_decided_level():
     alpha, runs = 0.001, 500
     certifier = SequentialCertifier(SIGMA, alpha, look_schedule(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
-                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=core.RADII_STOP_ALPHA)
+                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=sequential.RADII_STOP_ALPHA)
     rng = np.random.default_rng(4)
     # pA = 1: 0.75 is certified after a few thousand samples; 1.0 needs more than 10^5 samples
     lower, samples = simulate(certifier, 1.0, runs, rng)
@@ -337,7 +344,7 @@ def test_sequential_predictor_uses_the_published_binomial_test():
     top = np.array([5, 30, 60, 61, 100, 517, 9000])
     second = np.array([5, 10, 40, 39, 0, 480, 8800])
     expected = [binomtest(int(a), int(a + b), p=0.5).pvalue for a, b in zip(top, second)]
-    assert np.allclose(core.two_sided_binomial_pvalue(top, top + second), expected, rtol=1e-9, atol=1e-15)
+    assert np.allclose(sequential.two_sided_binomial_pvalue(top, top + second), expected, rtol=1e-9, atol=1e-15)
 
 
 def test_sequential_predictor_predicts_a_clear_winner_at_the_first_look():
@@ -390,17 +397,17 @@ def test_exact_worst_case_false_certificate_rate_is_at_most_alpha_and_peeking_ex
     exact = bench_sequential_module().exact_false_certificates
     n_max, batch = 20000, 500
     radii = [0.25, 0.5, 0.75, 1.0]
-    certifier = core.sequential_certifier(SIGMA, alpha, n_max, batch, radii=radii)
+    certifier = sequential.sequential_certifier(SIGMA, alpha, n_max, batch, radii=radii)
     assert certifier.thresholds()[-2] <= certifier._ceiling() < certifier.thresholds()[-1]   # 0.75 is the largest
     p = norm.cdf(0.75 / SIGMA) - 1e-9
     law = exact(certifier, p)
     assert law["lost"] < 1e-12
     assert 0.1 * alpha < law["false"] + law["lost"] <= alpha, law
     peeking = Peeking(SIGMA, alpha, certifier.looks, radii=radii, final_share=SEQUENTIAL_FINAL_SHARE,
-                      stop_alpha=core.RADII_STOP_ALPHA, checkpoints=look_schedule(n_max, batch))
+                      stop_alpha=sequential.RADII_STOP_ALPHA, checkpoints=look_schedule(n_max, batch))
     assert exact(peeking, p)["false"] > 2 * alpha
-    own = core.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.1 * SIGMA)
-    patient = core.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.0)
+    own = sequential.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.1 * SIGMA)
+    patient = sequential.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.0)
     peeking = Peeking(SIGMA, alpha, patient.looks, radius_tol=0.0, final_share=SEQUENTIAL_FINAL_SHARE)
     for p in (0.7, 0.99, 0.999):
         adversary = lambda lower: lower > p   # noqa: E731
@@ -557,7 +564,8 @@ def test_sequential_rows_are_refused_by_a_fixed_n_run_and_resumed_by_a_sequentia
     assert rows[:len(first) - 1] == first[:-1] and len(rows) == len(first) + 2
 
 
-@pytest.mark.parametrize("n_max, scheme", [(500, core.SEQUENTIAL_SINGLE_LOOK_SCHEME), (2000, core.SEQUENTIAL_SCHEME)])
+@pytest.mark.parametrize("n_max, scheme", [(500, sequential.SEQUENTIAL_SINGLE_LOOK_SCHEME),
+                                           (2000, sequential.SEQUENTIAL_SCHEME)])
 def test_certify_records_the_scheme_of_its_looks(linear_script, tmp_path, n_max, scheme):
     import json
     out = tmp_path / "seq.tsv"

@@ -1,4 +1,4 @@
-"""Sharded runs lose no row: the part/journal/merge protocol of eval_utils.
+"""Sharded runs lose no row: the part/journal/merge protocol of result_files (run by eval_utils).
 
 * Two ranks run as threads, with rank 1 as far ahead as the protocol lets
   it get before rank 0 lists the images to do (the interleaving that lost
@@ -27,6 +27,7 @@ from test_eval_scripts import call
 import certify  # noqa: E402
 import eval_utils  # noqa: E402
 import predict  # noqa: E402
+import result_files  # noqa: E402
 import smooth_prediction  # noqa: E402
 from architectures import get_architecture  # noqa: E402
 
@@ -99,13 +100,13 @@ def evaluation(path, indices):
         return [torch.rand(WIDTH, generator=g, dtype=torch.float64).numpy() for g in generators]
 
     return eval_utils.Evaluation(
-        output=eval_utils.ResultFile(str(path), HEADER, record_width=WIDTH),
+        output=result_files.ResultFile(str(path), HEADER, record_width=WIDTH),
         indices=list(indices), load=lambda idx: (torch.zeros(1), idx),
         evaluate=evaluate, format_row=lambda idx, label, values, seconds: f"{idx}\t{values[0]:.17g}\t0",
         record=lambda values: values)
 
 
-ORIGINAL_DONE_ROWS, ORIGINAL_WRITE = eval_utils.ResultFile.done_rows, eval_utils.RowWriter.write
+ORIGINAL_DONE_ROWS, ORIGINAL_WRITE = result_files.ResultFile.done_rows, result_files.RowWriter.write
 
 
 def run_ranks_as_threads(monkeypatch, path, indices, world=2):
@@ -127,8 +128,8 @@ def run_ranks_as_threads(monkeypatch, path, indices, world=2):
         if rank_of.get(threading.get_ident()) == 1:
             ranks.wrote()
 
-    monkeypatch.setattr(eval_utils.ResultFile, "done_rows", slow_done_rows)
-    monkeypatch.setattr(eval_utils.RowWriter, "write", observed_write)
+    monkeypatch.setattr(result_files.ResultFile, "done_rows", slow_done_rows)
+    monkeypatch.setattr(result_files.RowWriter, "write", observed_write)
     errors = []
 
     def rank_main(rank):
@@ -177,7 +178,7 @@ def test_resumed_sharded_run_deals_the_missing_images(monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- a crash at any point of a merge
 
-class RecordingStore(eval_utils.RecordStore):
+class RecordingStore(result_files.RecordStore):
     """A store kept in one file, saved atomically, like smooth_prediction's .npy."""
 
     def __init__(self, path):
@@ -191,7 +192,7 @@ class RecordingStore(eval_utils.RecordStore):
         stored.update({idx: values.tolist() for idx, values in records})
         missing = set(covered) - set(stored)
         assert not missing, f"rows {sorted(missing)} have no record"
-        eval_utils.replace_atomic(self.path, lambda handle: np.save(handle, np.array(stored, dtype=object)),
+        result_files.replace_atomic(self.path, lambda handle: np.save(handle, np.array(stored, dtype=object)),
                                   binary=True)
 
 
@@ -204,7 +205,7 @@ def test_a_crash_anywhere_in_a_merge_loses_nothing(monkeypatch, tmp_path, crash_
     """Parts and journals of two ranks; the k-th file operation of the merge crashes; the next run finishes."""
     path = tmp_path / "out.tsv"
     store = RecordingStore(str(tmp_path / "store.npy"))
-    output = eval_utils.ResultFile(str(path), HEADER, record_width=WIDTH, store=store)
+    output = result_files.ResultFile(str(path), HEADER, record_width=WIDTH, store=store)
     output.prepare()
     expected = {}
     for rank in range(2):
@@ -222,8 +223,8 @@ def test_a_crash_anywhere_in_a_merge_loses_nothing(monkeypatch, tmp_path, crash_
             return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(eval_utils, "replace_atomic", counted(eval_utils.replace_atomic))
-    monkeypatch.setattr(eval_utils.os, "remove", counted(os.remove))
+    monkeypatch.setattr(result_files, "replace_atomic", counted(result_files.replace_atomic))
+    monkeypatch.setattr(result_files.os, "remove", counted(os.remove))
     try:
         output.merge(final=True)
         crashed = False
@@ -231,7 +232,7 @@ def test_a_crash_anywhere_in_a_merge_loses_nothing(monkeypatch, tmp_path, crash_
         crashed = True
     monkeypatch.undo()
     assert crashed == (crash_at <= 6)   # 1 store, 1 result file, 2 parts, 2 journals
-    resumed = eval_utils.ResultFile(str(path), HEADER, record_width=WIDTH, store=store)
+    resumed = result_files.ResultFile(str(path), HEADER, record_width=WIDTH, store=store)
     resumed.prepare()
     assert indices_of(path) == list(range(7))
     assert {idx: np.array(values) for idx, values in store.load().items()}.keys() == expected.keys()

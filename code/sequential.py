@@ -1,0 +1,484 @@
+"""Sequential CERTIFY and PREDICT: the guarantee of Cohen et al.'s algorithms with fewer samples.
+
+Samples are drawn in rounds; after each round (a *look*) a decision rule,
+a pure function of the image's counts so far, says whether to stop. Every
+rule here keeps the guarantee of fixed-N CERTIFY (or PREDICT) whatever look
+it stops at: with probability at least 1 - alpha over the whole procedure,
+a returned class equals g(x) and g is robust within the returned radius.
+The validity argument (a union bound over fixed events whose levels sum to
+alpha) and the choice of the shares are in docs/DESIGN.md.
+
+* ``certify_sequential`` / ``predict_sequential``: the runs behind
+  ``Smooth.certify_sequential_many`` and ``predict_sequential_many``.
+* ``SequentialCertifier`` (built by ``sequential_certifier``) and
+  ``SequentialPredictor``: the decision rules.
+* ``mixture_lower``: an anytime-valid lower confidence sequence for a
+  binomial proportion (Robbins' method of mixtures; Waudby-Smith and Ramdas,
+  "Estimating means of bounded random variables by betting", JRSS-B 2024).
+* ``look_schedule`` and ``batch_looks``: the looks, fixed before any sample.
+* ``SEQUENTIAL_SCHEME`` / ``sequential_scheme``: the scheme recorded in the
+  settings of a result file, so that a file of another scheme is not resumed.
+
+Related work: Chen et al., "Input-Specific Robustness Certification for
+Randomized Smoothing" (AAAI 2022); Voracek, "Treatment of Statistical
+Estimation Problems in Randomized Smoothing for Adversarial Robustness"
+(NeurIPS 2024); Cullen, Montague and Rubinstein, "Halt Fast! Early Stopping
+for Certified Robustness" (2026).
+"""
+import math
+from fractions import Fraction
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy.stats import binom, norm
+
+from core import Generators, Smooth, cp_lower, cp_upper
+
+# --------------------------------------------------------------------------- looks
+
+def look_schedule(n_max: int, batch_size: int, growth: float = 1.5) -> List[int]:
+    """The sample sizes n_1 < n_2 < ... < n_K = n_max of geometric looks, fixed by the arguments alone.
+
+    Each look is about ``growth`` times the last, in whole batches of ``batch_size`` samples, except
+    the last look, which is ``n_max``.
+    """
+    if n_max <= 0 or batch_size <= 0 or growth <= 1:
+        raise ValueError(f"need n_max > 0, batch_size > 0 and growth > 1, got {n_max}, {batch_size}, {growth}")
+    looks, batches, total = [], 1.0, 0
+    while True:
+        size = int(math.ceil(batches - 1e-9)) * batch_size
+        if size >= n_max:
+            break
+        if size > total:
+            looks.append(size)
+            total = size
+        batches *= growth
+    return looks + [n_max]
+
+
+def batch_looks(n_max: int, batch_size: int) -> List[int]:
+    """A look after every batch: batch_size, 2 batch_size, ..., and n_max last."""
+    if n_max <= 0 or batch_size <= 0:
+        raise ValueError(f"need n_max > 0 and batch_size > 0, got {n_max}, {batch_size}")
+    return list(range(batch_size, n_max, batch_size)) + [n_max]
+
+
+# --------------------------------------------------------------------------- the mixture confidence sequence
+
+# The alternatives of the mixture confidence sequence (``mixture_lower``): p1 = 1 with weight
+# MIXTURE_POINT_WEIGHT, and p1 = 1 - 2^(-j/2), j = 1..40 (1 - p1 from 0.71 down to 1e-6), sharing the rest.
+MIXTURE_POINT_WEIGHT = 0.9
+MIXTURE_ALTERNATIVES = np.concatenate([[1.0], 1.0 - 2.0 ** (-np.arange(1, 41) / 2.0)])
+MIXTURE_WEIGHTS = np.concatenate([[MIXTURE_POINT_WEIGHT], np.full(40, (1 - MIXTURE_POINT_WEIGHT) / 40)])
+
+
+def mixture_log_martingale(count, num, p0):
+    """log M_n(p0), for arrays ``count`` (successes among ``num`` draws) and ``p0`` of the same shape.
+
+    M_n(p0) = sum over the alternatives p1_j > p0 of w_j (p1_j / p0)^count ((1 - p1_j) / (1 - p0))^(num - count):
+    a nonnegative supermartingale with M_0 <= 1 under any p <= p0 (docs/DESIGN.md).
+    """
+    count = np.asarray(count, dtype=float)[..., None]
+    p0 = np.asarray(p0, dtype=float)[..., None]
+    p1, weights = MIXTURE_ALTERNATIVES, MIXTURE_WEIGHTS
+    failures = num - count
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # (1 - p1)^failures: 1 when there are no failures (also for p1 = 1), 0 when p1 = 1 and there are some
+        fail_term = np.where(failures > 0, failures * (np.log1p(-np.minimum(p1, 1.0)) - np.log1p(-p0)),
+                             0.0)
+        terms = np.log(weights) + count * (np.log(p1) - np.log(p0)) + fail_term
+    terms = np.where(p1 > p0, terms, -np.inf)
+    return np.logaddexp.reduce(terms, axis=-1)
+
+
+def mixture_lower(count, num, alpha, iterations=40):
+    """Anytime-valid (1 - alpha) lower confidence sequence for a binomial proportion (arrays of counts).
+
+    For draws X_1, X_2, ... i.i.d. Bernoulli(p) and S_n = X_1 + ... + X_n:
+    P[exists n: mixture_lower(S_n, n, alpha) > p] <= alpha (Ville's inequality for
+    ``mixture_log_martingale``; proof in docs/DESIGN.md). The bound is the largest p0 that
+    bisection finds with M_n(p0) >= 1 / alpha, rounded down; 0 when none is.
+    """
+    count = np.asarray(count, dtype=float)
+    threshold = math.log(1.0 / alpha)
+    low = np.zeros_like(count)                       # rejected (or 0, where nothing is)
+    high = np.where(num > 0, count / max(num, 1), 0.0)   # not rejected: M_n(k / n) <= 1 < 1 / alpha
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        rejected = mixture_log_martingale(count, num, np.maximum(middle, 1e-300)) >= threshold
+        low = np.where(rejected, middle, low)
+        high = np.where(rejected, high, middle)
+    return low
+
+
+# --------------------------------------------------------------------------- the scheme of certify.py --sequential
+
+# the share of alpha that the mixture confidence sequence gets
+MIXTURE_SHARE = 0.35
+# the share of alpha that sequential certification spends on its last look
+SEQUENTIAL_FINAL_SHARE = 0.5
+# what ``certify_sequential`` computes, recorded with its results (a change of scheme must not continue a
+# file of another one); written from the constants above, so that changing one changes it
+SEQUENTIAL_SCHEME = (
+    f"radii: mixture {MIXTURE_SHARE:g} (weight {MIXTURE_POINT_WEIGHT:g} at p1 = 1) at every batch + Clopper-Pearson "
+    f"{round(1 - SEQUENTIAL_FINAL_SHARE - MIXTURE_SHARE, 10):g} at geometric looks + "
+    f"{Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look; ACR: Clopper-Pearson {Fraction(1 - SEQUENTIAL_FINAL_SHARE)} "
+    f"over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look")
+# what it computes when N-max is at most one batch: a single look, where both modes report CERTIFY's
+# Clopper-Pearson bound at the whole of alpha (recorded instead of SEQUENTIAL_SCHEME)
+SEQUENTIAL_SINGLE_LOOK_SCHEME = "single look: Clopper-Pearson at alpha"
+# the level of the upper bound that stops the radii mode when the next radius is out of reach
+RADII_STOP_ALPHA = 0.05
+
+
+def sequential_scheme(n_max: int, batch_size: int) -> str:
+    """The scheme ``certify_sequential`` runs with these N-max and batch size (for the settings record)."""
+    # the radii mode's looks (batch_looks) and the ACR mode's (look_schedule) are one look for the same runs
+    return SEQUENTIAL_SINGLE_LOOK_SCHEME if len(batch_looks(n_max, batch_size)) == 1 else SEQUENTIAL_SCHEME
+
+
+def sequential_certifier(sigma: float, alpha: float, n_max: int, batch_size: int,
+                         radii: Optional[Sequence[float]] = None, radius_tol: float = 0.0,
+                         growth: float = 1.5) -> "SequentialCertifier":
+    """The decision rule of ``certify_sequential`` with these settings (its looks: ``.looks``).
+
+    With ``radii``: a look after every batch and the ``"mixture"`` scheme, the geometric looks as
+    checkpoints; without: the ``"spending"`` scheme on the geometric looks.
+    """
+    if radii is not None:
+        return SequentialCertifier(sigma, alpha, batch_looks(n_max, batch_size), radii=radii,
+                                   final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=RADII_STOP_ALPHA,
+                                   sequence="mixture", checkpoints=look_schedule(n_max, batch_size, growth))
+    return SequentialCertifier(sigma, alpha, look_schedule(n_max, batch_size, growth), radius_tol=radius_tol,
+                               final_share=SEQUENTIAL_FINAL_SHARE, sequence="spending")
+
+
+# --------------------------------------------------------------------------- decision rules
+
+class SequentialCertifier:
+    """The decision rule of sequential CERTIFY for one image: a pure function of its count stream.
+
+    After selection has fixed cA (from N0 samples of its own, as in CERTIFY),
+    estimation samples are drawn in rounds; after look k the image has
+    ``looks[k]`` estimation samples, ``count`` of them classified cA, and
+    ``step(k, count)`` returns whether to stop and the lower bound pA_lower
+    of pA = P[f(x + e) = cA] at that look.
+
+    Guarantee (Cohen et al.'s for CERTIFY): with probability at least
+    1 - alpha over the sampling, if pA_lower >= 1/2 where the run stops, cA
+    equals g(x) and g is robust within the radius sigma * PhiInv(pA_lower)
+    (``radius``), whatever look the run stops at: the reported bound exceeds
+    pA only if a bound of a fixed family exceeds pA at some look, and the
+    family's levels (``union_levels``) sum to alpha. The probability is over
+    the whole procedure, not conditional on the number of samples a run drew:
+    runs that go on to n_max are near a decision, and their bound exceeds pA
+    more often than alpha (docs/DESIGN.md).
+
+    ``sequence`` (the lower bound at each look; the largest of the parts
+    defined there):
+
+    * ``"mixture"``: ``mixture_lower`` at alpha * ``mixture_share`` at every
+      look; the Clopper-Pearson bound at the ``checkpoints`` (None: every
+      look but the last) at an equal share of alpha * (1 - ``final_share`` -
+      ``mixture_share``); the Clopper-Pearson bound at the last look at
+      alpha * ``final_share``.
+    * ``"spending"``: the Clopper-Pearson bound at alpha_k at look k, the
+      last look getting alpha * ``final_share`` (None: all looks alike) and
+      the others sharing the rest equally.
+
+    A single look gets the Clopper-Pearson bound at the whole of alpha in
+    both schemes, i.e. fixed-N CERTIFY's bound.
+
+    Stopping (no rule affects validity):
+
+    * ``radii`` given (certified accuracy at these radii): the levels are 0
+      (pA_lower >= 1/2) and each listed r > 0 (pA_lower >= Phi(r / sigma)).
+      Stop once the highest level that ``n_max`` samples can certify is
+      reached, or, at a checkpoint, once the next level is out of reach: the
+      lower bound at n_max of a count pA_upper * n_max stays below it, with
+      pA_upper the (1 - ``stop_alpha``) Clopper-Pearson upper bound (None:
+      at ``look_alpha``). The radius reported lies between the largest level
+      reached and the next one.
+    * ``radii`` None (for ACR): stop once the radius is within
+      ``radius_tol`` of the best radius that ``n_max`` samples could give if
+      pA were its upper bound at ``look_alpha``, or, at a checkpoint, when
+      that best radius is 0.
+    """
+
+    def __init__(self, sigma: float, alpha: float, looks: Sequence[int], radii: Optional[Sequence[float]] = None,
+                 radius_tol: float = 0.0, final_share: Optional[float] = None,
+                 stop_alpha: Optional[float] = None, sequence: str = "mixture",
+                 checkpoints: Optional[Sequence[int]] = None, mixture_share: float = MIXTURE_SHARE):
+        _check_certifier_arguments(alpha, looks, radii, radius_tol, sequence)
+        self.sigma, self.alpha, self.looks = float(sigma), float(alpha), [int(n) for n in looks]
+        self.n_max = self.looks[-1]
+        self.radii = None if radii is None else sorted(set([0.0] + [float(r) for r in radii]))
+        self.radius_tol = float(radius_tol)
+        self.stop_alpha = stop_alpha
+        self.sequence = sequence
+        # the looks where "out of reach" is judged and, in the mixture scheme, where the spending part
+        # reports a Clopper-Pearson bound (all looks when None)
+        self.checkpoints = sorted(set(int(n) for n in (checkpoints or self.looks)) & set(self.looks[:-1]))
+        if sequence == "mixture":
+            self._share_mixture(final_share, mixture_share)
+        else:
+            self._share_spending(final_share)
+
+    def _share_mixture(self, final_share: Optional[float], mixture_share: float):
+        share = 0.0 if final_share is None else float(final_share)
+        if not 0 <= share < 1 or not 0 < mixture_share <= 1 - share:
+            raise ValueError(f"need 0 <= final_share < 1 and 0 < mixture_share <= 1 - final_share, "
+                             f"got {final_share}, {mixture_share}")
+        num = len(self.looks)
+        if num == 1:
+            # nothing to be anytime-valid over: the one look gets CERTIFY's bound at the whole of alpha
+            share, mixture_share = 1.0, 0.0
+        self.sequence_alpha = self.alpha * mixture_share   # 0: no mixture sequence (a single look)
+        self.final_alpha = self.alpha * share   # 0: no Clopper-Pearson bound at the last look
+        spent = self.alpha * (1 - share - mixture_share)
+        self.checkpoint_alpha = spent / len(self.checkpoints) if self.checkpoints and spent > 0 else 0.0
+        self._alphas = [self.sequence_alpha] * (num - 1) + [self.alpha * share or self.sequence_alpha]
+
+    def _share_spending(self, final_share: Optional[float]):
+        num = len(self.looks)
+        if final_share is None or num == 1:
+            self._alphas = [self.alpha / num] * num
+            return
+        if not 0 < final_share < 1:
+            raise ValueError(f"final_share must be in (0, 1), got {final_share}")
+        self._alphas = [self.alpha * (1 - final_share) / (num - 1)] * (num - 1) + [self.alpha * final_share]
+
+    def look_alpha(self, look: int) -> float:
+        """The level of look k's Clopper-Pearson bound.
+
+        ``spending``: alpha_k, and the alpha_k sum to alpha. ``mixture``: the last look's share of alpha
+        at the last look; at the others the sequence's share (the level of the upper bounds that steer
+        the ACR mode; no Clopper-Pearson lower bound is used there).
+        """
+        return self._alphas[look]
+
+    def union_levels(self) -> List[float]:
+        """The levels of the events whose union is "some reported lower bound exceeds pA"; they sum to alpha."""
+        if self.sequence == "spending":
+            return list(self._alphas)
+        final = [self.final_alpha] if self.final_alpha > 0 else []
+        spending = [self.checkpoint_alpha] * len(self.checkpoints) if self.checkpoint_alpha > 0 else []
+        return ([self.sequence_alpha] if self.sequence_alpha > 0 else []) + spending + final
+
+    def anytime_lower(self, look: int, count):
+        """The lower bound of the anytime part at look k: P[it exceeds pA at some look] <= its share of alpha.
+
+        ``spending``: Clopper-Pearson at alpha_k. ``mixture``: ``mixture_lower`` at alpha * mixture_share, and
+        at a checkpoint the larger of it and Clopper-Pearson at the checkpoints' level.
+        """
+        if self.sequence == "spending":
+            return cp_lower(count, self.looks[look], self.look_alpha(look))
+        lower = mixture_lower(count, self.looks[look], self.sequence_alpha) if self.sequence_alpha > 0 \
+            else np.zeros(np.shape(count))
+        if self.checkpoint_alpha > 0 and self.looks[look] in self.checkpoints:
+            lower = np.maximum(lower, cp_lower(count, self.looks[look], self.checkpoint_alpha))
+        return lower
+
+    def thresholds(self) -> np.ndarray:
+        """pA_lower needed for each level of ``radii`` (1/2 for radius 0), increasing."""
+        return np.array([0.5 if r == 0 else float(norm.cdf(r / self.sigma)) for r in self.radii])
+
+    def radius(self, p_lower):
+        """The radius of a lower bound (array or number); 0 where it abstains (p_lower < 1/2)."""
+        p_lower = np.asarray(p_lower, dtype=float)
+        return np.where(p_lower >= 0.5, self.sigma * norm.ppf(np.maximum(p_lower, 0.5)), 0.0)
+
+    def _best_final_lower(self, p_upper):
+        """The lower bound at the last look if the count there were p_upper * n_max."""
+        last = len(self.looks) - 1
+        return cp_lower(np.floor(np.asarray(p_upper) * self.n_max), self.n_max, self.look_alpha(last))
+
+    def _ceiling(self) -> float:
+        """The largest lower bound that the last look can report (all n_max samples cA)."""
+        if not hasattr(self, "_ceiling_value"):
+            best = float(self._best_final_lower(1.0))
+            if self.sequence == "mixture" and self.sequence_alpha > 0:
+                best = max(best, float(mixture_lower(np.array([self.n_max]), self.n_max, self.sequence_alpha)[0]))
+            self._ceiling_value = best
+        return self._ceiling_value
+
+    def _best_lower(self, look: int, count):
+        """The best lower bound n_max samples could give if pA were its upper bound at this look."""
+        alpha_k = self.look_alpha(look)
+        p_upper = cp_upper(count, self.looks[look], alpha_k if self.stop_alpha is None else self.stop_alpha)
+        best = self._best_final_lower(p_upper)
+        if self.sequence == "mixture":
+            # what n_max samples could give includes the sequence's own bound there
+            best = np.maximum(best, mixture_lower(np.floor(p_upper * self.n_max), self.n_max, self.sequence_alpha))
+        return best
+
+    def step(self, look: int, count):
+        """After look k (``looks[k]`` samples, ``count`` of them cA): (stop, pA_lower at this look).
+
+        ``count`` may be an array (one entry per image); then both results are arrays.
+        """
+        count = np.asarray(count)
+        num = self.looks[look]
+        lower = np.asarray(self.anytime_lower(look, count), dtype=float)
+        if look == len(self.looks) - 1:
+            if self.sequence == "mixture" and self.final_alpha > 0:
+                # the union of two events of probability <= alpha (1 - share) and <= alpha share
+                lower = np.maximum(lower, cp_lower(count, num, self.look_alpha(look)))
+            return np.ones_like(lower, dtype=bool), lower
+        futile = num in self.checkpoints
+        best = self._best_lower(look, count)
+        if self.radii is not None:
+            thresholds = self.thresholds()
+            reached = np.searchsorted(thresholds, lower, side="right")   # levels with lower >= threshold
+            # levels that n_max samples cannot certify even if every one of them is cA are out of reach
+            # whatever the data: stop at every look once the highest of the others is reached
+            reachable = int(np.searchsorted(thresholds, self._ceiling(), side="right"))
+            top = reached >= max(reachable, 1)
+            following = thresholds[np.minimum(reached, len(thresholds) - 1)]
+            return top | (futile & (best < following)), lower
+        stop = (futile & (best < 0.5)) | (self.radius(lower) >= self.radius(best) - self.radius_tol)
+        return stop, lower
+
+
+def _check_certifier_arguments(alpha, looks, radii, radius_tol, sequence):
+    if sequence not in ("mixture", "spending"):
+        raise ValueError(f"sequence must be 'mixture' or 'spending', got {sequence!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if len(looks) == 0 or any(b <= a for a, b in zip(looks, looks[1:])) or looks[0] <= 0:
+        raise ValueError(f"looks must be increasing positive sample sizes, got {list(looks)}")
+    if radii is not None and any(r < 0 for r in radii):
+        raise ValueError(f"radii must not be negative, got {list(radii)}")
+    if radius_tol < 0:
+        raise ValueError(f"radius_tol must not be negative, got {radius_tol}")
+
+
+class SequentialPredictor:
+    """The decision rule of sequential PREDICT for one image: a pure function of its count stream.
+
+    After look k (``looks[k]`` samples) the top two classes have counts
+    nA >= nB. PREDICT's test (Hung et al., "Rank verification for
+    exponential families", Annals of Statistics 2019: the two-sided binomial
+    test of nA successes in nA + nB trials at p = 1/2) is run at level
+    alpha_k = alpha / K; the run stops with the top class at the first look
+    whose test rejects, and abstains once the test cannot reject at
+    ``looks[-1]`` samples even if the share of nA among nA + nB were its
+    (1 - alpha_k) upper bound. Guarantee (Cohen et al.'s for PREDICT): with
+    probability at least 1 - alpha the returned class is g(x) or ABSTAIN,
+    whatever look the run stops at (a union bound over the K looks).
+    """
+
+    def __init__(self, alpha: float, looks: Sequence[int]):
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        self.alpha, self.looks = float(alpha), [int(n) for n in looks]
+
+    def look_alpha(self, look: int) -> float:
+        return self.alpha / len(self.looks)
+
+    def step(self, look: int, count_a, count_b):
+        """(stop, predict the top class) after look k with top-two counts nA >= nB (numbers or arrays)."""
+        count_a, count_b = np.asarray(count_a), np.asarray(count_b)
+        alpha_k = self.look_alpha(look)
+        total = count_a + count_b
+        decided = (total > 0) & (two_sided_binomial_pvalue(count_a, total) <= alpha_k)
+        if look == len(self.looks) - 1:
+            stop = np.ones_like(decided)
+        else:
+            # futility: the most optimistic share of nA, over the most top-two samples the last look can have
+            share = cp_upper(count_a, np.maximum(total, 1), alpha_k)
+            final_total = np.round(total * self.looks[-1] / self.looks[look])
+            final_a = np.floor(share * final_total)
+            hopeless = two_sided_binomial_pvalue(final_a, final_total) > self.look_alpha(len(self.looks) - 1)
+            stop = decided | hopeless
+        if stop.ndim == 0:
+            return bool(stop), bool(decided)
+        return stop, decided
+
+
+def two_sided_binomial_pvalue(successes, trials):
+    """The two-sided p-value of ``successes`` in ``trials`` fair coin flips (``binomtest(k, n, 0.5)``).
+
+    2 P[X <= min(k, n - k)] capped at 1 (the distribution is symmetric at p = 1/2); vectorised;
+    1 where ``trials`` is 0.
+    """
+    successes, trials = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
+    low = np.minimum(successes, trials - successes)
+    return np.where(trials > 0, np.minimum(1.0, 2 * binom.cdf(low, np.maximum(trials, 1), 0.5)), 1.0)
+
+
+# --------------------------------------------------------------------------- runs on a smoothed classifier
+
+def certify_sequential(smooth: Smooth, xs: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int,
+                       generators: Generators, radii: Optional[Sequence[float]] = None, radius_tol: float = 0.0,
+                       growth: float = 1.5) -> List[Tuple[int, float, int]]:
+    """Sequential CERTIFY of each image of ``xs`` [G x C x H x W]: (class or ABSTAIN, radius, samples drawn).
+
+    Selection draws ``n0`` samples first, as CERTIFY does; then the estimation samples of each image
+    come from its own stream up to each look of ``sequential_certifier``'s rule in turn, so its first
+    n estimation samples are those of fixed-N CERTIFY with N >= n. ``samples`` counts the selection
+    samples too (at most n0 + n_max).
+    """
+    certifier = sequential_certifier(smooth.sigma, alpha, n_max, batch_size, radii, radius_tol, growth)
+    selected = smooth.sample_counts_many(xs, n0, batch_size, generators).argmax(axis=1)
+    counts = np.zeros(xs.shape[0], dtype=np.int64)
+
+    def decide(look, num, active, more):
+        for i, row in zip(active, more):
+            counts[i] += int(row[selected[i]])
+        stops, lowers = certifier.step(look, counts[active])
+        return [None if not stop else
+                (int(selected[i]), float(certifier.radius(lower)), n0 + num) if lower >= 0.5 else
+                (Smooth.ABSTAIN, 0.0, n0 + num)
+                for i, stop, lower in zip(active, stops, lowers)]
+
+    return draw_in_rounds(smooth, xs, certifier.looks, batch_size, generators, decide)
+
+
+def predict_sequential(smooth: Smooth, xs: torch.Tensor, n_max: int, alpha: float, batch_size: int,
+                       generators: Generators, growth: float = 1.5) -> List[Tuple[int, int]]:
+    """Sequential PREDICT of each image of ``xs`` [G x C x H x W]: (class or ABSTAIN, samples drawn).
+
+    At most ``n_max`` samples per image, drawn up to each look of ``look_schedule(n_max, batch_size,
+    growth)`` in turn and judged by ``SequentialPredictor``.
+    """
+    looks = look_schedule(n_max, batch_size, growth)
+    predictor = SequentialPredictor(alpha, looks)
+    counts = np.zeros((xs.shape[0], smooth.num_classes), dtype=np.int64)
+
+    def decide(look, num, active, more):
+        results = []
+        for i, row in zip(active, more):
+            counts[i] += row
+            top2 = counts[i].argsort()[::-1][:2]
+            stop, decided = predictor.step(look, int(counts[i][top2[0]]), int(counts[i][top2[1]]))
+            results.append((int(top2[0]) if decided else Smooth.ABSTAIN, num) if stop else None)
+        return results
+
+    return draw_in_rounds(smooth, xs, looks, batch_size, generators, decide)
+
+
+def draw_in_rounds(smooth: Smooth, xs: torch.Tensor, looks: Sequence[int], batch_size: int,
+                   generators: Generators, decide: Callable) -> list:
+    """Draw each undecided image's samples up to each look in turn, from its own stream; the results.
+
+    ``decide(look, num, active, more)`` gets the indices of the images still drawing and the class
+    counts [len(active) x num_classes] of their new samples, and returns per image its result, or
+    None to go on. Decided images leave the group.
+    """
+    results: list = [None] * xs.shape[0]
+    active = list(range(xs.shape[0]))
+    drawn = 0
+    for look, num in enumerate(looks):
+        index = torch.tensor(active, dtype=torch.long, device=xs.device)
+        more = smooth.sample_counts_many(xs.index_select(0, index), num - drawn, batch_size,
+                                         [generators[i] for i in active])
+        drawn = num
+        decided = decide(look, num, active, more)
+        for i, result in zip(active, decided):
+            results[i] = result
+        active = [i for i, result in zip(active, decided) if result is None]
+        if not active:
+            break
+    return results
