@@ -19,7 +19,7 @@ data set:
 does (rows then end with a ``samples`` column). The noise of image idx of a
 corruption comes from its own stream (seed, corruption, idx): the files do
 not share noise, with or without ``--seed``. Each file is resumable and shared among
-torchrun processes like certify.py's (see eval_utils).
+torchrun processes like certify.py's (see result_files.py).
 """
 import hashlib
 import os
