@@ -127,7 +127,8 @@ class Scale:
 
 def run_folder(dataset: str, cell: Cell, logdir: str, train_argv: List[str]) -> str:
     """Where the cell's training script writes (its ``--logdir``/dataset/method path/arch/id)."""
-    sys.path.insert(0, os.path.join(REPO, "code"))
+    if os.path.join(REPO, "code") not in sys.path:
+        sys.path.insert(0, os.path.join(REPO, "code"))
     import importlib
     import train_utils
     module = importlib.import_module(cell.script[:-3])
@@ -356,9 +357,11 @@ def reproduce(args) -> int:
                   args.smooth_N, args.smooth_max)
     data_dir = args.data_dir or os.path.join("data", args.dataset)
     plans = [(cell, cell_commands(args.dataset, cell, scale, args.logdir, args.outdir)) for cell in cells]
-    pending = [(cell, commands) for cell, commands in plans if finished_record(data_dir, cell, commands) is None]
-    for cell, _ in plans:
-        if (cell, _) not in pending:
+    pending = []
+    for cell, commands in plans:   # each cell.json read once: finished cells are reported, the others run
+        if finished_record(data_dir, cell, commands) is None:
+            pending.append((cell, commands))
+        else:
             print(f"[reproduce] {cell.name}: finished, in {data_folder(data_dir, cell)}", flush=True)
     measured = measured_seconds(data_dir)
     for k, (cell, commands) in enumerate(pending, 1):
