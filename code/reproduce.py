@@ -27,6 +27,16 @@ again. A finished cell is copied to ``data/{dataset}/noise_{sigma}/{method}/``
 cell is skipped; one finished with other commands is refused, never replaced.
 Two drivers may run at once on different cells (``--cells``): a cell another
 driver holds is skipped.
+
+Unfinished work can move to another machine or checkout through the data
+folder: ``--save-progress`` copies what the unfinished cells have computed
+so far (the training checkpoint with its optimizer and random states, the
+rows certified so far with their settings records) to
+``data/{dataset}/progress/``, under the paths they have in the repository;
+it waits for no driver and skips a cell one holds. A driver that starts a
+cell whose files are missing copies them back from there first, so the
+scripts continue where the saved work stopped; a kept cell's progress files
+are removed.
 """
 import argparse
 import fnmatch
@@ -276,6 +286,86 @@ def _smooth_prediction_arrays(tsv: str, sigma: str) -> List[str]:
     return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
 
 
+# --------------------------------------------------------------------------- unfinished work, saved and restored
+
+PROGRESS = "progress"
+
+
+def progress_files(commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
+    """The files that hold a cell's unfinished work, existing or not, relative to ``root``.
+
+    The training checkpoint (``log.txt`` is rewritten from it on resume) and, for each evaluation step,
+    its result file, settings record and row journal. The steps run in ``root``, so relative paths in
+    the commands are relative to it.
+    """
+    root = root or REPO
+    files = [os.path.join(_train_folder(commands), "checkpoint.pth.tar")]
+    for step, command in commands.items():
+        if step != "train":
+            out = output_of(command)
+            files += [out, out + ".meta.json", out + ".journal"]
+    relative = [os.path.relpath(os.path.join(root, f), root) for f in files]
+    outside = [f for f in relative if f.startswith(os.pardir + os.sep)]
+    if outside:
+        raise ReproduceError(f"cannot save or restore '{os.path.join(root, outside[0])}': progress is kept for "
+                             f"runs inside '{root}' only; give --logdir and --outdir inside it")
+    return relative
+
+
+def _copy_whole(source: str, target: str):
+    """Copy to a temporary name, then rename: the target is the whole file or absent."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copyfile(source, target + ".tmp")
+    os.replace(target + ".tmp", target)
+
+
+def save_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
+    """Copy the cell's unfinished work under ``data_dir/progress/``; returns the files copied.
+
+    Saved files of the cell that no longer exist here are removed, so the saved set is one moment's.
+    """
+    root = root or REPO
+    copied = []
+    for relative in progress_files(commands, root):
+        target = os.path.join(data_dir, PROGRESS, relative)
+        if os.path.exists(os.path.join(root, relative)):
+            _copy_whole(os.path.join(root, relative), target)
+            copied.append(relative)
+        elif os.path.exists(target):
+            os.remove(target)
+    return copied
+
+
+def restore_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
+    """Copy saved work back where the scripts look for it, when this checkout has none of the cell's files.
+
+    A cell with any file here already has work of its own, which is never replaced; returns the files
+    restored.
+    """
+    root = root or REPO
+    files = progress_files(commands, root)
+    saved = [f for f in files if os.path.exists(os.path.join(data_dir, PROGRESS, f))]
+    if not saved or any(os.path.exists(os.path.join(root, f)) for f in files):
+        return []
+    for relative in saved:
+        _copy_whole(os.path.join(data_dir, PROGRESS, relative), os.path.join(root, relative))
+    return saved
+
+
+def drop_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[str] = None):
+    """Remove a kept cell's saved work, and the folders that become empty."""
+    root = root or REPO
+    top = os.path.join(data_dir, PROGRESS)
+    for relative in progress_files(commands, root):
+        path = os.path.join(top, relative)
+        if os.path.exists(path):
+            os.remove(path)
+        folder = os.path.dirname(path)
+        while os.path.isdir(folder) and not os.listdir(folder) and os.path.abspath(folder) != os.path.abspath(data_dir):
+            os.rmdir(folder)
+            folder = os.path.dirname(folder)
+
+
 # --------------------------------------------------------------------------- progress
 
 def _format_duration(seconds: float) -> str:
@@ -351,6 +441,21 @@ def run_step(command: List[str], python: str, dry_run: bool):
                              "fix what it printed and run the same reproduce command again to continue")
 
 
+def save_all_progress(data_dir: str, pending, lock_dir: str) -> int:
+    """``--save-progress``: save the unfinished work of every cell no driver holds."""
+    for cell, commands in pending:
+        lock = hold(lock_dir, cell)
+        if lock is None:
+            print(f"[reproduce] {cell.name}: a running reproduce.py holds it; not saved (stop it first)", flush=True)
+            continue
+        copied = save_progress(data_dir, commands)
+        lock.close()
+        if copied:
+            print(f"[reproduce] {cell.name}: saved {', '.join(copied)} in {os.path.join(data_dir, PROGRESS)}",
+                  flush=True)
+    return 0
+
+
 def reproduce(args) -> int:
     cells = select_cells(table_cells(args.dataset), args.cells)
     scale = Scale(shlex.split(args.train_args), args.N, args.fixed_skip, args.sequential_skip, args.max,
@@ -363,6 +468,9 @@ def reproduce(args) -> int:
             pending.append((cell, commands))
         else:
             print(f"[reproduce] {cell.name}: finished, in {data_folder(data_dir, cell)}", flush=True)
+    if args.save_progress:
+        return save_all_progress(data_dir, pending, os.path.join(args.outdir, "reproduce", args.dataset))
+    saved_work = os.path.isdir(os.path.join(data_dir, PROGRESS))
     measured = measured_seconds(data_dir)
     for k, (cell, commands) in enumerate(pending, 1):
         left = time_left(pending[k - 1:], args.dataset, data_dir, measured)
@@ -376,11 +484,18 @@ def reproduce(args) -> int:
             print(f"[reproduce] {cell.name}: finished meanwhile by another reproduce.py", flush=True)
             lock.close()
             continue
+        if saved_work and not args.dry_run:
+            restored = restore_progress(data_dir, commands)
+            if restored:
+                print(f"[reproduce] {cell.name}: continues the work saved in {os.path.join(data_dir, PROGRESS)} "
+                      f"({', '.join(restored)})", flush=True)
         started = time.time()
         for step, command in commands.items():
             run_step(command, args.python, args.dry_run)
         if not args.dry_run:
             record = keep_cell(data_dir, cell, commands, started)
+            if saved_work:
+                drop_progress(data_dir, commands)
             measured = measured_seconds(data_dir)
             print(f"[reproduce] {cell.name}: kept in {data_folder(data_dir, cell)} "
                   f"({_format_duration(sum(record['seconds'].values()))} of computing)", flush=True)
@@ -396,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
                              'e.g. "cohen:0.25 stab:*"')
     parser.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN") == "1",
                         help="print the commands without running them (default: $DRY_RUN=1)")
+    parser.add_argument("--save-progress", action="store_true",
+                        help="copy the unfinished cells' work so far to DATA_DIR/progress/ and stop, so that a "
+                             "driver in another checkout (after git, say) continues it; cells a running driver "
+                             "holds are skipped")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the steps (default: this one)")
     parser.add_argument("--data-dir", default=None, help="where finished cells are kept (default data/DATASET)")
     parser.add_argument("--logdir", default="logs", help="training runs (default logs)")

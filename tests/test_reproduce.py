@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -198,6 +199,56 @@ def test_driver_keeps_a_cell_skips_it_when_finished_and_refuses_other_settings(t
     refused = driver("fmnist", "--cells", "catrs:0.25", *toy_paths(tmp_path), *other, env=python_env(tmp_path))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "another" in refused.stderr
     assert json.loads((kept / "cell.json").read_text()) == record
+
+
+def _checkout(tmp_path, name):
+    """A folder standing for another clone: the code, and nothing computed."""
+    root = tmp_path / name
+    root.mkdir()
+    os.symlink(os.path.join(REPO, "code"), root / "code")
+    return root
+
+
+def _drive_in(monkeypatch, root, *arguments):
+    monkeypatch.setattr(reproduce, "REPO", str(root))
+    monkeypatch.chdir(root)
+    return reproduce.main(["fmnist", "--cells", "cohen:0.25", "--data-dir", str(root / "data"), *arguments])
+
+
+def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_path, monkeypatch, capsys):
+    import torch
+    for name in ("OMP_NUM_THREADS", "DATASET_CACHE", "TMPDIR"):
+        monkeypatch.setenv(name, python_env(tmp_path)[name])
+    two_epochs = [a.replace("--epochs 1", "--epochs 2") for a in TOY]
+    whole = _checkout(tmp_path, "whole")
+    assert _drive_in(monkeypatch, whole, *two_epochs) == 0
+
+    first = _checkout(tmp_path, "first")   # stopped after the first of two epochs
+    cell = reproduce.select_cells(reproduce.table_cells("fmnist"), "cohen:0.25")[0]
+    scale = reproduce.Scale(shlex.split(two_epochs[1]), 100, 2500, 2000)
+    commands = reproduce.cell_commands("fmnist", cell, scale, "logs", "test")
+    train = commands["train"][1:]
+    train[len(train) - 1 - train[::-1].index("--epochs") + 1] = "1"
+    subprocess.run([sys.executable, *train], cwd=first, check=True, capture_output=True)
+    capsys.readouterr()
+    assert _drive_in(monkeypatch, first, "--save-progress", *two_epochs) == 0
+    assert "saved logs/fmnist/cohen/noise_0.25/lenet/1/checkpoint.pth.tar" in capsys.readouterr().out
+    saved = first / "data" / "progress" / "logs" / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "1"
+    assert os.listdir(saved) == ["checkpoint.pth.tar"]
+    # work of its own is never replaced by saved work
+    assert reproduce.restore_progress(str(first / "data"), commands, root=str(first)) == []
+
+    second = _checkout(tmp_path, "second")   # a fresh clone with the committed data folder only
+    shutil.copytree(first / "data", second / "data")
+    assert _drive_in(monkeypatch, second, *two_epochs) == 0
+    assert "continues the work saved" in capsys.readouterr().out
+    assert not (second / "data" / "progress").exists()   # kept: its saved work is gone
+    kept, reference = (torch.load(root / "data" / "noise_0.25" / "cohen" / "checkpoint.pth.tar", weights_only=True)
+                       for root in (second, whole))
+    assert kept["epoch"] == reference["epoch"] == 2
+    assert all(torch.equal(kept["state_dict"][k], reference["state_dict"][k]) for k in reference["state_dict"])
+    rows = [(root / "data" / "noise_0.25" / "cohen" / "log.txt").read_text().splitlines() for root in (second, whole)]
+    assert [r.split("\t")[2:] for r in rows[0]] == [r.split("\t")[2:] for r in rows[1]]   # all but the time
 
 
 # --------------------------------------------------------------------------- the comparison
