@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.stats import beta, binomtest, norm
+from scipy.stats import beta, binom, norm
 
 # Samples per forward pass and intra-op thread on a CPU (see ``Smooth.forward_batch``).
 CPU_FORWARD_BATCH_PER_THREAD = 128
@@ -48,6 +48,20 @@ def cp_upper(count, num, alpha):
     count = np.asarray(count, dtype=float)
     safe = np.minimum(count, np.asarray(num) - 1)
     return np.where(count < num, beta.isf(alpha, safe + 1, num - safe), 1.0)
+
+
+def two_sided_binomial_pvalue(successes, trials):
+    """The two-sided p-value of ``successes`` in ``trials`` fair coin flips: ``binomtest(k, n, 0.5).pvalue``.
+
+    PREDICT's test. P[X <= low] + P[X >= n - low] with low = min(k, n - k), capped at 1, summed as
+    scipy's ``binomtest`` sums it (``binom.cdf`` plus ``binom.sf``), so the two agree bit for bit;
+    1 where k = n - k or ``trials`` is 0. Vectorised over arrays of counts.
+    """
+    successes, trials = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
+    low = np.minimum(successes, trials - successes)
+    safe = np.maximum(trials, 1)
+    tails = binom.cdf(low, safe, 0.5) + binom.sf(safe - low - 1, safe, 0.5)
+    return np.where((trials > 0) & (2 * low < trials), np.minimum(1.0, tails), 1.0)
 
 
 def _weights_to_channels_last(module: torch.nn.Module):
@@ -191,7 +205,7 @@ class Smooth:
         for counts in self.sample_counts_many(xs, n, batch_size, self._generators(xs, generators)):
             top2 = counts.argsort()[::-1][:2]
             count1, count2 = int(counts[top2[0]]), int(counts[top2[1]])
-            if binomtest(count1, count1 + count2, p=0.5).pvalue > alpha:
+            if two_sided_binomial_pvalue(count1, count1 + count2) > alpha:
                 results.append(Smooth.ABSTAIN)
             else:
                 results.append(int(top2[0]))

@@ -31,9 +31,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.stats import binom, norm
+from scipy.stats import norm
 
-from core import Generators, Smooth, cp_lower, cp_upper
+from core import Generators, Smooth, cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------- looks
 
@@ -395,17 +395,6 @@ class SequentialPredictor:
         if stop.ndim == 0:
             return bool(stop), bool(decided)
         return stop, decided
-
-
-def two_sided_binomial_pvalue(successes, trials):
-    """The two-sided p-value of ``successes`` in ``trials`` fair coin flips (``binomtest(k, n, 0.5)``).
-
-    2 P[X <= min(k, n - k)] capped at 1 (the distribution is symmetric at p = 1/2); vectorised;
-    1 where ``trials`` is 0.
-    """
-    successes, trials = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
-    low = np.minimum(successes, trials - successes)
-    return np.where(trials > 0, np.minimum(1.0, 2 * binom.cdf(low, np.maximum(trials, 1), 0.5)), 1.0)
 
 
 # --------------------------------------------------------------------------- runs on a smoothed classifier

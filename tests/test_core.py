@@ -207,6 +207,20 @@ def test_certify_and_predict_abstain_on_the_decision_boundary():
 
 # --------------------------------------------------------------------------- PREDICT and CERTIFY on scripted counts
 
+def test_two_sided_binomial_pvalue_is_scipy_binomtest_bit_for_bit():
+    """PREDICT's test (fixed-N and sequential) is scipy's binomtest(k, n, 0.5), the published one, exactly."""
+    from scipy.stats import binomtest
+    grid = [(k, n) for n in range(1, 121) for k in range(n + 1)]
+    grid += [(k, n) for n in (1000, 1001, 99999, 100000) for k in range(0, n + 1, max(1, n // 97))]
+    grid += [(n // 2 - d, n) for n in (1001, 100000) for d in (0, 1, 2, 50)]
+    k, n = np.array(grid).T
+    expected = np.array([binomtest(int(a), int(b), p=0.5).pvalue for a, b in grid])
+    assert np.array_equal(core.two_sided_binomial_pvalue(k, n), expected)
+    assert np.array_equal(core.two_sided_binomial_pvalue(np.zeros(3), np.zeros(3)), np.ones(3))   # no trials
+    import sequential
+    assert sequential.two_sided_binomial_pvalue is core.two_sided_binomial_pvalue
+
+
 @pytest.mark.parametrize("counts,alpha", [
     ([50, 50], 0.05),             # tie: p-value 1
     ([60, 40], 0.05),             # p = 0.057: abstain
