@@ -29,6 +29,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
+from analyze import ResultsFileError, load_results
+
 METHODS = ["cohen", "stab", "salman", "macer", "consistency", "smoothmix", "catrs"]
 NAMES = {"cohen": "Gaussian", "stab": "Stability", "salman": "SmoothAdv", "macer": "MACER",
          "consistency": "Consistency", "smoothmix": "SmoothMix", "catrs": "CAT-RS"}
@@ -46,15 +48,13 @@ class ComparisonError(Exception):
 
 
 def read_results(path: str) -> pd.DataFrame:
-    """A certify TSV (plain or gzipped) indexed by ``idx``."""
+    """A certify TSV (plain or gzipped), read and checked by ``analyze.load_results``, indexed by ``idx``."""
     try:
-        frame = pd.read_csv(path, sep="\t")
-    except (OSError, ValueError) as exc:
-        raise ComparisonError(f"cannot read '{path}': {str(exc).splitlines()[0]}") from None
-    missing = [c for c in ("idx", "radius", "correct") if c not in frame.columns]
-    if missing or frame["idx"].duplicated().any():
-        raise ComparisonError(f"'{path}' is not a certification result (columns {', '.join(missing) or 'idx'} "
-                              "missing or an image twice)")
+        frame = load_results(path)
+    except ResultsFileError as exc:
+        raise ComparisonError(f"cannot read '{path}': {exc.problem}") from None
+    if "idx" not in frame.columns or frame["idx"].duplicated().any():
+        raise ComparisonError(f"'{path}' is not a certification result (column idx missing or an image twice)")
     return frame.set_index("idx")
 
 
