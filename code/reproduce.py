@@ -373,7 +373,7 @@ def _format_duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def estimate_seconds(cell: Cell, dataset: str, data_dir: str, commands: Dict[str, List[str]],
+def estimate_seconds(cell: Cell, dataset: str, commands: Dict[str, List[str]],
                      measured: Dict[str, float]) -> Optional[float]:
     """Seconds the cell still needs: a measured cell of its method, else the table for LeNet; None if unknown."""
     per_cell = measured.get(cell.method)
@@ -410,8 +410,8 @@ def measured_seconds(data_dir: str) -> Dict[str, float]:
     return {key: sum(v) / len(v) for key, v in totals.items()}
 
 
-def time_left(pending, dataset, data_dir, measured) -> str:
-    estimates = [estimate_seconds(cell, dataset, data_dir, commands, measured) for cell, commands in pending]
+def time_left(pending, dataset, measured) -> str:
+    estimates = [estimate_seconds(cell, dataset, commands, measured) for cell, commands in pending]
     if any(e is None for e in estimates):
         return "unknown"
     return "about " + _format_duration(sum(estimates))
@@ -473,7 +473,7 @@ def reproduce(args) -> int:
     saved_work = os.path.isdir(os.path.join(data_dir, PROGRESS))
     measured = measured_seconds(data_dir)
     for k, (cell, commands) in enumerate(pending, 1):
-        left = time_left(pending[k - 1:], args.dataset, data_dir, measured)
+        left = time_left(pending[k - 1:], args.dataset, measured)
         print(f"[reproduce] cell {k} of {len(pending)}: {cell.name} ({', '.join(commands)}); "
               f"time left for the selected cells: {left}", flush=True)
         lock = None if args.dry_run else hold(os.path.join(args.outdir, "reproduce", args.dataset), cell)
