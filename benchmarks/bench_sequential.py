@@ -36,6 +36,19 @@ prints the least mean sample count at which such a clairvoyant certifier
 bound, n a multiple of 100) keeps the ACR within T of fixed-N's: a
 Lagrangian (dual) lower bound on that knapsack problem.
 
+    python benchmarks/bench_sequential.py FIXED.tsv --simulate --sigma S --radii 0 0.25 0.5 ... [--reps 40]
+
+simulates the radii mode (the rule ``certify.py --sequential --radii``
+runs, decision by decision through ``SequentialCertifier.step``) on the
+images of FIXED.tsv without the model: the estimation samples of an image
+are i.i.d. Bernoulli(pA) given its selected class, so ``--reps`` streams of
+counts drawn with each image's pA (the share of the oracle above; 1/2 for
+an image fixed-N abstained on) have the law of real runs. The pilot (N0
+selection samples) is drawn too, since it picks the rule. Prints the mean
+samples per image of the current scheme and of the previous one
+(``PREVIOUS_SHARES``, both rules alike) with the same seeds, the clairvoyant
+bound, and how often the certified listed radius equals fixed-N's.
+
     python benchmarks/bench_sequential.py --exact-worst-case [--sigma S --radii ... --N 100000 --batch 1000]
 
 prints, for alpha = 0.001 and 0.05, the exact probability that
@@ -154,6 +167,75 @@ def clairvoyant_acr_samples(fixed, args) -> float:
     return dual / len(costs)
 
 
+# the radii mode's split of alpha before the pilot chose it (one rule for every image), for --simulate
+PREVIOUS_SHARES = dict(mixture_share=0.35, final_share=0.5, point_weight=0.9)
+
+
+def simulated_runs(rule_of, shares, args, rng):
+    """Samples per stream and the listed level certified, for streams with these pA (the radii mode).
+
+    ``rule_of(unanimous)``: the decision rule of a stream whose pilot was unanimous or not.
+    """
+    p = np.repeat(np.asarray(shares, dtype=float), args.reps)
+    unanimous = rng.binomial(args.N0, p) == args.N0
+    samples, lower = np.zeros(len(p)), np.zeros(len(p))
+    for flag in (False, True):
+        group = np.flatnonzero(unanimous == flag)
+        if not len(group):
+            continue
+        rule = rule_of(flag)
+        draws = np.random.default_rng([args.seed, int(flag)])
+        counts, drawn, running = np.zeros(len(group), dtype=np.int64), 0, np.ones(len(group), dtype=bool)
+        for look, num in enumerate(rule.looks):
+            active = np.flatnonzero(running)
+            counts[active] += draws.binomial(num - drawn, p[group[active]])
+            drawn = num
+            stop, low = rule.step(look, counts[active])
+            lower[group[active]] = low
+            done = active[np.asarray(stop, dtype=bool)]
+            samples[group[done]] = args.N0 + num
+            running[done] = False
+            if not running.any():
+                break
+    return samples, lower
+
+
+def simulate(args):
+    from scipy.stats import norm
+
+    from sequential import SequentialCertifier, batch_looks, look_schedule, RADII_STOP_ALPHA, sequential_certifier
+    fixed = load_results(args.fixed)
+    radii = sorted(set(args.radii) | {0.0})
+    listed = [r for r in radii if r > 0]
+    shares = [0.5 if predict == -1 else fixed_share(radius, args.sigma, args.alpha, args.N)
+              for predict, radius in zip(fixed["predict"], fixed["radius"])]
+    thresholds = np.array([0.5] + [float(norm.cdf(r / args.sigma)) for r in listed])
+    fixed_level = np.repeat([0 if predict == -1 else int(np.searchsorted(radii, radius, side="right"))
+                             for predict, radius in zip(fixed["predict"], fixed["radius"])], args.reps)
+    oracle_mean = np.mean([args.N0 if predict == -1 else
+                           clairvoyant_samples(radius, args.sigma, radii, args.alpha, args.N, args.N0)
+                           for predict, radius in zip(fixed["predict"], fixed["radius"])])
+    schemes = {
+        "current": lambda flag: sequential_certifier(args.sigma, args.alpha, args.N, args.batch, radii=listed,
+                                                     pilot_unanimous=flag),
+        "previous": lambda flag: SequentialCertifier(args.sigma, args.alpha, batch_looks(args.N, args.batch),
+                                                     radii=listed, stop_alpha=RADII_STOP_ALPHA, sequence="mixture",
+                                                     checkpoints=look_schedule(args.N, args.batch),
+                                                     **PREVIOUS_SHARES),
+    }
+    print(f"{os.path.basename(args.fixed)}: sigma {args.sigma}, {len(shares)} images x {args.reps} simulated runs, "
+          f"radii {' '.join(f'{r:g}' for r in listed)}, batch {args.batch}; clairvoyant bound {oracle_mean:,.0f}")
+    print("| scheme | samples/image (se) | ratio to fixed-N | bound / samples | same level as fixed-N |")
+    print("|---|---:|---:|---:|---:|")
+    for name, rule_of in schemes.items():
+        samples, lower = simulated_runs(rule_of, shares, args, np.random.default_rng(args.seed))
+        level = np.searchsorted(thresholds, lower, side="right")
+        per_image = samples.reshape(len(shares), args.reps).mean(axis=1)
+        se = per_image.std(ddof=1) / math.sqrt(len(shares) * args.reps) if len(shares) > 1 else float("nan")
+        print(f"| {name} | {samples.mean():,.0f} ({se:,.0f}) | {(args.N0 + args.N) / samples.mean():.1f}x | "
+              f"{oracle_mean / samples.mean():.2f} | {np.mean(level == fixed_level):.4f} |")
+
+
 def count_window(num: int, p: float, tail: float):
     """Counts lo..hi of Binomial(num, p) outside of which each side has probability at most ``tail``."""
     from scipy.stats import binom
@@ -221,21 +303,25 @@ def exact_worst_case(args):
         print(f"| {mode} | {alpha:g} | {p:.10g} | {law['false']:.3g} | {law['false'] / alpha:.3f} | "
               f"{law['lost']:.1e} | {law['last']:.3g} | {'-' if math.isnan(given) else f'{given:.3g}'} |")
 
-    for alpha in (0.001, 0.05):
-        certifier = sequential_certifier(args.sigma, alpha, args.N, args.batch, radii=radii)
+    for alpha, unanimous in ((0.001, False), (0.001, True), (0.05, False), (0.05, True)):
+        # each rule is valid given the pilot that chose it, so each is computed on its own
+        certifier = sequential_certifier(args.sigma, alpha, args.N, args.batch, radii=radii, pilot_unanimous=unanimous)
+        pilot = "unanimous" if unanimous else "split"
         ceiling = certifier._ceiling()
         reachable = [r for r, t in zip(certifier.radii, certifier.thresholds()) if r > 0 and t <= ceiling]
         if not reachable:
-            print(f"| radii | {alpha:g} | no listed radius can be certified with N-max samples | | | | | |")
+            print(f"| radii ({pilot} pilot) | {alpha:g} | no listed radius can be certified with N-max samples | | | | | |")
         else:
             top = max(reachable)
             threshold = float(norm.cdf(top / args.sigma))
             # just below the threshold: certifying ``top`` is then a false certificate
-            row(f"radii, pA just below Phi({top / args.sigma:g})", alpha, threshold - 1e-9,
+            row(f"radii ({pilot} pilot), pA just below Phi({top / args.sigma:g})", alpha, threshold - 1e-9,
                 exact_false_certificates(certifier, threshold - 1e-9))
             # one standard deviation of the share at N-max below it: what the runs to N-max look like
             p = threshold - math.sqrt(threshold * (1 - threshold) / args.N)
-            row("radii, pA 1 sd below", alpha, p, exact_false_certificates(certifier, p))
+            row(f"radii ({pilot} pilot), pA 1 sd below", alpha, p, exact_false_certificates(certifier, p))
+        if unanimous:   # the ACR mode does not look at the pilot
+            continue
         certifier = sequential_certifier(args.sigma, alpha, args.N, args.batch, radius_tol=0.1 * args.sigma)
         worst = None
         for p in args.acr_p:
@@ -310,7 +396,14 @@ def main(argv=None):
     parser.add_argument("--acr-p", type=float, nargs="+",
                         default=[0.55, 0.7, 0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999],
                         help="--exact-worst-case: the pA values of the ACR mode")
+    parser.add_argument("--simulate", action="store_true", help="simulated radii-mode runs on the images of FIXED.tsv")
+    parser.add_argument("--reps", type=int, default=40, help="--simulate: runs per image")
+    parser.add_argument("--seed", type=int, default=0, help="--simulate: seed of the simulated draws")
     args = parser.parse_args(argv)
+    if args.simulate:
+        if not args.fixed:
+            parser.error("--simulate needs FIXED.tsv")
+        return simulate(args)
     if args.exact_worst_case:
         return exact_worst_case(args)
     if args.timing:

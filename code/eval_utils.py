@@ -46,7 +46,7 @@ from datasets import DATASETS, get_dataset, get_num_classes
 from noise_streams import noise_generator
 from provenance import Provenance
 from result_files import ResultFile
-from sequential import MIXTURE_SHARE, SEQUENTIAL_FINAL_SHARE, sequential_scheme
+from sequential import RADII_SHARES_SPLIT, RADII_SHARES_UNANIMOUS, SEQUENTIAL_FINAL_SHARE, sequential_scheme
 
 CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
@@ -114,13 +114,14 @@ def add_engine_arguments(parser: ArgumentParser):
 def add_sequential_arguments(parser: ArgumentParser, certify: bool = True):
     """``--sequential`` and its options (``sequential.certify_sequential`` / ``predict_sequential``)."""
     group = parser.add_argument_group("sequential mode: same guarantee, fewer samples")
-    final, mixture = SEQUENTIAL_FINAL_SHARE, MIXTURE_SHARE
+    final, unanimous, split = SEQUENTIAL_FINAL_SHARE, RADII_SHARES_UNANIMOUS, RADII_SHARES_SPLIT
     how = (f"with --radii, a look after every --batch, the lower bound the largest of a mixture confidence "
-           f"sequence (anytime-valid, {mixture:g} alpha), Clopper-Pearson at fixed geometric looks "
-           f"({round(1 - final - mixture, 10):g} alpha shared equally) and Clopper-Pearson at N-max ({final:g} "
-           f"alpha); without --radii, Clopper-Pearson at the fixed geometric looks only ({round(1 - final, 10):g} "
-           f"alpha shared equally by those before N-max, {final:g} alpha at N-max); N-max at most one batch is "
-           f"a single look, Clopper-Pearson at alpha" if certify else
+           f"sequence (anytime-valid), Clopper-Pearson at fixed geometric looks and Clopper-Pearson at N-max, "
+           f"at {unanimous.mixture:g}, {unanimous.checkpoints:g} and {unanimous.final:g} alpha when all N0 "
+           f"selection samples are the selected class, else at {split.mixture:g}, {split.checkpoints:g} and "
+           f"{split.final:g} alpha; without --radii, Clopper-Pearson at the fixed geometric looks only "
+           f"({round(1 - final, 10):g} alpha shared equally by those before N-max, {final:g} alpha at N-max); "
+           f"N-max at most one batch is a single look, Clopper-Pearson at alpha" if certify else
            "the test at alpha / K at each of K fixed geometric looks")
     group.add_argument("--sequential", action="store_true",
                        help="draw samples in rounds and stop as soon as the result is decided, valid whatever "

@@ -26,6 +26,7 @@ Estimation Problems in Randomized Smoothing for Adversarial Robustness"
 for Certified Robustness" (2026).
 """
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -67,13 +68,20 @@ def batch_looks(n_max: int, batch_size: int) -> List[int]:
 # --------------------------------------------------------------------------- the mixture confidence sequence
 
 # The alternatives of the mixture confidence sequence (``mixture_lower``): p1 = 1 with weight
-# MIXTURE_POINT_WEIGHT, and p1 = 1 - 2^(-j/2), j = 1..40 (1 - p1 from 0.71 down to 1e-6), sharing the rest.
+# ``point_weight``, and p1 = 1 - 2^(-j/2), j = 1..40 (1 - p1 from 0.71 down to 1e-6), sharing the rest.
 MIXTURE_POINT_WEIGHT = 0.9
 MIXTURE_ALTERNATIVES = np.concatenate([[1.0], 1.0 - 2.0 ** (-np.arange(1, 41) / 2.0)])
-MIXTURE_WEIGHTS = np.concatenate([[MIXTURE_POINT_WEIGHT], np.full(40, (1 - MIXTURE_POINT_WEIGHT) / 40)])
 
 
-def mixture_log_martingale(count, num, p0):
+def mixture_weights(point_weight: float = MIXTURE_POINT_WEIGHT) -> np.ndarray:
+    """The prior weights of ``MIXTURE_ALTERNATIVES``: ``point_weight`` at p1 = 1, the rest shared equally."""
+    if not 0 <= point_weight < 1:
+        raise ValueError(f"point_weight must be in [0, 1), got {point_weight}")
+    others = len(MIXTURE_ALTERNATIVES) - 1
+    return np.concatenate([[point_weight], np.full(others, (1 - point_weight) / others)])
+
+
+def mixture_log_martingale(count, num, p0, point_weight: float = MIXTURE_POINT_WEIGHT):
     """log M_n(p0), for arrays ``count`` (successes among ``num`` draws) and ``p0`` of the same shape.
 
     M_n(p0) = sum over the alternatives p1_j > p0 of w_j (p1_j / p0)^count ((1 - p1_j) / (1 - p0))^(num - count):
@@ -81,18 +89,18 @@ def mixture_log_martingale(count, num, p0):
     """
     count = np.asarray(count, dtype=float)[..., None]
     p0 = np.asarray(p0, dtype=float)[..., None]
-    p1, weights = MIXTURE_ALTERNATIVES, MIXTURE_WEIGHTS
+    p1, weights = MIXTURE_ALTERNATIVES, mixture_weights(point_weight)
     failures = num - count
     with np.errstate(divide="ignore", invalid="ignore"):
         # (1 - p1)^failures: 1 when there are no failures (also for p1 = 1), 0 when p1 = 1 and there are some
         fail_term = np.where(failures > 0, failures * (np.log1p(-np.minimum(p1, 1.0)) - np.log1p(-p0)),
                              0.0)
         terms = np.log(weights) + count * (np.log(p1) - np.log(p0)) + fail_term
-    terms = np.where(p1 > p0, terms, -np.inf)
+    terms = np.where((p1 > p0) & (weights > 0), terms, -np.inf)
     return np.logaddexp.reduce(terms, axis=-1)
 
 
-def mixture_lower(count, num, alpha, iterations=40):
+def mixture_lower(count, num, alpha, iterations=40, point_weight: float = MIXTURE_POINT_WEIGHT):
     """Anytime-valid (1 - alpha) lower confidence sequence for a binomial proportion (arrays of counts).
 
     For draws X_1, X_2, ... i.i.d. Bernoulli(p) and S_n = X_1 + ... + X_n:
@@ -106,7 +114,7 @@ def mixture_lower(count, num, alpha, iterations=40):
     high = np.where(num > 0, count / max(num, 1), 0.0)   # not rejected: M_n(k / n) <= 1 < 1 / alpha
     for _ in range(iterations):
         middle = (low + high) / 2
-        rejected = mixture_log_martingale(count, num, np.maximum(middle, 1e-300)) >= threshold
+        rejected = mixture_log_martingale(count, num, np.maximum(middle, 1e-300), point_weight) >= threshold
         low = np.where(rejected, middle, low)
         high = np.where(rejected, high, middle)
     return low
@@ -114,16 +122,42 @@ def mixture_lower(count, num, alpha, iterations=40):
 
 # --------------------------------------------------------------------------- the scheme of certify.py --sequential
 
-# the share of alpha that the mixture confidence sequence gets
-MIXTURE_SHARE = 0.35
-# the share of alpha that sequential certification spends on its last look
+# the radii mode also looks where a stream with 0, 1, ..., FEW_FAILURES samples not cA reaches its top level
+FEW_FAILURES = 3
+
+
+@dataclass(frozen=True)
+class RadiiShares:
+    """How the radii mode splits alpha: the mixture sequence, the last look, the geometric looks (the rest)."""
+    mixture: float        # mixture_lower at every look, at alpha * mixture
+    final: float          # Clopper-Pearson at N-max, at alpha * final
+    point_weight: float   # the mixture's prior weight on p1 = 1
+
+    @property
+    def checkpoints(self) -> float:
+        """Clopper-Pearson at the geometric looks before N-max, sharing alpha * checkpoints equally."""
+        return round(1 - self.mixture - self.final, 10)
+
+    def describe(self) -> str:
+        return (f"mixture {self.mixture:g} (weight {self.point_weight:g} at p1 = 1) at every batch and where "
+                f"streams with 0 to {FEW_FAILURES} samples not cA reach the top level + Clopper-Pearson "
+                f"{self.checkpoints:g} at geometric looks + {self.final:g} at the last look")
+
+
+# The radii mode's split of alpha, chosen per image by its pilot (the N0 selection samples, drawn before
+# and independently of the estimation samples, so each choice is valid at alpha; docs/DESIGN.md): when
+# every pilot sample is the selected class, pA is most likely near 1 and the stream all or nearly all
+# cA, which the mixture's point at p1 = 1 certifies soonest; otherwise pA is likely inside (1/2, 1),
+# where Clopper-Pearson at fixed looks is sharper than the mixture.
+RADII_SHARES_UNANIMOUS = RadiiShares(mixture=0.8, final=0.1, point_weight=0.9)
+RADII_SHARES_SPLIT = RadiiShares(mixture=0.1, final=0.5, point_weight=0.5)
+# the share of alpha that the ACR mode spends on its last look (the earlier geometric looks share the rest)
 SEQUENTIAL_FINAL_SHARE = 0.5
 # what ``certify_sequential`` computes, recorded with its results (a change of scheme must not continue a
 # file of another one); written from the constants above, so that changing one changes it
 SEQUENTIAL_SCHEME = (
-    f"radii: mixture {MIXTURE_SHARE:g} (weight {MIXTURE_POINT_WEIGHT:g} at p1 = 1) at every batch + Clopper-Pearson "
-    f"{round(1 - SEQUENTIAL_FINAL_SHARE - MIXTURE_SHARE, 10):g} at geometric looks + "
-    f"{Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look; ACR: Clopper-Pearson {Fraction(1 - SEQUENTIAL_FINAL_SHARE)} "
+    f"radii: if all N0 pilot samples are the selected class, {RADII_SHARES_UNANIMOUS.describe()}; else "
+    f"{RADII_SHARES_SPLIT.describe()}; ACR: Clopper-Pearson {Fraction(1 - SEQUENTIAL_FINAL_SHARE)} "
     f"over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look")
 # what it computes when N-max is at most one batch: a single look, where both modes report CERTIFY's
 # Clopper-Pearson bound at the whole of alpha (recorded instead of SEQUENTIAL_SCHEME)
@@ -140,16 +174,26 @@ def sequential_scheme(n_max: int, batch_size: int) -> str:
 
 def sequential_certifier(sigma: float, alpha: float, n_max: int, batch_size: int,
                          radii: Optional[Sequence[float]] = None, radius_tol: float = 0.0,
-                         growth: float = 1.5) -> "SequentialCertifier":
+                         growth: float = 1.5, pilot_unanimous: bool = False) -> "SequentialCertifier":
     """The decision rule of ``certify_sequential`` with these settings (its looks: ``.looks``).
 
     With ``radii``: a look after every batch and the ``"mixture"`` scheme, the geometric looks as
-    checkpoints; without: the ``"spending"`` scheme on the geometric looks.
+    checkpoints, alpha split by ``RADII_SHARES_UNANIMOUS`` when every pilot sample was the selected
+    class (``pilot_unanimous``), else by ``RADII_SHARES_SPLIT``; without: the ``"spending"`` scheme on
+    the geometric looks.
     """
     if radii is not None:
-        return SequentialCertifier(sigma, alpha, batch_looks(n_max, batch_size), radii=radii,
-                                   final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=RADII_STOP_ALPHA,
-                                   sequence="mixture", checkpoints=look_schedule(n_max, batch_size, growth))
+        shares = RADII_SHARES_UNANIMOUS if pilot_unanimous else RADII_SHARES_SPLIT
+
+        def rule(looks):
+            return SequentialCertifier(sigma, alpha, looks, radii=radii, final_share=shares.final,
+                                       stop_alpha=RADII_STOP_ALPHA, sequence="mixture",
+                                       checkpoints=look_schedule(n_max, batch_size, growth),
+                                       mixture_share=shares.mixture, point_weight=shares.point_weight)
+        looks = batch_looks(n_max, batch_size)
+        if len(looks) == 1:
+            return rule(looks)
+        return rule(sorted(set(looks) | set(rule(looks).few_failures_looks())))
     return SequentialCertifier(sigma, alpha, look_schedule(n_max, batch_size, growth), radius_tol=radius_tol,
                                final_share=SEQUENTIAL_FINAL_SHARE, sequence="spending")
 
@@ -209,7 +253,8 @@ class SequentialCertifier:
     def __init__(self, sigma: float, alpha: float, looks: Sequence[int], radii: Optional[Sequence[float]] = None,
                  radius_tol: float = 0.0, final_share: Optional[float] = None,
                  stop_alpha: Optional[float] = None, sequence: str = "mixture",
-                 checkpoints: Optional[Sequence[int]] = None, mixture_share: float = MIXTURE_SHARE):
+                 checkpoints: Optional[Sequence[int]] = None, mixture_share: float = RADII_SHARES_SPLIT.mixture,
+                 point_weight: float = RADII_SHARES_SPLIT.point_weight):
         _check_certifier_arguments(alpha, looks, radii, radius_tol, sequence)
         self.sigma, self.alpha, self.looks = float(sigma), float(alpha), [int(n) for n in looks]
         self.n_max = self.looks[-1]
@@ -217,6 +262,7 @@ class SequentialCertifier:
         self.radius_tol = float(radius_tol)
         self.stop_alpha = stop_alpha
         self.sequence = sequence
+        self.point_weight = float(point_weight)
         # the looks where "out of reach" is judged and, in the mixture scheme, where the spending part
         # reports a Clopper-Pearson bound (all looks when None)
         self.checkpoints = sorted(set(int(n) for n in (checkpoints or self.looks)) & set(self.looks[:-1]))
@@ -274,11 +320,38 @@ class SequentialCertifier:
         """
         if self.sequence == "spending":
             return cp_lower(count, self.looks[look], self.look_alpha(look))
-        lower = mixture_lower(count, self.looks[look], self.sequence_alpha) if self.sequence_alpha > 0 \
+        lower = mixture_lower(count, self.looks[look], self.sequence_alpha, point_weight=self.point_weight) \
+            if self.sequence_alpha > 0 \
             else np.zeros(np.shape(count))
         if self.checkpoint_alpha > 0 and self.looks[look] in self.checkpoints:
             lower = np.maximum(lower, cp_lower(count, self.looks[look], self.checkpoint_alpha))
         return lower
+
+    def few_failures_looks(self, failures: int = FEW_FAILURES) -> List[int]:
+        """For f = 0..``failures``, the sample size at which a stream with f samples not cA reaches the top.
+
+        The top is the highest level below the ceiling. ``sequential_certifier`` adds these to the looks
+        after every batch (they depend on the rule alone, not on any sample), so that the commonest
+        images, all or nearly all cA, stop where their bound reaches the top rather than at the end of
+        that batch. Empty without a mixture sequence.
+        """
+        if self.sequence != "mixture" or self.sequence_alpha <= 0:
+            return []
+        thresholds = self.thresholds()
+        top = thresholds[max(int(np.searchsorted(thresholds, self._ceiling(), side="right")) - 1, 0)]
+        looks = []
+        for missed in range(failures + 1):
+            def reached(n):
+                return mixture_lower(np.array([n - missed]), n, self.sequence_alpha,
+                                     point_weight=self.point_weight)[0] >= top
+            if not reached(self.n_max):
+                break
+            low, high = missed + 1, self.n_max   # the bound of n - f cA out of n grows with n
+            while low < high:
+                middle = (low + high) // 2
+                low, high = (low, middle) if reached(middle) else (middle + 1, high)
+            looks.append(low)
+        return looks
 
     def thresholds(self) -> np.ndarray:
         """pA_lower needed for each level of ``radii`` (1/2 for radius 0), increasing."""
@@ -299,7 +372,8 @@ class SequentialCertifier:
         if not hasattr(self, "_ceiling_value"):
             best = float(self._best_final_lower(1.0))
             if self.sequence == "mixture" and self.sequence_alpha > 0:
-                best = max(best, float(mixture_lower(np.array([self.n_max]), self.n_max, self.sequence_alpha)[0]))
+                best = max(best, float(mixture_lower(np.array([self.n_max]), self.n_max, self.sequence_alpha,
+                                                     point_weight=self.point_weight)[0]))
             self._ceiling_value = best
         return self._ceiling_value
 
@@ -310,7 +384,8 @@ class SequentialCertifier:
         best = self._best_final_lower(p_upper)
         if self.sequence == "mixture":
             # what n_max samples could give includes the sequence's own bound there
-            best = np.maximum(best, mixture_lower(np.floor(p_upper * self.n_max), self.n_max, self.sequence_alpha))
+            best = np.maximum(best, mixture_lower(np.floor(p_upper * self.n_max), self.n_max, self.sequence_alpha,
+                                                  point_weight=self.point_weight))
         return best
 
     def step(self, look: int, count):
@@ -407,22 +482,36 @@ def certify_sequential(smooth: Smooth, xs: torch.Tensor, n0: int, n_max: int, al
     Selection draws ``n0`` samples first, as CERTIFY does; then the estimation samples of each image
     come from its own stream up to each look of ``sequential_certifier``'s rule in turn, so its first
     n estimation samples are those of fixed-N CERTIFY with N >= n. ``samples`` counts the selection
-    samples too (at most n0 + n_max).
+    samples too (at most n0 + n_max). In the radii mode the selection samples are also the pilot that
+    picks the image's rule (``pilot_unanimous``: all of them the selected class); they are independent
+    of the estimation samples, so each rule keeps its guarantee given the pilot, hence overall.
     """
-    certifier = sequential_certifier(smooth.sigma, alpha, n_max, batch_size, radii, radius_tol, growth)
-    selected = smooth.sample_counts_many(xs, n0, batch_size, generators).argmax(axis=1)
+    pilot = smooth.sample_counts_many(xs, n0, batch_size, generators)
+    selected = pilot.argmax(axis=1)
+    # the rule of each image, by its pilot (the radii mode's split of alpha depends on it; the ACR mode's not)
+    unanimous = pilot[np.arange(len(selected)), selected] == n0
+    rules = {flag: sequential_certifier(smooth.sigma, alpha, n_max, batch_size, radii, radius_tol, growth,
+                                        pilot_unanimous=flag) for flag in (False, True)}
+    # the draws stop at every look of either rule; each rule decides at its own looks only (both end at n_max)
+    looks = sorted(set(rules[False].looks) | set(rules[True].looks))
+    certifier = rules[False]
     counts = np.zeros(xs.shape[0], dtype=np.int64)
 
     def decide(look, num, active, more):
         for i, row in zip(active, more):
             counts[i] += int(row[selected[i]])
-        stops, lowers = certifier.step(look, counts[active])
+        active = np.asarray(active)
+        stops, lowers = np.zeros(len(active), dtype=bool), np.zeros(len(active))
+        for flag, rule in rules.items():
+            mine = unanimous[active] == flag
+            if mine.any() and num in rule.looks:
+                stops[mine], lowers[mine] = rule.step(rule.looks.index(num), counts[active[mine]])
         return [None if not stop else
                 (int(selected[i]), float(certifier.radius(lower)), n0 + num) if lower >= 0.5 else
                 (Smooth.ABSTAIN, 0.0, n0 + num)
                 for i, stop, lower in zip(active, stops, lowers)]
 
-    return draw_in_rounds(smooth, xs, certifier.looks, batch_size, generators, decide)
+    return draw_in_rounds(smooth, xs, looks, batch_size, generators, decide)
 
 
 def predict_sequential(smooth: Smooth, xs: torch.Tensor, n_max: int, alpha: float, batch_size: int,

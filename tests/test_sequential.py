@@ -49,7 +49,7 @@ from conftest import REPO
 from core import Smooth, cp_lower, cp_upper
 from noise_streams import noise_generator
 from sequential import SEQUENTIAL_FINAL_SHARE, SequentialCertifier, SequentialPredictor, look_schedule
-from test_certify_statistics import Linear, points, read_columns, wrong_certificates
+from test_certify_statistics import B, W, Linear, points, read_columns, wrong_certificates
 
 
 class Peeking(SequentialCertifier):
@@ -165,28 +165,50 @@ def test_mixture_lower_is_a_confidence_sequence_and_peeking_is_not(p):
     assert not rate_is_at_most(peek.sum(), runs, alpha), peek.mean()
 
 
-def test_default_looks_stop_a_sure_image_at_the_first_batch_that_decides_it():
-    """Looks after every batch: pA = 1 certifies 0.75 (pA_lower >= Phi(3)) at the first 1,000-sample look
-    where the mixture's point mass at p1 = 1 alone rejects: w (1 / Phi(3))^n >= 1 / (alpha * share), i.e.
-    after 6,000 samples (5,969 needed by the point mass alone, 5,942 by the whole mixture; a single
-    Clopper-Pearson test at the whole of alpha needs 5,114), not at a later geometric look.
+def test_a_sure_image_stops_where_the_mixture_reaches_the_top_level_whatever_its_pilot():
+    """pA = 1: the bound reaches Phi(3) (radius 0.75) at the sample size the rule computed in advance.
 
-    Radius 1.0 (Phi(4)) is out of reach for every stream of N_max = 10^5 samples, so it is not waited for.
+    The mixture's point mass at p1 = 1 alone rejects every p0 below Phi(3) once
+    w (1 / Phi(3))^n >= 1 / (alpha * share): after 5,357 samples with a unanimous pilot (share 0.8,
+    w 0.9; 5,329 with the whole mixture), 7,332 otherwise (share 0.1, w 0.5; 7,120). A single
+    Clopper-Pearson test at the whole of alpha needs 5,114. Radius 1.0 (Phi(4)) is out of reach for
+    every stream of N_max = 10^5 samples, so it is not waited for.
     """
-    weight = sequential.MIXTURE_SHARE * sequential.MIXTURE_POINT_WEIGHT
-    needed = math.log(1 / (0.001 * weight)) / -math.log(norm.cdf(3.0))
-    assert 5000 < needed <= 6000 and math.ceil(needed) == 5969
-    share = 0.001 * sequential.MIXTURE_SHARE
-    reached = [sequential.mixture_lower(np.array([n]), n, share)[0] >= norm.cdf(3.0) for n in (5941, 5942)]
-    assert reached == [False, True]
     assert [cp_lower(n, n, 0.001) >= norm.cdf(3.0) for n in (5113, 5114)] == [False, True]
-    certifier = SequentialCertifier(SIGMA, 0.001, sequential.batch_looks(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
-                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=sequential.RADII_STOP_ALPHA,
-                                    checkpoints=look_schedule(100000, 1000))
-    lower, samples = simulate(certifier, 1.0, 5, np.random.default_rng(0))
-    assert np.all(samples == 6000)
-    assert np.all((certifier.radius(lower) >= 0.75) & (certifier.radius(lower) < 1.0))
+    for unanimous, shares, needed, stops in ((True, sequential.RADII_SHARES_UNANIMOUS, 5357, 5329),
+                                             (False, sequential.RADII_SHARES_SPLIT, 7332, 7120)):
+        weight = shares.mixture * shares.point_weight
+        assert math.ceil(math.log(1 / (0.001 * weight)) / -math.log(norm.cdf(3.0))) == needed
+        reached = [sequential.mixture_lower(np.array([n]), n, 0.001 * shares.mixture,
+                                            point_weight=shares.point_weight)[0] >= norm.cdf(3.0)
+                   for n in (stops - 1, stops)]
+        assert reached == [False, True]
+        certifier = sequential.sequential_certifier(SIGMA, 0.001, 100000, 1000, radii=[0.25, 0.5, 0.75, 1.0],
+                                                    pilot_unanimous=unanimous)
+        assert stops in certifier.looks and certifier.few_failures_looks()[0] == stops
+        lower, samples = simulate(certifier, 1.0, 5, np.random.default_rng(0))
+        assert np.all(samples == stops)
+        assert np.all((certifier.radius(lower) >= 0.75) & (certifier.radius(lower) < 1.0))
     assert sequential.batch_looks(3500, 1000) == [1000, 2000, 3000, 3500]
+
+
+def test_a_stream_with_few_failures_stops_at_its_precomputed_look():
+    """The looks added for 1 to 3 samples not cA are where such a stream's bound reaches the top level."""
+    certifier = sequential.sequential_certifier(SIGMA, 0.001, 100000, 1000, radii=[0.25, 0.5, 0.75, 1.0],
+                                                pilot_unanimous=True)
+    looks = certifier.few_failures_looks()
+    assert len(looks) == sequential.FEW_FAILURES + 1 and looks == sorted(looks)
+    for missed, n in enumerate(looks):
+        before, at = (sequential.mixture_lower(np.array([m - missed]), m, certifier.sequence_alpha,
+                                               point_weight=certifier.point_weight)[0] for m in (n - 1, n))
+        assert before < norm.cdf(3.0) <= at and n in certifier.looks
+    # end to end: an image whose every noisy copy is class 1 has a unanimous pilot and stops at looks[0]
+    unit = (W / W.norm()).view(1, 1, 4)
+    far = (50.0 * unit - B * unit / float(W.norm()))[None]   # distance 50 sigma from the hyperplane, class 1
+    rows = Smooth(Linear(), 2, SIGMA).certify_sequential_many(far, 100, 100000, 0.001, 1000,
+                                                             [noise_generator(0, 0, "cpu")],
+                                                             radii=[0.25, 0.5, 0.75, 1.0])
+    assert rows[0][0] == 1 and 0.75 <= rows[0][1] < 1.0 and rows[0][2] == 100 + looks[0]
 
 
 def test_a_single_look_spends_the_whole_alpha_as_fixed_n_certify_does():
@@ -212,11 +234,14 @@ def test_a_single_look_spends_the_whole_alpha_as_fixed_n_certify_does():
         assert [(c, pytest.approx(r, abs=1e-12), 550) for c, r in fixed] == rows
 
 
-def test_the_recorded_scheme_names_a_single_look_and_keeps_the_multi_look_text():
-    """Runs in progress with many looks must keep resuming: their recorded scheme text is unchanged."""
+def test_the_recorded_scheme_names_a_single_look_and_the_multi_look_scheme_in_full():
+    """The recorded text names every share, so that a file of another scheme is never continued."""
     assert sequential.SEQUENTIAL_SCHEME == (
-        "radii: mixture 0.35 (weight 0.9 at p1 = 1) at every batch + Clopper-Pearson 0.15 at geometric looks + "
-        "1/2 at the last look; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
+        "radii: if all N0 pilot samples are the selected class, mixture 0.8 (weight 0.9 at p1 = 1) at every batch "
+        "and where streams with 0 to 3 samples not cA reach the top level + Clopper-Pearson 0.1 at geometric looks "
+        "+ 0.1 at the last look; else mixture 0.1 (weight 0.5 at p1 = 1) at every batch and where streams with 0 "
+        "to 3 samples not cA reach the top level + Clopper-Pearson 0.4 at geometric looks + 0.5 at the last look; "
+        "ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
     assert sequential.sequential_scheme(100000, 1000) == sequential.sequential_scheme(1001, 1000) \
         == sequential.SEQUENTIAL_SCHEME
     assert sequential.sequential_scheme(1000, 1000) == sequential.sequential_scheme(500, 1000) \
@@ -397,12 +422,13 @@ def test_exact_worst_case_false_certificate_rate_is_at_most_alpha_and_peeking_ex
     exact = bench_sequential_module().exact_false_certificates
     n_max, batch = 20000, 500
     radii = [0.25, 0.5, 0.75, 1.0]
-    certifier = sequential.sequential_certifier(SIGMA, alpha, n_max, batch, radii=radii)
-    assert certifier.thresholds()[-2] <= certifier._ceiling() < certifier.thresholds()[-1]   # 0.75 is the largest
     p = norm.cdf(0.75 / SIGMA) - 1e-9
-    law = exact(certifier, p)
-    assert law["lost"] < 1e-12
-    assert 0.1 * alpha < law["false"] + law["lost"] <= alpha, law
+    for unanimous in (False, True):   # each rule is valid given the pilot that chose it
+        certifier = sequential.sequential_certifier(SIGMA, alpha, n_max, batch, radii=radii, pilot_unanimous=unanimous)
+        assert certifier.thresholds()[-2] <= certifier._ceiling() < certifier.thresholds()[-1]   # 0.75: the largest
+        law = exact(certifier, p)
+        assert law["lost"] < 1e-12
+        assert 0.1 * alpha < law["false"] + law["lost"] <= alpha, (unanimous, law)
     peeking = Peeking(SIGMA, alpha, certifier.looks, radii=radii, final_share=SEQUENTIAL_FINAL_SHARE,
                       stop_alpha=sequential.RADII_STOP_ALPHA, checkpoints=look_schedule(n_max, batch))
     assert exact(peeking, p)["false"] > 2 * alpha
