@@ -60,10 +60,12 @@ ARCHITECTURE = {"mnist": "lenet", "fmnist": "lenet", "cifar10": "cifar_resnet110
 RADII = ["0.25", "0.5", "0.75", "1.0", "1.5", "2.0"]
 # Cheapest first, so that a session's CPU finishes whole cells; the pretrain comes before CAT-RS, which reads it.
 METHOD_ORDER = ["cohen", "stab", "consistency", "macer", "salman", "smoothmix", "pretrain", "catrs"]
-# Minutes per cell (training and both certifications) for LeNet on 2 CPU cores, for the estimate of the time
-# left until a cell of the same method has been measured.
-LENET_CPU_MINUTES = {"cohen": 30, "stab": 50, "consistency": 45, "macer": 155, "salman": 400,
-                     "smoothmix": 300, "pretrain": 560, "catrs": 560}
+# Minutes per cell (training and both certifications) for LeNet on one CPU core, with a second driver on the
+# other, for the estimate of the time left until a cell of the same method has been measured: the measured
+# Gaussian cell (26 min training, 26 min certification), the others' training scaled by their published
+# (GPU) training times; the pretrain is mostly its smoothed prediction (6 x 10^8 forward passes).
+LENET_CPU_MINUTES = {"cohen": 53, "stab": 55, "consistency": 91, "macer": 221, "salman": 494,
+                     "smoothmix": 390, "pretrain": 760, "catrs": 338}
 
 
 class ReproduceError(Exception):
