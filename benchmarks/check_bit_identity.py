@@ -12,6 +12,10 @@ the TensorBoard scalars of each epoch (train and test loss and accuracy, in floa
     OMP_NUM_THREADS=1 python benchmarks/check_bit_identity.py --out /tmp/before.json
     (change the code)
     OMP_NUM_THREADS=1 python benchmarks/check_bit_identity.py --compare /tmp/before.json
+
+Against a commit before copy-major became the one layout of the noisy copies (``attacks.py``), the
+SmoothAdv runs with two or more noise copies and the MACER runs differ: each copy gets another noise
+draw (the loss on the same noise values is unchanged); the other runs stay identical.
 """
 import hashlib
 import json

@@ -12,16 +12,16 @@
 * ``KL_PGD``: the adversary on the noise of CAT-RS (Jeong, Kim and Shin, "Confidence-aware Training of
   Smoothed Classifiers for Certified Robustness", AAAI 2023).
 
-Two layouts of the m noisy copies of b examples, each the one its published method used (the order of
-the rows decides the float rounding of every sum over the batch, so a common layout would change the
-numbers of one side):
+One layout of the m noisy copies of b examples serves every method, copy-major, (m * b, ...): copy after
+copy, [x + e_1; ...; x + e_m], row j * b + i holding copy j of example i (``add_noises``, or
+``x.repeat(m, 1, ...)`` plus one noise tensor of that shape); every reduction over the copies of an
+example is a ``reshape(m, b, ...)`` and a reduction over dimension 0.
 
-* adjacent, (b * m, ...): the copies of each example next to each other (``x.repeat_interleave(m, 0)``).
-  ``PGD_L2`` and ``DDN`` take ``inputs`` in it, ``labels`` (b,) and one ``noise`` tensor shaped like
-  ``inputs``, and return ``inputs + d`` with one perturbation d per example shared by its copies.
-* copy-major, (m * b, ...): copy after copy, [x + e_1; ...; x + e_m] (``add_noises``). ``SmoothAdv_PGD``,
-  ``SmoothMix_PGD`` and ``KL_PGD`` take ``inputs`` (b, ...), ``labels`` (b,) or soft targets (b, K),
-  and a list of m noise tensors shaped like ``inputs``.
+* ``PGD_L2`` and ``DDN`` take ``inputs`` (m * b, ...) in it, ``labels`` (b,) and one ``noise`` tensor
+  shaped like ``inputs``, and return ``inputs + d`` with one perturbation d per example shared by its
+  copies.
+* ``SmoothAdv_PGD``, ``SmoothMix_PGD`` and ``KL_PGD`` take ``inputs`` (b, ...), ``labels`` (b,) or soft
+  targets (b, K), and a list of m noise tensors shaped like ``inputs``.
 
 All attacks expect pixels in [0, 1] and a model in eval mode with frozen parameters
 (``train_utils.attack_mode``); logits are read in float32, so the forward passes may run under bf16
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PGD_L2", "DDN", "SmoothAdv_PGD", "SmoothMix_PGD", "KL_PGD", "add_noises", "kl_div_per_example",
-           "log_mean_softmax", "smoothed_nll", "normalize_per_example", "project_l2", "warmup_epsilon"]
+           "log_mean_softmax", "smoothed_nll", "normalize_per_example", "project_l2", "repeat_copies",
+           "warmup_epsilon"]
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -99,24 +100,18 @@ def kl_div_per_example(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     return F.kl_div(F.log_softmax(logits.float(), dim=1), target_probs.float(), reduction="none").sum(1)
 
 
-def log_mean_softmax(logits: torch.Tensor, num_copies: int, copy_major: bool = False) -> torch.Tensor:
+def log_mean_softmax(logits: torch.Tensor, num_copies: int) -> torch.Tensor:
     """log(clamp(mean over the copies of softmax(logits), 1e-20)), shape (b, K).
 
-    ``logits`` has shape (b * m, K), copies adjacent (``copy_major=False``) or
-    stacked copy after copy (``copy_major=True``).
+    ``logits`` has shape (m * b, K), copy-major (row j * b + i is copy j of example i).
     """
     probs = F.softmax(logits.float(), dim=1)
-    num_classes = probs.shape[1]
-    if copy_major:
-        mean = probs.reshape(num_copies, -1, num_classes).mean(0)
-    else:
-        mean = probs.reshape(-1, num_copies, num_classes).mean(1)
-    return torch.log(mean.clamp(min=1e-20))
+    return torch.log(probs.reshape(num_copies, -1, probs.shape[1]).mean(0).clamp(min=1e-20))
 
 
-def smoothed_nll(logits: torch.Tensor, labels: torch.Tensor, num_copies: int, copy_major: bool = False):
+def smoothed_nll(logits: torch.Tensor, labels: torch.Tensor, num_copies: int):
     """NLL of the mean softmax over the copies, averaged over the examples (SmoothAdv's attack loss)."""
-    return F.nll_loss(log_mean_softmax(logits, num_copies, copy_major), labels)
+    return F.nll_loss(log_mean_softmax(logits, num_copies), labels)
 
 
 def warmup_epsilon(epsilon: float, epoch: int, warmup: int) -> float:
@@ -124,14 +119,14 @@ def warmup_epsilon(epsilon: float, epoch: int, warmup: int) -> float:
     return min(epsilon, (epoch + 1) * epsilon / warmup)
 
 
-def _shared(delta: torch.Tensor, num_copies: int) -> torch.Tensor:
-    """Repeat each example's perturbation for its adjacent copies."""
-    return delta if num_copies == 1 else delta.repeat_interleave(num_copies, dim=0)
+def repeat_copies(x: torch.Tensor, num_copies: int) -> torch.Tensor:
+    """``num_copies`` copies of ``x`` (b, ...) stacked copy-major: (m * b, ...), row j * b + i = x[i]."""
+    return x if num_copies == 1 else x.repeat(num_copies, *([1] * (x.dim() - 1)))
 
 
 def _check_layout(inputs: torch.Tensor, labels: torch.Tensor, num_copies: int):
     if inputs.shape[0] != labels.shape[0] * num_copies:
-        raise ValueError(f"inputs must hold {num_copies} adjacent copies of each of the {labels.shape[0]} "
+        raise ValueError(f"inputs must hold {num_copies} copies, copy after copy, of the {labels.shape[0]} "
                          f"examples (got {inputs.shape[0]} rows)")
 
 
@@ -149,7 +144,7 @@ class PGD_L2:
     cross-entropy for one copy and the NLL of the mean softmax over the copies
     otherwise. ``no_grad`` (m > 1) replaces the gradient by
     mean_j(-p_y(x + d + e_j) * e_j), which needs no backward pass.
-    ``attack`` returns ``inputs + d`` (adjacent layout, module docstring).
+    ``attack`` returns ``inputs + d`` (copy-major, module docstring).
     """
 
     def __init__(self, steps: int, max_norm: float):
@@ -163,7 +158,7 @@ class PGD_L2:
         if no_grad and m > 1 and noise is None:
             raise ValueError("the gradient-free attack needs the noise tensor")
         inputs = inputs.detach()
-        clean = inputs[::m]
+        clean = inputs[:labels.shape[0]]
         noise = torch.zeros_like(inputs) if noise is None else noise.detach()
         step = 2 * self.max_norm / self.steps
         delta = torch.zeros_like(clean)
@@ -179,13 +174,13 @@ class PGD_L2:
                 delta = delta.add(descent, alpha=-step)
             delta = (clean + delta).clamp(0, 1) - clean
             delta = project_l2(delta, self.max_norm)
-        return inputs + _shared(delta, m)
+        return inputs + repeat_copies(delta, m)
 
     @staticmethod
     def _gradient(model, inputs, labels, noise, delta, m):
         delta = delta.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = model(inputs + _shared(delta, m) + noise).float()
+            logits = model(inputs + repeat_copies(delta, m) + noise).float()
             if m == 1:
                 loss = F.cross_entropy(logits, labels, reduction="sum")
             else:
@@ -196,10 +191,10 @@ class PGD_L2:
     @staticmethod
     def _gradient_free_direction(model, inputs, labels, noise, delta, m):
         with torch.no_grad():
-            logits = model(inputs + _shared(delta, m) + noise).float()
-            p_y = F.softmax(logits, dim=1).gather(1, labels.repeat_interleave(m).unsqueeze(1)).squeeze(1)
+            logits = model(inputs + repeat_copies(delta, m) + noise).float()
+            p_y = F.softmax(logits, dim=1).gather(1, labels.repeat(m).unsqueeze(1)).squeeze(1)
             weighted = -per_example(p_y, noise) * noise
-            return weighted.reshape(-1, m, *noise.shape[1:]).mean(1)
+            return weighted.reshape(m, -1, *noise.shape[1:]).mean(0)
 
 
 class DDN:
@@ -246,7 +241,7 @@ class DDN:
         if no_grad and m > 1:
             raise ValueError("DDN has no gradient-free variant; use PGD_L2 with no_grad")
         inputs = inputs.detach()
-        clean = inputs[::m]
+        clean = inputs[:labels.shape[0]]
         noise = torch.zeros_like(inputs) if noise is None else noise.detach()
         scale = self.levels - 1
 
@@ -258,13 +253,13 @@ class DDN:
         for i in range(self.steps):
             delta = delta.detach().requires_grad_(True)
             with torch.enable_grad():
-                logits = model(inputs + _shared(delta, m) + noise).float()
+                logits = model(inputs + repeat_copies(delta, m) + noise).float()
                 if m == 1:
                     loss = F.cross_entropy(logits, labels, reduction="sum")
                     predictions = logits.argmax(1)
                 else:
                     loss = smoothed_nll(logits, labels, m)
-                    predictions = logits.argmax(1).reshape(-1, m).mode(1).values
+                    predictions = logits.argmax(1).reshape(m, -1).mode(0).values
                 grad, = torch.autograd.grad(loss, [delta])
             delta = delta.detach()
 
@@ -288,7 +283,7 @@ class DDN:
             best_delta = project_l2(best_delta, self.max_norm)
             if self.quantize:
                 best_delta = torch.round(best_delta * scale) / scale
-        return inputs + _shared(best_delta, m)
+        return inputs + repeat_copies(best_delta, m)
 
 
 class SmoothAdv_PGD:
@@ -315,7 +310,7 @@ class SmoothAdv_PGD:
             adv = adv.detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(add_noises(adv, noises)).float()
-                loss = smoothed_nll(logits, labels, m, copy_major=True)
+                loss = smoothed_nll(logits, labels, m)
                 grad, = torch.autograd.grad(loss, [adv])
             adv = adv.detach() + step * normalize_per_example(grad, stabilizer=1e-8)
             adv = (inputs + project_l2(adv - inputs, self.max_norm)).clamp(0, 1)
@@ -362,7 +357,7 @@ class SmoothMix_PGD:
             if step == self.mix_step:
                 init = adv
             adv = adv.detach().requires_grad_()
-            log_probs = log_mean_softmax(model(add_noises(adv, noises)), m, copy_major=True)
+            log_probs = log_mean_softmax(model(add_noises(adv, noises)), m)
             loss = F.nll_loss(log_probs, labels, reduction="sum")
             grad = torch.autograd.grad(loss, [adv])[0]
             adv = self._project(adv.detach() + self.alpha * normalize_per_example(grad, 1e-8), inputs,
@@ -417,7 +412,7 @@ class KL_PGD:
         if self.max_norm is None:
             raise ValueError("KL_PGD needs max_norm (the L2 radius of the attack)")
         m = len(noises)
-        repeated = inputs.detach().repeat(m, *([1] * (inputs.dim() - 1)))
+        repeated = repeat_copies(inputs.detach(), m)
         targets = labels.detach().repeat(m, 1)
         start = torch.cat(noises, dim=0).detach()
         mean0, rms0 = pixel_mean(start), pixel_rms(start)

@@ -5,11 +5,12 @@ L. Wang, "MACER: Attack-free and Scalable Robust Training via Maximizing
 Certified Radius".
 
 One SGD step per loader batch of B examples, each with m noisy copies
-(adjacent). ``macer_loss`` gives the objective (cl + lbd * rl) / B: cl the
-summed NLL of the mean softmax over the copies, rl the hinge on the soft
-certified radius of the examples whose soft smoothed prediction (softmax of
-beta * z) is correct. With ``--deferred`` the robustness term is off (lbd = 0)
-while epoch <= lr_step_size, as published: the robustness loss starts in epoch
+(copy-major: [x + e_1; ...; x + e_m], the layout of ``attacks.py``).
+``macer_loss`` gives the objective (cl + lbd * rl) / B: cl the summed NLL of
+the mean softmax over the copies, rl the hinge on the soft certified radius of
+the examples whose soft smoothed prediction (softmax of beta * z) is correct.
+With ``--deferred`` the robustness term is off (lbd = 0) while epoch <=
+lr_step_size, as published: the robustness loss starts in epoch
 lr_step_size + 1, the first epoch at the decayed learning rate. The train loss
 logged is the classification loss per example (cl / B), as published; the
 train accuracy is not measured (the log's column holds 0.0).
@@ -21,6 +22,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from attacks import repeat_copies
 from common import nonnegative_float, positive_float, positive_int
 from train_utils import Method, train_main
 
@@ -33,19 +35,19 @@ def macer_loss(logits: torch.Tensor, targets: torch.Tensor, m: int, beta: float,
                lbd: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """MACER's objective (cl + lbd * rl) / B and its classification part cl / B (0-d tensors).
 
-    ``logits``: shape (B * m, K), the m copies of each example adjacent (row
-    i * m + j is copy j of example i); ``targets``: shape (B,).
+    ``logits``: shape (m * B, K), copy-major (row j * B + i is copy j of
+    example i); ``targets``: shape (B,).
     cl = sum_i -log(mean_j softmax(z_ij)[y_i] + 1e-10).
     q_i = mean_j softmax(beta * z_ij); q1 >= q2 its two largest values; only
     examples whose top class is y_i count; d = PhiInv(q2) - PhiInv(q1) is kept
     where finite with |d| <= margin; rl = (sigma / 2) * sum(d + margin).
     """
     batch = targets.shape[0]
-    z = logits.float().reshape(batch, m, -1)
-    mean_probs = F.softmax(z, dim=2).mean(1)
+    z = logits.float().reshape(m, batch, -1)
+    mean_probs = F.softmax(z, dim=2).mean(0)
     classification = F.nll_loss(torch.log(mean_probs + 1e-10), targets, reduction="sum")
 
-    soft = F.softmax(beta * z, dim=2).mean(1)
+    soft = F.softmax(beta * z, dim=2).mean(0)
     top2, top2_index = soft.topk(2, dim=1)
     q1, q2 = top2[:, 0], top2[:, 1]
     with torch.no_grad():
@@ -86,7 +88,7 @@ def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor):
     """(MACER's objective, cl / B as published, None: the train accuracy is not measured)."""
     args = ctx.args
     m = args.num_noise_vec
-    copies = ctx.memory_format(inputs.repeat_interleave(m, dim=0))
+    copies = ctx.memory_format(repeat_copies(inputs, m))
     noisy = copies + torch.randn_like(copies) * args.noise_sd
     with ctx.autocast():
         outputs = ctx.model(noisy)

@@ -5,13 +5,14 @@ H. Salman, G. Yang, J. Li, P. Zhang, H. Zhang, I. Razenshteyn and S. Bubeck,
 
 Chunked: each loader batch of B examples is split into m =
 ``--num-noise-vec`` consecutive mini-batches of b = B // m examples, one SGD
-step each. Each example is repeated m times (copies adjacent), each copy gets
-its own noise e_j ~ N(0, s^2 I), and a PGD or DDN attack on the smoothed soft
-classifier (``attacks.py``) finds one perturbation d per example, shared by its
-copies. The loss is the cross-entropy at x + d + e_j over all copies. The
-attack radius grows linearly over the first ``--warmup`` epochs; DDN starts
-from a norm equal to that radius every epoch. The train loss and accuracy
-logged are those of all copies (each mini-batch weighs b * m, as published).
+step each. Each example is repeated m times (copy-major: [x; ...; x], the
+layout of ``attacks.py``), each copy gets its own noise e_j ~ N(0, s^2 I), and
+a PGD or DDN attack on the smoothed soft classifier finds one perturbation d
+per example, shared by its copies. The loss is the cross-entropy at
+x + d + e_j over all copies (``smoothadv_loss``). The attack radius grows
+linearly over the first ``--warmup`` epochs; DDN starts from a norm equal to
+that radius every epoch. The train loss and accuracy logged are those of all
+copies (each mini-batch weighs b * m, as published).
 
 Run folder: logs/{dataset}/salman/pgd_{eps}_{steps}_{warmup}/num_{m}/noise_{s}/{arch}/{id}/
 or .../salman/ddn_{eps}_{steps}_{warmup}_{init_norm_DDN}_{gamma_DDN}/..., eps as typed
@@ -22,7 +23,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from attacks import DDN, PGD_L2, warmup_epsilon
+from attacks import DDN, PGD_L2, repeat_copies, warmup_epsilon
 from common import UserError, positive_float, positive_int, probability
 from train_utils import Method, accuracy, attack_mode, noise_copies, train_main
 
@@ -83,20 +84,31 @@ def make_attacker(args, epoch: int):
     return DDN(steps=args.num_steps, gamma=args.gamma_DDN, init_norm=radius, max_norm=radius)
 
 
-def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor):
-    """(cross-entropy over the attacked noisy copies, the same, accuracy on them)."""
-    args = ctx.args
-    m = args.num_noise_vec
-    copies = ctx.memory_format(inputs.repeat_interleave(m, dim=0))
-    noise = torch.randn_like(copies) * args.noise_sd
+def smoothadv_loss(ctx, attacker, copies: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor, m: int,
+                   no_grad: bool = False):
+    """(cross-entropy over the attacked noisy copies, the same, accuracy on them).
+
+    ``copies``: the m copies of the b examples, copy-major (m * b, ...); ``noise`` shaped like it (row
+    j * b + i: e_j of example i); ``targets`` (b,). The loss is mean_{i, j} CE(f(x_i + d_i + e_ij), y_i),
+    d_i the perturbation ``attacker`` finds for example i against its m noises.
+    """
     with attack_mode(ctx.base_model), ctx.autocast():
-        copies = make_attacker(args, epoch).attack(ctx.base_model, copies, targets, noise=noise,
-                                                   num_noise_vectors=m, no_grad=args.no_grad_attack)
-    targets_copies = targets.repeat_interleave(m)
+        copies = attacker.attack(ctx.base_model, copies, targets, noise=noise, num_noise_vectors=m,
+                                 no_grad=no_grad)
+    targets_copies = targets.repeat(m)
     with ctx.autocast():
         outputs = ctx.model(copies + noise)
     loss = F.cross_entropy(outputs.float(), targets_copies)
     return loss, loss, accuracy(outputs, targets_copies)
+
+
+def batch_loss(ctx, epoch: int, inputs: torch.Tensor, targets: torch.Tensor):
+    """``smoothadv_loss`` on m copies of ``inputs`` under fresh noise, at the attack of epoch ``epoch``."""
+    args = ctx.args
+    m = args.num_noise_vec
+    copies = ctx.memory_format(repeat_copies(inputs, m))
+    noise = torch.randn_like(copies) * args.noise_sd
+    return smoothadv_loss(ctx, make_attacker(args, epoch), copies, targets, noise, m, args.no_grad_attack)
 
 
 METHOD = Method(description="SmoothAdv: adversarial training of smoothed classifiers (Salman et al. 2019)",

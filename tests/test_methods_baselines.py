@@ -73,6 +73,19 @@ def l2(t):
     return t.reshape(t.shape[0], -1).norm(dim=1)
 
 
+def copy_major(per_example):
+    """Noise (or any tensor) given per example and copy, (b, m, ...), in the layout of the code: (m * b, ...),
+    row j * b + i holding copy j of example i. A NumPy array stays one, a tensor stays one."""
+    b, m = per_example.shape[:2]
+    swapped = per_example.swapaxes(0, 1) if isinstance(per_example, np.ndarray) else per_example.transpose(0, 1)
+    return swapped.reshape(m * b, *per_example.shape[2:])
+
+
+def repeat_copies(x, m):
+    """m copies of the examples x (b, ...), copy-major: (m * b, ...)."""
+    return x.repeat(m, *([1] * (x.dim() - 1)))
+
+
 # --------------------------------------------------------------------------- stability training
 
 def test_stability_loss_matches_formula_and_keeps_clean_gradient():
@@ -110,37 +123,37 @@ def test_pgd_one_step_multi_noise_uses_smoothed_nll_and_shares_the_perturbation(
     weight, bias, x, y = linear_problem(seed=3)
     m, eps, b = 3, 0.1, len(x)
     rng = np.random.default_rng(4)
-    noise = rng.normal(size=(b * m, 1, 4, 4)) * 0.25
+    noise = rng.normal(size=(b, m, 1, 4, 4)) * 0.25      # noise[i, j]: copy j of example i
     model = linear_model(weight, bias)
-    inputs = torch.tensor(x, dtype=torch.float32).repeat_interleave(m, 0)
+    inputs = repeat_copies(torch.tensor(x, dtype=torch.float32), m)
     adv = attacks.PGD_L2(steps=1, max_norm=eps).attack(model, inputs, torch.tensor(y),
-                                                       noise=torch.tensor(noise, dtype=torch.float32),
+                                                       noise=torch.tensor(copy_major(noise), dtype=torch.float32),
                                                        num_noise_vectors=m)
     assert adv.shape == inputs.shape
     flat, noise_flat = x.reshape(b, -1), noise.reshape(b, m, -1)
     grads = np.stack([smoothed_nll_gradient(weight, bias, flat[i], y[i], noise_flat[i]) for i in range(b)])
     expected = flat + eps * unit_rows(grads)
-    got = adv.reshape(b, m, -1).numpy()
+    got = adv.reshape(m, b, -1).numpy()
     for j in range(m):   # every copy carries the same perturbation
-        np.testing.assert_allclose(got[:, j], expected, atol=2e-5)
+        np.testing.assert_allclose(got[j], expected, atol=2e-5)
 
 
 def test_pgd_gradient_free_direction():
     weight, bias, x, y = linear_problem(seed=5)
     m, eps, b = 4, 0.1, len(x)
-    noise = np.random.default_rng(6).normal(size=(b * m, 1, 4, 4)) * 0.5
+    noise = np.random.default_rng(6).normal(size=(b, m, 1, 4, 4)) * 0.5    # noise[i, j]: copy j of example i
     model = linear_model(weight, bias)
     adv = attacks.PGD_L2(steps=1, max_norm=eps).attack(
-        model, torch.tensor(x, dtype=torch.float32).repeat_interleave(m, 0), torch.tensor(y),
-        noise=torch.tensor(noise, dtype=torch.float32), num_noise_vectors=m, no_grad=True)
+        model, repeat_copies(torch.tensor(x, dtype=torch.float32), m), torch.tensor(y),
+        noise=torch.tensor(copy_major(noise), dtype=torch.float32), num_noise_vectors=m, no_grad=True)
     flat, noise_flat = x.reshape(b, -1), noise.reshape(b, m, -1)
     direction = np.stack([
         np.mean([-softmax_np((flat[i] + noise_flat[i, j]) @ weight.T + bias)[y[i]] * noise_flat[i, j]
                  for j in range(m)], axis=0) for i in range(b)])
     expected = flat + eps * unit_rows(direction)
-    got = adv.reshape(b, m, -1).numpy()
+    got = adv.reshape(m, b, -1).numpy()
     for j in range(m):
-        np.testing.assert_allclose(got[:, j], expected, atol=2e-5)
+        np.testing.assert_allclose(got[j], expected, atol=2e-5)
 
 
 def test_pgd_stays_in_ball_and_box_and_replaces_zero_gradient():
@@ -149,14 +162,14 @@ def test_pgd_stays_in_ball_and_box_and_replaces_zero_gradient():
     x = rng.choice([0.0, 0.02, 0.5, 0.98, 1.0], size=(6, 1, 4, 4))   # many pixels at the box edges
     y = rng.integers(0, 4, size=6)
     m, eps = 2, 0.8
-    inputs = torch.tensor(x, dtype=torch.float32).repeat_interleave(m, 0)
+    inputs = repeat_copies(torch.tensor(x, dtype=torch.float32), m)
     noise = torch.randn_like(inputs) * 0.25
     adv = attacks.PGD_L2(steps=5, max_norm=eps).attack(linear_model(weight, bias), inputs, torch.tensor(y),
                                                        noise=noise, num_noise_vectors=m)
     delta = adv - inputs
     assert adv.min() >= 0 and adv.max() <= 1
     assert (l2(delta) <= eps + 1e-5).all() and (l2(delta) > 0.1).all()
-    assert torch.equal(delta[0::2], delta[1::2])
+    assert torch.equal(delta[:6], delta[6:])
     # A constant model has zero gradient: the attack still moves, along a random direction.
     torch.manual_seed(0)
     flat = attacks.PGD_L2(steps=1, max_norm=0.1).attack(linear_model(np.zeros((4, 16)), np.zeros(4)),
@@ -202,7 +215,7 @@ def test_ddn_multi_noise_shares_perturbation_and_respects_radius():
     x = rng.integers(0, 256, size=(5, 1, 4, 4)) / 255.0
     y = (x.reshape(5, -1) @ weight.T).argmax(1)
     m, eps = 3, 0.25
-    inputs = torch.tensor(x, dtype=torch.float32).repeat_interleave(m, 0)
+    inputs = repeat_copies(torch.tensor(x, dtype=torch.float32), m)
     noise = torch.randn_like(inputs) * 0.1
     adv = attacks.DDN(steps=10, init_norm=0.25, max_norm=eps).attack(
         linear_model(weight, bias), inputs, torch.tensor(y), noise=noise, num_noise_vectors=m)
@@ -211,8 +224,8 @@ def test_ddn_multi_noise_shares_perturbation_and_respects_radius():
     assert adv.min() >= 0 and adv.max() <= 1
     assert (l2(delta) <= eps + GRID_SLACK).all() and (l2(delta) > 0).any()
     assert _on_grid(adv)
-    per_example = delta.reshape(5, m, -1)
-    assert torch.equal(per_example[:, 0], per_example[:, 1]) and torch.equal(per_example[:, 0], per_example[:, 2])
+    per_copy = delta.reshape(m, 5, -1)
+    assert torch.equal(per_copy[0], per_copy[1]) and torch.equal(per_copy[0], per_copy[2])
 
 
 def saturated_linear_model(weight, scale):
@@ -226,7 +239,8 @@ def ddn_by_formula(model, inputs, labels, noise, m, steps, gamma, init_norm, max
     SmoothAdv): d <- d - lr_i * u with u the normalised gradient of -loss (a standard normal draw where
     that gradient is all zero), lr_i = 0.01 + 0.99 (1 + cos(pi (i + 1) / T)) / 2, budget times 1 -/+ gamma,
     d rescaled to the budget, x + d rounded to the nearest level and clipped; the smallest misclassifying
-    d, renormed to max_norm and rounded to the nearest level, is returned for every copy."""
+    d, renormed to max_norm and rounded to the nearest level, is returned for every copy. Written on its own
+    row order, copy j of example i in row i * m + j (the test hands the code the same values copy-major)."""
     clean, b, scale = inputs[::m], labels.shape[0], levels - 1
     d = torch.zeros_like(clean)
     budget = torch.full((b,), float(init_norm))
@@ -277,14 +291,15 @@ def test_ddn_equals_its_formula_with_round_to_nearest_and_random_zero_gradients(
     noise = torch.tensor(rng.normal(size=(b * m, 1, 4, 4)) * 0.05, dtype=torch.float32)
     options = dict(steps=10, gamma=0.05, init_norm=1.0, max_norm=eps)
     torch.manual_seed(5)
-    got = attacks.DDN(**options).attack(model, inputs, y, noise=noise, num_noise_vectors=m)
+    got = attacks.DDN(**options).attack(model, repeat_copies(x, m), y,
+                                        noise=copy_major(noise.reshape(b, m, 1, 4, 4)), num_noise_vectors=m)
     torch.manual_seed(5)
     expected, renormed, zero_gradients = ddn_by_formula(model, inputs, y, noise, m, **options)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, copy_major(expected.reshape(b, m, 1, 4, 4)), atol=1e-6, rtol=0)
     towards_zero = torch.sign(renormed) * torch.floor(renormed.abs() * 255 + 1e-4) / 255
     nearest = torch.round(renormed * 255) / 255
     assert (nearest - towards_zero).abs().max() > 1e-3     # the two roundings differ on this case
-    assert zero_gradients > 0 and (l2(got - inputs) > 0).sum() >= 3
+    assert zero_gradients > 0 and (l2(got - repeat_copies(x, m)) > 0).sum() >= 3
 
 
 def test_pgd_zero_gradient_steps_along_an_unnormalised_standard_normal_draw():
@@ -389,7 +404,7 @@ def test_macer_loss_matches_hand_computation(margin, expected_kept):
     beta, sigma, lbd = 2.0, 0.5, 3.0
     expected, kept = macer_by_hand(MACER_LOGITS, MACER_LABELS, beta, margin, sigma, lbd)
     assert kept == expected_kept
-    logits = torch.tensor(MACER_LOGITS.reshape(-1, 3), dtype=torch.float32, requires_grad=True)
+    logits = torch.tensor(copy_major(MACER_LOGITS), dtype=torch.float32, requires_grad=True)
     loss, classification = train_macer.macer_loss(logits, torch.tensor(MACER_LABELS), 3, beta, margin, sigma, lbd)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     loss.backward()
@@ -400,6 +415,91 @@ def test_macer_loss_matches_hand_computation(margin, expected_kept):
     assert loss0.item() == pytest.approx(cl_only, rel=1e-5)
     # the part logged as the train loss is the classification loss, whatever the weight of the robustness term
     assert classification.item() == classification0.item() == pytest.approx(cl_only, rel=1e-5)
+
+
+def _plain_context(model):
+    """A ``TrainingContext`` on the CPU without autocast, channels-last or an optimizer (for a loss alone)."""
+    from types import SimpleNamespace
+    from train_utils import TrainingContext
+    return TrainingContext(args=SimpleNamespace(bf16=False, cuda_graphs=False), model=model, optimizer=None,
+                           device=torch.device("cpu"), dist=SimpleNamespace(is_main=False, enabled=False))
+
+
+def _permute_copies(noise, seed):
+    """noise (b, m, ...) with the copies of each example in another order, independently per example."""
+    rng = np.random.default_rng(seed)
+    return np.stack([noise[i, rng.permutation(noise.shape[1])] for i in range(noise.shape[0])])
+
+
+def macer_loss_on_noise(weight, bias, x, y, noise, **options):
+    """``macer_loss`` of a linear model at x_i + noise[i, j], the noise handed over in the code's layout."""
+    b, m = noise.shape[:2]
+    inputs = repeat_copies(torch.tensor(x), m) + torch.tensor(copy_major(noise))
+    logits = inputs.reshape(m * b, -1) @ torch.tensor(weight).T + torch.tensor(bias)
+    return train_macer.macer_loss(logits, torch.tensor(y), m, **options)[0].item()
+
+
+def test_macer_loss_per_example_equals_the_formula_on_given_noise_whatever_the_order_of_the_copies():
+    """Per-example noise values e_ij (example i, copy j) for a linear model: MACER's loss of each example alone
+    and of the batch equal the formula on z_ij = W (x_i + e_ij) + b, and are unchanged when the copies of
+    each example are reordered (the loss is symmetric in j; a reduction that mixed examples would not be);
+    macer_loss computes in float32."""
+    weight, bias, x, y = linear_problem(seed=30, b=4, k=3, shape=(1, 2, 2))
+    m = 3
+    noise = np.random.default_rng(31).normal(size=(4, m, 1, 2, 2)) * 0.5
+    options = dict(beta=2.0, margin=8.0, sigma=0.5, lbd=3.0)
+    z = np.einsum("bmd,kd->bmk", (x[:, None] + noise).reshape(4, m, -1), weight) + bias
+    expected_each = [macer_by_hand(z[i:i + 1], y[i:i + 1], **options)[0] for i in range(4)]
+    expected, kept = macer_by_hand(z, y, **options)
+    assert len(kept) >= 1 and expected == pytest.approx(np.mean(expected_each), rel=1e-12)
+    for i in range(4):
+        got = macer_loss_on_noise(weight, bias, x[i:i + 1], y[i:i + 1], noise[i:i + 1], **options)
+        assert got == pytest.approx(expected_each[i], rel=1e-5)
+    assert macer_loss_on_noise(weight, bias, x, y, noise, **options) == pytest.approx(expected, rel=1e-5)
+    assert macer_loss_on_noise(weight, bias, x, y, _permute_copies(noise, 32), **options) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def smoothadv_loss_by_hand(weight, bias, x, y, noise, eps):
+    """SmoothAdv's loss after one PGD step on a linear model (no clipping on this case), per example:
+    d_i = eps * g_i / |g_i| with g_i the gradient of -log(mean_j softmax(W (x_i + e_ij) + b)[y_i]);
+    loss_i = mean_j CE(W (x_i + d_i + e_ij) + b, y_i)."""
+    b, m = noise.shape[:2]
+    flat, noise_flat = x.reshape(b, -1), noise.reshape(b, m, -1)
+    losses = []
+    for i in range(b):
+        g = smoothed_nll_gradient(weight, bias, flat[i], y[i], noise_flat[i])
+        adv = flat[i] + eps * g / np.linalg.norm(g)
+        p = softmax_np((adv[None] + noise_flat[i]) @ weight.T + bias)
+        losses.append(-np.log(p[:, y[i]]).mean())
+    return np.array(losses)
+
+
+def smoothadv_loss_on_noise(weight, bias, x, y, noise, eps):
+    b, m = noise.shape[:2]
+    model = linear_model(weight, bias)
+    loss, logged, _ = train_salman.smoothadv_loss(
+        _plain_context(model), attacks.PGD_L2(steps=1, max_norm=eps),
+        repeat_copies(torch.tensor(x, dtype=torch.float32), m), torch.tensor(y),
+        torch.tensor(copy_major(noise), dtype=torch.float32), m)
+    assert logged is loss
+    return loss.item()
+
+
+def test_smoothadv_loss_per_example_equals_the_formula_on_given_noise_whatever_the_order_of_the_copies():
+    """SmoothAdv with one PGD step on a linear model and per-example noise e_ij: the loss of each example
+    alone and of the batch equal the formula (PGD on the mean softmax over the copies, then CE of the
+    adversarial copies), and do not change when the copies of each example are reordered."""
+    weight, bias, x, y = linear_problem(seed=33)
+    m, eps, b = 3, 0.1, len(x)
+    noise = np.random.default_rng(34).normal(size=(b, m, 1, 4, 4)) * 0.25
+    expected = smoothadv_loss_by_hand(weight, bias, x, y, noise, eps)
+    for i in range(b):
+        got = smoothadv_loss_on_noise(weight, bias, x[i:i + 1], y[i:i + 1], noise[i:i + 1], eps)
+        assert got == pytest.approx(expected[i], rel=1e-5)
+    assert smoothadv_loss_on_noise(weight, bias, x, y, noise, eps) == pytest.approx(expected.mean(), rel=1e-5)
+    assert smoothadv_loss_on_noise(weight, bias, x, y, _permute_copies(noise, 35), eps) == \
+        pytest.approx(expected.mean(), rel=1e-5)
 
 
 # --------------------------------------------------------------------------- consistency
