@@ -310,6 +310,13 @@ def test_compare_pairs_the_same_images_and_says_not_run(tmp_path):
     assert "| Gaussian | 0.820 / 0.800 | +0.020 [+0.020, +0.020] |" in text
     assert "| CAT-RS | not run |" in text and "| yes |" in text
     assert os.path.exists(data / "noise_0.25.png")
+    assert "Sequential scheme" not in text   # no settings record: nothing to say
+
+    # the scheme of each cell's sequential file is stated, so that cells of two schemes are not read as one
+    (data / "noise_0.25" / "cohen" / "certify_sequential.tsv.meta.json").write_text(
+        json.dumps({"settings": {"sequential_scheme": "scheme A"}}))
+    text = open(comparison.compare(str(data), str(published), None, "compare")).read()
+    assert "## Sequential scheme of the certified accuracies\n\n- Gaussian 0.25: scheme A\n" in text
 
 
 def test_compare_interval_and_verdict_on_a_cell_that_misses(tmp_path):
