@@ -80,6 +80,8 @@ def published_runs(dataset):
             schedule = LENET_LONG if lenet and method == "catrs" else LENET if lenet else CIFAR
             if dataset == "mnist" and method == "catrs" and sigma == "0.25":
                 options = options.replace("--lbd 0.5", "--lbd 1.0")   # the published MNIST run's folder
+            if dataset == "fmnist" and method == "smoothmix" and sigma == "0.25":
+                options = options.replace("--mix_step 1", "--mix_step 0")   # the published log's first epoch
             run_id = "1" if lenet and method == "cohen" and sigma == "0.25" else "0"
             runs.append((f"train_{method}.py", f"{dataset} {arch} {schedule} {options} --noise {sigma} --id {run_id}"))
     return runs
@@ -118,7 +120,7 @@ def test_fmnist_sweep_names_the_published_run_folders():
     assert "logs/fmnist/cohen/noise_0.25/lenet/1" in folders          # the table's 90-epoch run
     assert "logs/fmnist/macer_deferred30/num_16/lbd_6.0/gamma_8.0/beta_16.0/noise_1.0/lenet/0" in folders
     assert "logs/fmnist/consistency/cohen/num_2/lbd_5.0/eta_0.5/noise_0.5/lenet/0" in folders
-    assert "logs/fmnist/smix_1.0_2_m1/eta_5.0/num_4/noise_0.25/lenet/0" in folders
+    assert "logs/fmnist/smix_1.0_2_m0/eta_5.0/num_4/noise_0.25/lenet/0" in folders
     assert "logs/fmnist/salman/pgd_255.0_10_10/num_4/noise_1.0/lenet/0" in folders
     smooth = [c for c in dry_run("fmnist.sh", "pretrain") if "smooth_prediction.py" in c]
     assert smooth == ["python code/smooth_prediction.py fmnist logs/fmnist/cohen/noise_0.25/lenet/0/checkpoint.pth.tar "
