@@ -444,17 +444,23 @@ def run_step(command: List[str], python: str, dry_run: bool):
 
 
 def save_all_progress(data_dir: str, pending, lock_dir: str) -> int:
-    """``--save-progress``: save the unfinished work of every cell no driver holds."""
+    """``--save-progress``: save the unfinished work of every cell no driver holds; 1 if a driver held some."""
+    held = []
     for cell, commands in pending:
         lock = hold(lock_dir, cell)
         if lock is None:
             print(f"[reproduce] {cell.name}: a running reproduce.py holds it; not saved (stop it first)", flush=True)
+            held.append(cell.name)
             continue
         copied = save_progress(data_dir, commands)
         lock.close()
         if copied:
             print(f"[reproduce] {cell.name}: saved {', '.join(copied)} in {os.path.join(data_dir, PROGRESS)}",
                   flush=True)
+    if held:
+        print(f"error: {len(held)} cell(s) held by a running reproduce.py were not saved ({' '.join(held)}); "
+              "stop those drivers and run --save-progress again", file=sys.stderr)
+        return 1
     return 0
 
 

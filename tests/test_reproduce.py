@@ -233,6 +233,10 @@ def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_pa
     train[len(train) - 1 - train[::-1].index("--epochs") + 1] = "1"
     subprocess.run([sys.executable, *train], cwd=first, check=True, capture_output=True)
     capsys.readouterr()
+    lock = reproduce.hold(str(first / "test" / "reproduce" / "fmnist"), cell)   # a driver runs the cell
+    assert _drive_in(monkeypatch, first, "--save-progress", *two_epochs) == 1
+    assert "cohen:0.25" in capsys.readouterr().err and not (first / "data" / "progress").exists()
+    lock.close()
     assert _drive_in(monkeypatch, first, "--save-progress", *two_epochs) == 0
     assert "saved logs/fmnist/cohen/noise_0.25/lenet/1/checkpoint.pth.tar" in capsys.readouterr().out
     saved = first / "data" / "progress" / "logs" / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "1"
