@@ -199,9 +199,7 @@ def _certifier(sigma, alpha, n_max, batch_size, radii, radius_tol, growth, pilot
                                        stop_alpha=RADII_STOP_ALPHA, sequence="mixture",
                                        checkpoints=look_schedule(n_max, batch_size, growth),
                                        mixture_share=shares.mixture, point_weight=shares.point_weight)
-        looks = batch_looks(n_max, batch_size)
-        if len(looks) == 1:
-            return rule(looks)
+        looks = batch_looks(n_max, batch_size)   # (a single look has no mixture, hence no added looks)
         return rule(sorted(set(looks) | set(rule(looks).few_failures_looks())))
     return SequentialCertifier(sigma, alpha, look_schedule(n_max, batch_size, growth), radius_tol=radius_tol,
                                final_share=SEQUENTIAL_FINAL_SHARE, sequence="spending")
