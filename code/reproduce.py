@@ -296,12 +296,11 @@ PROGRESS = "progress"
 def progress_files(commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
     """The files that hold a cell's unfinished work, existing or not, relative to ``root``.
 
-    The training checkpoint (``log.txt`` is rewritten from it on resume) and, for each evaluation step,
-    its result file, settings record and row journal. The steps run in ``root``, so relative paths in
-    the commands are relative to it.
+    The training checkpoint and ``log.txt`` and, for each evaluation step, its result file, settings
+    record and row journal. The steps run in ``root``, so relative paths in the commands are relative to it.
     """
     root = root or REPO
-    files = [os.path.join(_train_folder(commands), "checkpoint.pth.tar")]
+    files = [os.path.join(_train_folder(commands), name) for name in ("checkpoint.pth.tar", "log.txt")]
     for step, command in commands.items():
         if step != "train":
             out = output_of(command)

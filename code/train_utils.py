@@ -554,6 +554,9 @@ def _train(method: Method, args):
     if checkpoint is not None and int(checkpoint["epoch"]) >= args.epochs:
         if dist.is_main:
             print(f"already complete: {int(checkpoint['epoch'])} epochs, {_checkpoint_path(folder)}", flush=True)
+            if not os.path.exists(os.path.join(folder, "log.txt")):   # e.g. a checkpoint copied without it
+                write_log(os.path.join(folder, "log.txt"), checkpoint["log"])
+                print(f"wrote {os.path.join(folder, 'log.txt')} from the checkpoint's rows", flush=True)
         dist.close()
         return
     run, start_epoch = _start(method, args, dist, folder, checkpoint, overrides)

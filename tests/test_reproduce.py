@@ -230,6 +230,12 @@ def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_pa
     scale = reproduce.Scale(shlex.split(two_epochs[1]), 100, 2500, 2000)
     commands = reproduce.cell_commands("fmnist", cell, scale, "logs", "test")
     train = commands["train"][1:]
+    # a finished training whose log.txt was lost (a checkpoint copied alone) gets it back from the checkpoint
+    log = whole / "logs" / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "1" / "log.txt"
+    written = log.read_text()
+    log.unlink()
+    subprocess.run([sys.executable, *train], cwd=whole, check=True, capture_output=True)
+    assert log.read_text() == written
     train[len(train) - 1 - train[::-1].index("--epochs") + 1] = "1"
     subprocess.run([sys.executable, *train], cwd=first, check=True, capture_output=True)
     capsys.readouterr()
@@ -240,7 +246,7 @@ def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_pa
     assert _drive_in(monkeypatch, first, "--save-progress", *two_epochs) == 0
     assert "saved logs/fmnist/cohen/noise_0.25/lenet/1/checkpoint.pth.tar" in capsys.readouterr().out
     saved = first / "data" / "progress" / "logs" / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "1"
-    assert os.listdir(saved) == ["checkpoint.pth.tar"]
+    assert sorted(os.listdir(saved)) == ["checkpoint.pth.tar", "log.txt"]
     # work of its own is never replaced by saved work
     assert reproduce.restore_progress(str(first / "data"), commands, root=str(first)) == []
 
