@@ -45,9 +45,11 @@ are i.i.d. Bernoulli(pA) given its selected class, so ``--reps`` streams of
 counts drawn with each image's pA (the share of the oracle above; 1/2 for
 an image fixed-N abstained on) have the law of real runs. The pilot (N0
 selection samples) is drawn too, since it picks the rule. Prints the mean
-samples per image of the current scheme and of the previous one
-(``PREVIOUS_SHARES``, both rules alike) with the same seeds, the clairvoyant
-bound, and how often the certified listed radius equals fixed-N's.
+samples per image of the current scheme and of the previous one (the same
+without the predictive stop, ``RADII_FUTILITY``) with the same seeds, the
+clairvoyant bound, how often the certified listed radius equals fixed-N's,
+and the certified accuracy at each listed radius minus fixed-N's (points;
+an image counts where fixed-N's prediction is correct).
 
     python benchmarks/bench_sequential.py --exact-worst-case [--sigma S --radii ... --N 100000 --batch 1000]
 
@@ -67,6 +69,7 @@ at a look is below 1e-18 are dropped; the dropped mass is printed, and the
 exact rate lies between the rate and the rate plus it.
 """
 import argparse
+import copy
 import math
 import os
 import sys
@@ -167,8 +170,12 @@ def clairvoyant_acr_samples(fixed, args) -> float:
     return dual / len(costs)
 
 
-# the radii mode's split of alpha before the pilot chose it (one rule for every image), for --simulate
-PREVIOUS_SHARES = dict(mixture_share=0.35, final_share=0.5, point_weight=0.9)
+
+def without_futility(rule):
+    """The same decision rule without the predictive stop."""
+    rule = copy.copy(rule)
+    rule.futility = None
+    return rule
 
 
 def simulated_runs(rule_of, shares, args, rng):
@@ -203,7 +210,7 @@ def simulated_runs(rule_of, shares, args, rng):
 def simulate(args):
     from scipy.stats import norm
 
-    from sequential import SequentialCertifier, batch_looks, look_schedule, RADII_STOP_ALPHA, sequential_certifier
+    from sequential import sequential_certifier
     fixed = load_results(args.fixed)
     radii = sorted(set(args.radii) | {0.0})
     listed = [r for r in radii if r > 0]
@@ -218,22 +225,26 @@ def simulate(args):
     schemes = {
         "current": lambda flag: sequential_certifier(args.sigma, args.alpha, args.N, args.batch, radii=listed,
                                                      pilot_unanimous=flag),
-        "previous": lambda flag: SequentialCertifier(args.sigma, args.alpha, batch_looks(args.N, args.batch),
-                                                     radii=listed, stop_alpha=RADII_STOP_ALPHA, sequence="mixture",
-                                                     checkpoints=look_schedule(args.N, args.batch),
-                                                     **PREVIOUS_SHARES),
+        "previous": lambda flag: without_futility(sequential_certifier(args.sigma, args.alpha, args.N, args.batch,
+                                                                        radii=listed, pilot_unanimous=flag)),
     }
     print(f"{os.path.basename(args.fixed)}: sigma {args.sigma}, {len(shares)} images x {args.reps} simulated runs, "
           f"radii {' '.join(f'{r:g}' for r in listed)}, batch {args.batch}; clairvoyant bound {oracle_mean:,.0f}")
-    print("| scheme | samples/image (se) | ratio to fixed-N | bound / samples | same level as fixed-N |")
-    print("|---|---:|---:|---:|---:|")
+    correct = np.repeat(np.asarray(fixed["correct"]) == 1, args.reps)
+
+    def accuracy(levels):   # certified accuracy (%) at each radius: radii[i] is certified at level i + 1 and up
+        return np.array([100 * np.mean(correct & (levels >= i + 1)) for i in range(len(radii))])
+    print(f"| scheme | samples/image (se) | ratio to fixed-N | bound / samples | same level as fixed-N | "
+          f"certified accuracy minus fixed-N's at {', '.join(f'{r:g}' for r in radii)} |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, rule_of in schemes.items():
         samples, lower = simulated_runs(rule_of, shares, args, np.random.default_rng(args.seed))
         level = np.searchsorted(thresholds, lower, side="right")
         per_image = samples.reshape(len(shares), args.reps).mean(axis=1)
         se = per_image.std(ddof=1) / math.sqrt(len(shares) * args.reps) if len(shares) > 1 else float("nan")
         print(f"| {name} | {samples.mean():,.0f} ({se:,.0f}) | {(args.N0 + args.N) / samples.mean():.1f}x | "
-              f"{oracle_mean / samples.mean():.2f} | {np.mean(level == fixed_level):.4f} |")
+              f"{oracle_mean / samples.mean():.2f} | {np.mean(level == fixed_level):.4f} | "
+              f"{', '.join(f'{d:+.1f}' for d in accuracy(level) - accuracy(fixed_level))} |")
 
 
 def count_window(num: int, p: float, tail: float):

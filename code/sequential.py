@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.stats import betabinom, norm
 
 from core import Generators, Smooth, cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401 (re-exported)
 
@@ -154,16 +154,22 @@ RADII_SHARES_UNANIMOUS = RadiiShares(mixture=0.8, final=0.1, point_weight=0.9)
 RADII_SHARES_SPLIT = RadiiShares(mixture=0.1, final=0.5, point_weight=0.5)
 # the share of alpha that the ACR mode spends on its last look (the earlier geometric looks share the rest)
 SEQUENTIAL_FINAL_SHARE = 0.5
+# the radii mode stops once the predictive probability that N-max samples reach the next level falls
+# below RADII_FUTILITY, judged from RADII_FUTILITY_FROM * N-max samples on (``SequentialCertifier``'s
+# ``futility`` and ``futility_from``; docs/DESIGN.md)
+RADII_FUTILITY = 0.1
+RADII_FUTILITY_FROM = 0.1
 # what ``certify_sequential`` computes, recorded with its results (a change of scheme must not continue a
 # file of another one); written from the constants above, so that changing one changes it
 SEQUENTIAL_SCHEME = (
     f"radii: if all N0 pilot samples are the selected class, {RADII_SHARES_UNANIMOUS.describe()}; else "
-    f"{RADII_SHARES_SPLIT.describe()}; ACR: Clopper-Pearson {Fraction(1 - SEQUENTIAL_FINAL_SHARE)} "
-    f"over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look")
+    f"{RADII_SHARES_SPLIT.describe()}; stop also once the predictive probability of the next level at the last "
+    f"look is below {RADII_FUTILITY:g}, from {RADII_FUTILITY_FROM:g} N-max samples on; ACR: Clopper-Pearson "
+    f"{Fraction(1 - SEQUENTIAL_FINAL_SHARE)} over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look")
 # what it computes when N-max is at most one batch: a single look, where both modes report CERTIFY's
 # Clopper-Pearson bound at the whole of alpha (recorded instead of SEQUENTIAL_SCHEME)
 SEQUENTIAL_SINGLE_LOOK_SCHEME = "single look: Clopper-Pearson at alpha"
-# the level of the upper bound that stops the radii mode when the next radius is out of reach
+# the level of the upper bound that stops the radii mode at a checkpoint when the next radius is out of reach
 RADII_STOP_ALPHA = 0.05
 
 
@@ -196,7 +202,8 @@ def _certifier(sigma, alpha, n_max, batch_size, radii, radius_tol, growth, pilot
 
         def rule(looks):
             return SequentialCertifier(sigma, alpha, looks, radii=radii, final_share=shares.final,
-                                       stop_alpha=RADII_STOP_ALPHA, sequence="mixture",
+                                       stop_alpha=RADII_STOP_ALPHA, futility=RADII_FUTILITY,
+                                       futility_from=int(math.ceil(RADII_FUTILITY_FROM * n_max)), sequence="mixture",
                                        checkpoints=look_schedule(n_max, batch_size, growth),
                                        mixture_share=shares.mixture, point_weight=shares.point_weight)
         looks = batch_looks(n_max, batch_size)   # (a single look has no mixture, hence no added looks)
@@ -246,11 +253,16 @@ class SequentialCertifier:
     * ``radii`` given (certified accuracy at these radii): the levels are 0
       (pA_lower >= 1/2) and each listed r > 0 (pA_lower >= Phi(r / sigma)).
       Stop once the highest level that ``n_max`` samples can certify is
-      reached, or, at a checkpoint, once the next level is out of reach: the
+      reached, or once the next level is out of reach: at a checkpoint, the
       lower bound at n_max of a count pA_upper * n_max stays below it, with
       pA_upper the (1 - ``stop_alpha``) Clopper-Pearson upper bound (None:
-      at ``look_alpha``). The radius reported lies between the largest level
-      reached and the next one.
+      at ``look_alpha``); with ``futility`` (a probability), also at every
+      look of ``futility_from`` samples or more where the predictive
+      probability that the count at n_max reaches ``needed_counts`` for the
+      next level is below ``futility`` (pA drawn from its Jeffreys posterior
+      Beta(count + 1/2, n - count + 1/2), the remaining draws binomial: a
+      beta-binomial tail). The radius reported lies between the largest
+      level reached and the next one.
     * ``radii`` None (for ACR): stop once the radius is within
       ``radius_tol`` of the best radius that ``n_max`` samples could give if
       pA were its upper bound at ``look_alpha``, or, at a checkpoint, when
@@ -261,8 +273,12 @@ class SequentialCertifier:
                  radius_tol: float = 0.0, final_share: Optional[float] = None,
                  stop_alpha: Optional[float] = None, sequence: str = "mixture",
                  checkpoints: Optional[Sequence[int]] = None, mixture_share: float = RADII_SHARES_SPLIT.mixture,
-                 point_weight: float = RADII_SHARES_SPLIT.point_weight):
+                 point_weight: float = RADII_SHARES_SPLIT.point_weight, futility: Optional[float] = None,
+                 futility_from: int = 0):
         _check_certifier_arguments(alpha, looks, radii, radius_tol, sequence)
+        if futility is not None and (radii is None or not 0 < futility < 1):
+            raise ValueError(f"futility must be in (0, 1) and needs radii, got {futility} with radii {radii}")
+        self.futility, self.futility_from = futility, int(futility_from)
         self.sigma, self.alpha, self.looks = float(sigma), float(alpha), [int(n) for n in looks]
         self.n_max = self.looks[-1]
         self.radii = None if radii is None else sorted(set([0.0] + [float(r) for r in radii]))
@@ -384,6 +400,41 @@ class SequentialCertifier:
             self._ceiling_value = best
         return self._ceiling_value
 
+    def final_lower(self, count):
+        """The lower bound the last look reports for ``count`` cA samples out of n_max."""
+        count = np.asarray(count, dtype=float)
+        lower = self.anytime_lower(len(self.looks) - 1, count)
+        if self.sequence == "mixture" and self.final_alpha > 0:
+            lower = np.maximum(lower, cp_lower(count, self.n_max, self.final_alpha))
+        return np.asarray(lower, dtype=float)
+
+    def needed_counts(self) -> np.ndarray:
+        """For each level (``thresholds``), the least count at n_max whose ``final_lower`` reaches it.
+
+        n_max + 1 for a level that n_max samples cannot reach. The bound grows with the count, so bisection finds it.
+        """
+        if not hasattr(self, "_needed"):
+            needed = []
+            for threshold in self.thresholds():
+                low, high = 0, self.n_max + 1
+                while low < high:
+                    middle = (low + high) // 2
+                    reached = middle <= self.n_max and float(self.final_lower(np.array([middle]))[0]) >= threshold
+                    low, high = (low, middle) if reached else (middle + 1, high)
+                needed.append(low)
+            self._needed = np.array(needed)
+        return self._needed
+
+    def reach_probability(self, look: int, count, level):
+        """The predictive probability that the count at n_max reaches ``needed_counts()[level]``.
+
+        Given ``count`` cA among ``looks[look]`` samples, with pA from its Jeffreys posterior
+        Beta(count + 1/2, n - count + 1/2) and the remaining n_max - n draws binomial (a beta-binomial tail).
+        """
+        num, count = self.looks[look], np.asarray(count)
+        more = self.needed_counts()[level] - count   # cA samples still to come
+        return np.where(more <= 0, 1.0, betabinom.sf(more - 1, self.n_max - num, count + 0.5, num - count + 0.5))
+
     def _best_lower(self, look: int, count):
         """The best lower bound n_max samples could give if pA were its upper bound at this look."""
         alpha_k = self.look_alpha(look)
@@ -401,15 +452,13 @@ class SequentialCertifier:
         ``count`` may be an array (one entry per image); then both results are arrays.
         """
         count = np.asarray(count)
-        num = self.looks[look]
-        lower = np.asarray(self.anytime_lower(look, count), dtype=float)
         if look == len(self.looks) - 1:
-            if self.sequence == "mixture" and self.final_alpha > 0:
-                # the union of two events of probability <= alpha (1 - share) and <= alpha share
-                lower = np.maximum(lower, cp_lower(count, num, self.look_alpha(look)))
+            # with a Clopper-Pearson bound at the last look: the union of two events of probability
+            # <= alpha (1 - share) and <= alpha share
+            lower = self.final_lower(count)
             return np.ones_like(lower, dtype=bool), lower
-        futile = num in self.checkpoints
-        best = self._best_lower(look, count)
+        lower = np.asarray(self.anytime_lower(look, count), dtype=float)
+        futile = self.looks[look] in self.checkpoints
         if self.radii is not None:
             thresholds = self.thresholds()
             reached = np.searchsorted(thresholds, lower, side="right")   # levels with lower >= threshold
@@ -417,8 +466,12 @@ class SequentialCertifier:
             # whatever the data: stop at every look once the highest of the others is reached
             reachable = int(np.searchsorted(thresholds, self._ceiling(), side="right"))
             top = reached >= max(reachable, 1)
-            following = thresholds[np.minimum(reached, len(thresholds) - 1)]
-            return top | (futile & (best < following)), lower
+            following = np.minimum(reached, len(thresholds) - 1)
+            out_of_reach = futile & (self._best_lower(look, count) < thresholds[following])
+            if self.futility is not None and self.looks[look] >= self.futility_from:
+                out_of_reach = out_of_reach | (self.reach_probability(look, count, following) < self.futility)
+            return top | out_of_reach, lower
+        best = self._best_lower(look, count)
         stop = (futile & (best < 0.5)) | (self.radius(lower) >= self.radius(best) - self.radius_tol)
         return stop, lower
 

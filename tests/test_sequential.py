@@ -241,7 +241,8 @@ def test_the_recorded_scheme_names_a_single_look_and_the_multi_look_scheme_in_fu
         "and where streams with 0 to 3 samples not cA reach the top level + Clopper-Pearson 0.1 at geometric looks "
         "+ 0.1 at the last look; else mixture 0.1 (weight 0.5 at p1 = 1) at every batch and where streams with 0 "
         "to 3 samples not cA reach the top level + Clopper-Pearson 0.4 at geometric looks + 0.5 at the last look; "
-        "ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
+        "stop also once the predictive probability of the next level at the last look is below 0.1, from 0.1 "
+        "N-max samples on; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
     assert sequential.sequential_scheme(100000, 1000) == sequential.sequential_scheme(1001, 1000) \
         == sequential.SEQUENTIAL_SCHEME
     assert sequential.sequential_scheme(1000, 1000) == sequential.sequential_scheme(500, 1000) \
@@ -318,6 +319,59 @@ def test_radii_mode_stops_early_when_decided_and_reports_the_decided_level():
     # abstain: decided at the first look
     lower, samples = simulate(certifier, 0.3, runs, rng)
     assert np.all(lower < 0.5) and np.all(samples == 1000)
+
+
+def test_needed_counts_are_the_least_counts_whose_last_look_reaches_each_level():
+    for unanimous in (False, True):
+        certifier = sequential.sequential_certifier(SIGMA, 0.001, 20000, 500, radii=[0.25, 0.5, 0.75, 1.0],
+                                                    pilot_unanimous=unanimous)
+        final = lambda k: float(certifier.final_lower(np.array([k]))[0])   # noqa: E731
+        needed = certifier.needed_counts()
+        assert needed[-1] == certifier.n_max + 1 and final(certifier.n_max) < certifier.thresholds()[-1]   # 1.0: 4 sigma
+        for count, threshold in zip(needed[:-1], certifier.thresholds()[:-1]):
+            assert final(count) >= threshold > final(count - 1)
+
+
+def test_reach_probability_is_the_beta_binomial_predictive_of_the_jeffreys_posterior():
+    """P[count at n_max >= needed | count at n] = integral of Beta(count + 1/2, n - count + 1/2) x binomial tail."""
+    from scipy.integrate import quad
+    certifier = SequentialCertifier(SIGMA, 0.05, [100, 200, 1000], radii=[0.25], final_share=0.5, futility=0.1)
+    needed = int(certifier.needed_counts()[1])
+    assert 800 < needed < 1000
+    for count in (80, 88, 95, 100):
+        def integrand(p):
+            return beta.pdf(p, count + 0.5, 100 - count + 0.5) * binom.sf(needed - count - 1, 900, p)
+        expected = quad(integrand, 0, 1, points=[count / 100], limit=200, epsabs=1e-13)[0]
+        assert float(certifier.reach_probability(0, count, 1)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+def test_futility_gives_up_where_fixed_n_rarely_certifies_the_next_level_and_keeps_where_it_does():
+    """The radii mode's futility stop (``RADII_FUTILITY``) saves samples without losing what fixed-N certifies."""
+    alpha, runs, n_max = 0.001, 300, 100000
+    certifier = sequential.sequential_certifier(SIGMA, alpha, n_max, 1000, radii=[0.25, 0.5, 0.75])
+    threshold = certifier.thresholds()[2]   # radius 0.5
+    # the least count at which fixed-N CERTIFY certifies 0.5, and one standard deviation of the count there
+    low, high = 0, n_max
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if cp_lower(middle, n_max, alpha) >= threshold else (middle + 1, high)
+    spread = math.sqrt(threshold * (1 - threshold) * n_max)
+    # the same rule without the predictive stop, on the same streams
+    patient = SequentialCertifier(SIGMA, alpha, certifier.looks, radii=[0.25, 0.5, 0.75],
+                                  final_share=certifier.final_alpha / alpha, stop_alpha=sequential.RADII_STOP_ALPHA,
+                                  checkpoints=certifier.checkpoints, mixture_share=certifier.sequence_alpha / alpha,
+                                  point_weight=certifier.point_weight)
+    # fixed-N certifies 0.5 with probability 0.02: given up long before N-max
+    lower, samples = simulate(certifier, (low - 2 * spread) / n_max, runs, np.random.default_rng(11))
+    _, patient_samples = simulate(patient, (low - 2 * spread) / n_max, runs, np.random.default_rng(11))
+    assert np.median(samples) <= n_max / 4 < np.median(patient_samples)
+    assert np.mean(certifier.radius(lower) >= 0.5) <= 0.05
+    # fixed-N certifies 0.5 with probability 0.98: certified nearly as often as without the predictive stop (its
+    # price: a stream that dips early is given up, about 5 points here, 300 streams)
+    lower, samples = simulate(certifier, (low + 2 * spread) / n_max, runs, np.random.default_rng(12))
+    patient_lower, _ = simulate(patient, (low + 2 * spread) / n_max, runs, np.random.default_rng(12))
+    certified, patient_certified = (np.mean(c.radius(b) >= 0.5) for c, b in ((certifier, lower), (patient, patient_lower)))
+    assert patient_certified >= 0.9 and certified >= patient_certified - 0.1, (certified, patient_certified)
 
 
 def test_acr_mode_radius_is_within_the_tolerance_of_fixed_n():
