@@ -170,7 +170,6 @@ def clairvoyant_acr_samples(fixed, args) -> float:
     return dual / len(costs)
 
 
-
 def without_futility(rule):
     """The same decision rule without the predictive stop."""
     rule = copy.copy(rule)

@@ -165,7 +165,8 @@ SEQUENTIAL_SCHEME = (
     f"radii: if all N0 pilot samples are the selected class, {RADII_SHARES_UNANIMOUS.describe()}; else "
     f"{RADII_SHARES_SPLIT.describe()}; stop also once the predictive probability of the next level at the last "
     f"look is below {RADII_FUTILITY:g}, from {RADII_FUTILITY_FROM:g} N-max samples on; ACR: Clopper-Pearson "
-    f"{Fraction(1 - SEQUENTIAL_FINAL_SHARE)} over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} at the last look")
+    f"{Fraction(1 - SEQUENTIAL_FINAL_SHARE)} over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} "
+    f"at the last look")
 # what it computes when N-max is at most one batch: a single look, where both modes report CERTIFY's
 # Clopper-Pearson bound at the whole of alpha (recorded instead of SEQUENTIAL_SCHEME)
 SEQUENTIAL_SINGLE_LOOK_SCHEME = "single look: Clopper-Pearson at alpha"
@@ -467,7 +468,9 @@ class SequentialCertifier:
             reachable = int(np.searchsorted(thresholds, self._ceiling(), side="right"))
             top = reached >= max(reachable, 1)
             following = np.minimum(reached, len(thresholds) - 1)
-            out_of_reach = futile & (self._best_lower(look, count) < thresholds[following])
+            # (the upper-bound rule is judged at checkpoints only, so its bound is computed there only)
+            out_of_reach = (self._best_lower(look, count) < thresholds[following]) if futile \
+                else np.zeros(np.shape(lower), dtype=bool)
             if self.futility is not None and self.looks[look] >= self.futility_from:
                 out_of_reach = out_of_reach | (self.reach_probability(look, count, following) < self.futility)
             return top | out_of_reach, lower

@@ -327,7 +327,8 @@ def test_needed_counts_are_the_least_counts_whose_last_look_reaches_each_level()
                                                     pilot_unanimous=unanimous)
         final = lambda k: float(certifier.final_lower(np.array([k]))[0])   # noqa: E731
         needed = certifier.needed_counts()
-        assert needed[-1] == certifier.n_max + 1 and final(certifier.n_max) < certifier.thresholds()[-1]   # 1.0: 4 sigma
+        # radius 1.0 (4 sigma) is out of reach of n_max samples
+        assert needed[-1] == certifier.n_max + 1 and final(certifier.n_max) < certifier.thresholds()[-1]
         for count, threshold in zip(needed[:-1], certifier.thresholds()[:-1]):
             assert final(count) >= threshold > final(count - 1)
 
@@ -350,17 +351,13 @@ def test_futility_gives_up_where_fixed_n_rarely_certifies_the_next_level_and_kee
     alpha, runs, n_max = 0.001, 300, 100000
     certifier = sequential.sequential_certifier(SIGMA, alpha, n_max, 1000, radii=[0.25, 0.5, 0.75])
     threshold = certifier.thresholds()[2]   # radius 0.5
-    # the least count at which fixed-N CERTIFY certifies 0.5, and one standard deviation of the count there
-    low, high = 0, n_max
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if cp_lower(middle, n_max, alpha) >= threshold else (middle + 1, high)
+    # the least count at which fixed-N CERTIFY (a single look at the whole of alpha) certifies 0.5, and one
+    # standard deviation of the count there
+    low = int(SequentialCertifier(SIGMA, alpha, [n_max], radii=[0.25, 0.5, 0.75]).needed_counts()[2])
+    assert cp_lower(low, n_max, alpha) >= threshold > cp_lower(low - 1, n_max, alpha)
     spread = math.sqrt(threshold * (1 - threshold) * n_max)
     # the same rule without the predictive stop, on the same streams
-    patient = SequentialCertifier(SIGMA, alpha, certifier.looks, radii=[0.25, 0.5, 0.75],
-                                  final_share=certifier.final_alpha / alpha, stop_alpha=sequential.RADII_STOP_ALPHA,
-                                  checkpoints=certifier.checkpoints, mixture_share=certifier.sequence_alpha / alpha,
-                                  point_weight=certifier.point_weight)
+    patient = bench_sequential_module().without_futility(certifier)
     # fixed-N certifies 0.5 with probability 0.02: given up long before N-max
     lower, samples = simulate(certifier, (low - 2 * spread) / n_max, runs, np.random.default_rng(11))
     _, patient_samples = simulate(patient, (low - 2 * spread) / n_max, runs, np.random.default_rng(11))
@@ -370,7 +367,8 @@ def test_futility_gives_up_where_fixed_n_rarely_certifies_the_next_level_and_kee
     # price: a stream that dips early is given up, about 5 points here, 300 streams)
     lower, samples = simulate(certifier, (low + 2 * spread) / n_max, runs, np.random.default_rng(12))
     patient_lower, _ = simulate(patient, (low + 2 * spread) / n_max, runs, np.random.default_rng(12))
-    certified, patient_certified = (np.mean(c.radius(b) >= 0.5) for c, b in ((certifier, lower), (patient, patient_lower)))
+    certified, patient_certified = (np.mean(rule.radius(bound) >= 0.5)
+                                    for rule, bound in ((certifier, lower), (patient, patient_lower)))
     assert patient_certified >= 0.9 and certified >= patient_certified - 0.1, (certified, patient_certified)
 
 
