@@ -30,7 +30,10 @@ every prefix of its draws, tests once, at the whole of alpha, at the
 smallest n whose Clopper-Pearson lower bound reaches Phi(r / sigma) (or 1/2
 for r = 0), and stops there; N0 selection samples are added, and an image
 fixed-N abstained on costs N0. A real certifier must also pay for not
-knowing n in advance, so it needs more. With ``--acr-tol T`` it also
+knowing n in advance, so it needs more. It also prints Wald's lower bound
+for any valid certifier, even one that knows each pA and draws i.i.d.
+samples, that loses at most ``--loss-tol`` points (0.5) of certified
+accuracy at each radius (``wald_samples``). With ``--acr-tol T`` it also
 prints the least mean sample count at which such a clairvoyant certifier
 (each image's radius at n samples: sigma PhiInv of that Clopper-Pearson
 bound, n a multiple of 100) keeps the ACR within T of fixed-N's: a
@@ -141,10 +144,57 @@ def oracle(args):
           f"{' '.join(f'{r:g}' for r in radii)}: clairvoyant lower bound {mean:,.0f} samples per image, "
           f"{(args.N0 + args.N) / mean:.1f}x fewer than {args.N0 + args.N:,} (per image: median "
           f"{np.median(samples):,.0f}, max {max(samples):,})")
+    wald = wald_samples(fixed, radii, args)
+    print(f"  any valid certifier that knows each pA and loses at most {args.loss_tol:g} points of certified accuracy "
+          f"per radius: at least {wald:,.0f} samples per image (Wald); clairvoyant bound / this = {mean / wald:.2f}")
     if args.acr_tol is not None:
         acr_samples = clairvoyant_acr_samples(fixed, args)
         print(f"  ACR within {args.acr_tol:g} of fixed-N's: at least {acr_samples:,.0f} "
               f"samples per image, at most {(args.N0 + args.N) / acr_samples:.1f}x fewer")
+
+
+def binary_kl(p, q):
+    """KL(Bernoulli(p) || Bernoulli(q)) in nats, 0 log 0 = 0 (arrays broadcast)."""
+    p, q = np.asarray(p, dtype=float), np.asarray(q, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ones = np.where(p > 0, p * np.log(p / q), 0.0)
+        zeros = np.where(p < 1, (1 - p) * np.log((1 - p) / (1 - q)), 0.0)
+    return ones + zeros
+
+
+def wald_samples(fixed, radii, args) -> float:
+    """A lower bound on the mean samples per image of any valid radii-mode certifier, even one knowing each pA.
+
+    An image's pA is the ``--oracle`` share p, and fixed-N certified it at the level of threshold t < p. A
+    certifier whose false-certificate rate is at most alpha at every pA below t (at t, by continuity) and
+    that certifies t with probability 1 - b at p draws, by the change of measure between p and t, at least
+    kl(1 - b || alpha) / KL(p || t) samples on average (Wald; Kaufmann, Cappe and Garivier, JMLR 2016,
+    lemma 1), plus N0. Missing an image that fixed-N certified correctly costs certified accuracy at its
+    radius, and at most ``--loss-tol`` points per radius may be lost; the least sum of the bounds under
+    that constraint is at least its Lagrangian dual, computed per radius over the miss rates b.
+    """
+    from scipy.stats import norm
+    misses = np.linspace(0.0, 1.0, 1001)
+    evidence = binary_kl(1 - misses, args.alpha)   # kl(1 - b || alpha); 0 at b = 1 - alpha and beyond
+    thresholds = np.array([0.5] + [float(norm.cdf(r / args.sigma)) for r in radii if r > 0])
+    groups = {}
+    for predict, radius, correct in zip(fixed["predict"], fixed["radius"], fixed["correct"]):
+        if predict == -1:
+            groups.setdefault(-1, []).append(None)
+            continue
+        share = fixed_share(radius, args.sigma, args.alpha, args.N)
+        level = max(int(np.searchsorted(radii, radius, side="right")) - 1, 0)
+        groups.setdefault(level, []).append((float(binary_kl(share, thresholds[level])), correct == 1))
+    budget = args.loss_tol / 100 * len(fixed)   # images that may be missed at each radius
+    total = 0.0
+    for level, images in groups.items():
+        if level == -1:   # fixed-N abstained: N0 samples suffice
+            total += args.N0 * len(images)
+            continue
+        total += max(sum(float(np.min(args.N0 + evidence / divergence + (lam * misses if correct else 0.0)))
+                         for divergence, correct in images) - lam * budget
+                     for lam in np.concatenate([[0.0], np.logspace(0, 9, 300)]))
+    return total / len(fixed)
 
 
 def clairvoyant_acr_samples(fixed, args) -> float:
@@ -400,6 +450,8 @@ def main(argv=None):
     parser.add_argument("--N", type=int, default=100000, help="--oracle: N of the fixed-N run")
     parser.add_argument("--N0", type=int, default=100, help="--oracle: N0 of the fixed-N run")
     parser.add_argument("--acr-tol", type=float, default=None, help="--oracle: also the bound for ACR within this")
+    parser.add_argument("--loss-tol", type=float, default=0.5,
+                        help="--oracle: points of certified accuracy per radius that Wald's bound may lose")
     parser.add_argument("--exact-worst-case", action="store_true",
                         help="exact false-certificate rates of both modes at alpha = 0.001 and 0.05 (N: N-max)")
     parser.add_argument("--batch", type=int, default=1000, help="--exact-worst-case: samples per batch")

@@ -29,6 +29,7 @@ Soundness is checked three ways.
 * End to end on the closed-form linear classifier of
   tests/test_certify_statistics.py, through certify.py and predict.py.
 """
+import argparse
 import math
 import os
 import sys
@@ -714,5 +715,30 @@ def test_clairvoyant_bound_is_the_single_look_clopper_pearson_sample_size(tmp_pa
                            "--acr-tol", "0.02"])
     out = capsys.readouterr().out
     assert f"clairvoyant lower bound {(200 + needed) / 2:,.0f} samples per image" in out
-    bound = float(out.split("at least ")[1].split(" samples")[0].replace(",", ""))
+    acr_line = next(line for line in out.splitlines() if "ACR within" in line)
+    bound = float(acr_line.split("at least ")[1].split(" samples")[0].replace(",", ""))
     assert 100 < bound < 100100
+
+
+def test_wald_bound_of_an_all_correct_image_is_its_sequential_probability_ratio_test(tmp_path):
+    """With p = 1 and no miss allowed, Wald's bound is kl(1 || alpha) / KL(1 || t) = ln(1 / alpha) / -ln t (+ N0).
+
+    Allowing misses lowers it, and an abstention costs N0.
+    """
+    bench_sequential = bench_sequential_module()
+    fixed = tmp_path / "fixed.tsv"
+    fixed.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.953\t1\t0:00:01\n"
+                     "1\t2\t-1\t0.0\t0\t0:00:01\n")
+    table = bench_sequential.load_results(str(fixed))
+    radii = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+    def bound(loss_tol):
+        args = argparse.Namespace(sigma=0.25, alpha=0.001, N=100000, N0=100, loss_tol=loss_tol)
+        return bench_sequential.wald_samples(table, radii, args)
+    assert bench_sequential.fixed_share(0.953, 0.25, 0.001, 100000) == 1.0
+    exact = (100 + math.log(1000) / -math.log(norm.cdf(3.0)) + 100) / 2
+    assert bound(0.0) == pytest.approx(exact, rel=1e-9)
+    # half an image may be missed at each radius (25 points of 2 images): the miss rate 1/2 halves the evidence
+    assert bound(25.0) < exact - 1000
+    assert float(bench_sequential.binary_kl(0.3, 0.3)) == 0.0
+    assert float(bench_sequential.binary_kl(1.0, 0.5)) == pytest.approx(math.log(2))
