@@ -80,8 +80,8 @@ def published_runs(dataset):
             schedule = LENET_LONG if lenet and method == "catrs" else LENET if lenet else CIFAR
             if dataset == "mnist" and method == "catrs" and sigma == "0.25":
                 options = options.replace("--lbd 0.5", "--lbd 1.0")   # the published MNIST run's folder
-            if dataset == "fmnist" and method == "smoothmix" and sigma == "0.25":
-                options = options.replace("--mix_step 1", "--mix_step 0")   # the published log's first epoch
+            if dataset == "fmnist" and method == "smoothmix":
+                options = options.replace("--mix_step 1", "--mix_step 0")   # the published logs' first epochs
             run_id = "1" if lenet and method == "cohen" and sigma == "0.25" else "0"
             runs.append((f"train_{method}.py", f"{dataset} {arch} {schedule} {options} --noise {sigma} --id {run_id}"))
     return runs
