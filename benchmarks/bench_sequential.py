@@ -162,6 +162,18 @@ def binary_kl(p, q):
     return ones + zeros
 
 
+def level_thresholds(radii, sigma: float) -> np.ndarray:
+    """pA needed for each level of ``radii`` (which starts at 0): 1/2 for radius 0, Phi(r / sigma) for r > 0."""
+    from scipy.stats import norm
+    return np.array([0.5] + [float(norm.cdf(r / sigma)) for r in radii if r > 0])
+
+
+def fixed_levels(fixed, radii) -> np.ndarray:
+    """How many levels of ``radii`` (which starts at 0) fixed-N certified per image: 0 where it abstained."""
+    return np.array([0 if predict == -1 else int(np.searchsorted(radii, radius, side="right"))
+                     for predict, radius in zip(fixed["predict"], fixed["radius"])])
+
+
 def wald_samples(fixed, radii, args) -> float:
     """A lower bound on the mean samples per image of any valid radii-mode certifier, even one knowing each pA.
 
@@ -173,24 +185,18 @@ def wald_samples(fixed, radii, args) -> float:
     radius, and at most ``--loss-tol`` points per radius may be lost; the least sum of the bounds under
     that constraint is at least its Lagrangian dual, computed per radius over the miss rates b.
     """
-    from scipy.stats import norm
     misses = np.linspace(0.0, 1.0, 1001)
     evidence = binary_kl(1 - misses, args.alpha)   # kl(1 - b || alpha); 0 at b = 1 - alpha and beyond
-    thresholds = np.array([0.5] + [float(norm.cdf(r / args.sigma)) for r in radii if r > 0])
+    thresholds = level_thresholds(radii, args.sigma)
+    top = fixed_levels(fixed, radii) - 1   # the threshold each image was certified at; -1: abstained
     groups = {}
-    for predict, radius, correct in zip(fixed["predict"], fixed["radius"], fixed["correct"]):
-        if predict == -1:
-            groups.setdefault(-1, []).append(None)
-            continue
-        share = fixed_share(radius, args.sigma, args.alpha, args.N)
-        level = max(int(np.searchsorted(radii, radius, side="right")) - 1, 0)
-        groups.setdefault(level, []).append((float(binary_kl(share, thresholds[level])), correct == 1))
+    for level, radius, correct in zip(top, fixed["radius"], fixed["correct"]):
+        if level >= 0:
+            share = fixed_share(radius, args.sigma, args.alpha, args.N)
+            groups.setdefault(level, []).append((float(binary_kl(share, thresholds[level])), correct == 1))
     budget = args.loss_tol / 100 * len(fixed)   # images that may be missed at each radius
-    total = 0.0
-    for level, images in groups.items():
-        if level == -1:   # fixed-N abstained: N0 samples suffice
-            total += args.N0 * len(images)
-            continue
+    total = args.N0 * float(np.sum(top < 0))   # fixed-N abstained: N0 samples suffice
+    for images in groups.values():
         total += max(sum(float(np.min(args.N0 + evidence / divergence + (lam * misses if correct else 0.0)))
                          for divergence, correct in images) - lam * budget
                      for lam in np.concatenate([[0.0], np.logspace(0, 9, 300)]))
@@ -257,17 +263,14 @@ def simulated_runs(rule_of, shares, args, rng):
 
 
 def simulate(args):
-    from scipy.stats import norm
-
     from sequential import sequential_certifier
     fixed = load_results(args.fixed)
     radii = sorted(set(args.radii) | {0.0})
     listed = [r for r in radii if r > 0]
     shares = [0.5 if predict == -1 else fixed_share(radius, args.sigma, args.alpha, args.N)
               for predict, radius in zip(fixed["predict"], fixed["radius"])]
-    thresholds = np.array([0.5] + [float(norm.cdf(r / args.sigma)) for r in listed])
-    fixed_level = np.repeat([0 if predict == -1 else int(np.searchsorted(radii, radius, side="right"))
-                             for predict, radius in zip(fixed["predict"], fixed["radius"])], args.reps)
+    thresholds = level_thresholds(radii, args.sigma)
+    fixed_level = np.repeat(fixed_levels(fixed, radii), args.reps)
     oracle_mean = np.mean([args.N0 if predict == -1 else
                            clairvoyant_samples(radius, args.sigma, radii, args.alpha, args.N, args.N0)
                            for predict, radius in zip(fixed["predict"], fixed["radius"])])

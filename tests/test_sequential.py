@@ -738,7 +738,8 @@ def test_wald_bound_of_an_all_correct_image_is_its_sequential_probability_ratio_
     assert bench_sequential.fixed_share(0.953, 0.25, 0.001, 100000) == 1.0
     exact = (100 + math.log(1000) / -math.log(norm.cdf(3.0)) + 100) / 2
     assert bound(0.0) == pytest.approx(exact, rel=1e-9)
-    # half an image may be missed at each radius (25 points of 2 images): the miss rate 1/2 halves the evidence
+    # half an image may be missed at each radius (25 points of 2 images): at the miss rate 1/2 the evidence needed
+    # falls from kl(1 || alpha) = 6.9 nats to kl(1/2 || alpha) = 2.8
     assert bound(25.0) < exact - 1000
     assert float(bench_sequential.binary_kl(0.3, 0.3)) == 0.0
     assert float(bench_sequential.binary_kl(1.0, 0.5)) == pytest.approx(math.log(2))
