@@ -54,6 +54,18 @@ clairvoyant bound, how often the certified listed radius equals fixed-N's,
 and the certified accuracy at each listed radius minus fixed-N's (points;
 an image counts where fixed-N's prediction is correct).
 
+    python benchmarks/bench_sequential.py FIXED.tsv --simulate --acr --sigma S [--reps 10 --acr-tol 0.02]
+
+simulates the ACR mode instead (the rule ``certify.py --sequential``
+runs without ``--radii``, ``--radius-tol`` 0.1 sigma): each stream's counts
+at every look are drawn once, and on the same streams it runs the current
+rule, which steers by the (1 - ``STOP_ALPHA``) upper bound, the previous
+one, which steered by the upper bound at each look's own level, and
+fixed-N CERTIFY (the count at N). Prints mean samples per image, the ratio
+to fixed-N, the clairvoyant ACR bound at ``--acr-tol`` (default 0.02) over
+the samples, and the ACR (images fixed-N predicted correctly) with its
+difference to fixed-N's on the same streams.
+
     python benchmarks/bench_sequential.py --exact-worst-case [--sigma S --radii ... --N 100000 --batch 1000]
 
 prints, for alpha = 0.001 and 0.05, the exact probability that
@@ -299,6 +311,45 @@ def simulate(args):
               f"{', '.join(f'{d:+.1f}' for d in accuracy(level) - accuracy(fixed_level))} |")
 
 
+def simulate_acr(args):
+    from core import cp_lower
+    from eval_utils import DEFAULT_RADIUS_TOL_SIGMAS
+    from sequential import sequential_certifier
+    fixed = load_results(args.fixed)
+    args.acr_tol = 0.02 if args.acr_tol is None else args.acr_tol
+    shares = [0.5 if predict == -1 else fixed_share(radius, args.sigma, args.alpha, args.N)
+              for predict, radius in zip(fixed["predict"], fixed["radius"])]
+    current = sequential_certifier(args.sigma, args.alpha, args.N, args.batch,
+                                   radius_tol=DEFAULT_RADIUS_TOL_SIGMAS * args.sigma)
+    previous = copy.copy(current)
+    previous.stop_alpha = None   # the upper bound at each look's own level
+    p = np.repeat(np.asarray(shares, dtype=float), args.reps)
+    steps = np.diff([0] + current.looks)
+    counts = np.cumsum(np.random.default_rng(args.seed).binomial(steps[None, :], p[:, None]), axis=1)
+    correct = np.repeat(np.asarray(fixed["correct"]) == 1, args.reps)
+    fixed_acr = float(np.mean(correct * current.radius(cp_lower(counts[:, -1], args.N, args.alpha))))
+    bound = clairvoyant_acr_samples(fixed, args)
+    print(f"{os.path.basename(args.fixed)}: sigma {args.sigma}, {len(shares)} images x {args.reps} simulated runs, "
+          f"ACR mode, radius tolerance {DEFAULT_RADIUS_TOL_SIGMAS:g} sigma; clairvoyant bound for ACR within "
+          f"{args.acr_tol:g}: {bound:,.0f}; fixed-N ACR on these streams {fixed_acr:.3f}")
+    print("| scheme | samples/image | ratio to fixed-N | bound / samples | ACR (diff to fixed-N) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, rule in (("current", current), ("previous", previous)):
+        samples, radius, running = np.zeros(len(p)), np.zeros(len(p)), np.ones(len(p), dtype=bool)
+        for look, num in enumerate(rule.looks):
+            active = np.flatnonzero(running)
+            stop, lower = rule.step(look, counts[active, look])
+            radius[active] = rule.radius(lower)
+            done = active[np.asarray(stop, dtype=bool)]
+            samples[done] = args.N0 + num
+            running[done] = False
+            if not running.any():
+                break
+        acr = float(np.mean(correct * radius))
+        print(f"| {name} | {samples.mean():,.0f} | {(args.N0 + args.N) / samples.mean():.2f}x | "
+              f"{bound / samples.mean():.2f} | {acr:.3f} ({acr - fixed_acr:+.4f}) |")
+
+
 def count_window(num: int, p: float, tail: float):
     """Counts lo..hi of Binomial(num, p) outside of which each side has probability at most ``tail``."""
     from scipy.stats import binom
@@ -462,13 +513,14 @@ def main(argv=None):
                         default=[0.55, 0.7, 0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999],
                         help="--exact-worst-case: the pA values of the ACR mode")
     parser.add_argument("--simulate", action="store_true", help="simulated radii-mode runs on the images of FIXED.tsv")
+    parser.add_argument("--acr", action="store_true", help="--simulate: the ACR mode instead of the radii mode")
     parser.add_argument("--reps", type=int, default=40, help="--simulate: runs per image")
     parser.add_argument("--seed", type=int, default=0, help="--simulate: seed of the simulated draws")
     args = parser.parse_args(argv)
     if args.simulate:
         if not args.fixed:
             parser.error("--simulate needs FIXED.tsv")
-        return simulate(args)
+        return simulate_acr(args) if args.acr else simulate(args)
     if args.exact_worst_case:
         return exact_worst_case(args)
     if args.timing:

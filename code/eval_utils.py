@@ -46,7 +46,7 @@ from datasets import DATASETS, get_dataset, get_num_classes
 from noise_streams import noise_generator
 from provenance import Provenance
 from result_files import ResultFile
-from sequential import RADII_SHARES_SPLIT, RADII_SHARES_UNANIMOUS, SEQUENTIAL_FINAL_SHARE, sequential_scheme
+from sequential import RADII_SHARES_SPLIT, RADII_SHARES_UNANIMOUS, SEQUENTIAL_FINAL_SHARE, STOP_ALPHA, sequential_scheme
 
 CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
@@ -120,7 +120,9 @@ def add_sequential_arguments(parser: ArgumentParser, certify: bool = True):
            f"at {unanimous.mixture:g}, {unanimous.checkpoints:g} and {unanimous.final:g} alpha when all N0 "
            f"selection samples are the selected class, else at {split.mixture:g}, {split.checkpoints:g} and "
            f"{split.final:g} alpha; without --radii, Clopper-Pearson at the fixed geometric looks only "
-           f"({round(1 - final, 10):g} alpha shared equally by those before N-max, {final:g} alpha at N-max); "
+           f"({round(1 - final, 10):g} alpha shared equally by those before N-max, {final:g} alpha at N-max), "
+           f"stopping once the radius is within --radius-tol of the radius N-max samples would give if pA were "
+           f"its {1 - STOP_ALPHA:g} upper bound; "
            f"N-max at most one batch is a single look, Clopper-Pearson at alpha" if certify else
            "the test at alpha / K at each of K fixed geometric looks")
     group.add_argument("--sequential", action="store_true",
@@ -134,7 +136,8 @@ def add_sequential_arguments(parser: ArgumentParser, certify: bool = True):
                                 "(certified accuracy at these radii); default: a radius close to the N-max one")
         group.add_argument("--radius-tol", dest="radius_tol", type=nonnegative_float, default=None,
                            help="with --sequential and no --radii: stop when the radius is within this of the "
-                                f"best N-max samples could give (default: {DEFAULT_RADIUS_TOL_SIGMAS} * sigma)")
+                                f"radius N-max samples would give if pA were its {1 - STOP_ALPHA:g} upper bound "
+                                f"(default: {DEFAULT_RADIUS_TOL_SIGMAS} * sigma)")
 
 
 def check_sequential_arguments(args):

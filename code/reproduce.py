@@ -323,11 +323,15 @@ def _copy_whole(source: str, target: str):
 def save_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
     """Copy the cell's unfinished work under ``data_dir/progress/``; returns the files copied.
 
-    Saved files of the cell that no longer exist here are removed, so the saved set is one moment's.
+    Saved files of the cell that no longer exist here are removed, so the saved set is one moment's. A cell
+    with no file here (never restored nor started in this checkout) keeps its saved work as it is.
     """
     root = root or REPO
+    files = progress_files(commands, root)
+    if not any(os.path.exists(os.path.join(root, f)) for f in files):
+        return []
     copied = []
-    for relative in progress_files(commands, root):
+    for relative in files:
         target = os.path.join(data_dir, PROGRESS, relative)
         if os.path.exists(os.path.join(root, relative)):
             _copy_whole(os.path.join(root, relative), target)

@@ -154,6 +154,10 @@ RADII_SHARES_UNANIMOUS = RadiiShares(mixture=0.8, final=0.1, point_weight=0.9)
 RADII_SHARES_SPLIT = RadiiShares(mixture=0.1, final=0.5, point_weight=0.5)
 # the share of alpha that the ACR mode spends on its last look (the earlier geometric looks share the rest)
 SEQUENTIAL_FINAL_SHARE = 0.5
+# the level of the upper bound that steers stopping in both modes: the radii mode stops at a checkpoint when
+# the next radius is out of reach even if pA were this (1 - STOP_ALPHA) upper bound, the ACR mode when its
+# radius is within --radius-tol of the radius N-max samples would give if pA were it (docs/DESIGN.md)
+STOP_ALPHA = 0.05
 # the radii mode stops once the predictive probability that N-max samples reach the next level falls
 # below RADII_FUTILITY, judged from RADII_FUTILITY_FROM * N-max samples on (``SequentialCertifier``'s
 # ``futility`` and ``futility_from``; docs/DESIGN.md)
@@ -166,12 +170,11 @@ SEQUENTIAL_SCHEME = (
     f"{RADII_SHARES_SPLIT.describe()}; stop also once the predictive probability of the next level at the last "
     f"look is below {RADII_FUTILITY:g}, from {RADII_FUTILITY_FROM:g} N-max samples on; ACR: Clopper-Pearson "
     f"{Fraction(1 - SEQUENTIAL_FINAL_SHARE)} over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} "
-    f"at the last look")
+    f"at the last look, stop once the radius is within the tolerance of the radius N-max samples would give "
+    f"if pA were its {1 - STOP_ALPHA:g} upper bound")
 # what it computes when N-max is at most one batch: a single look, where both modes report CERTIFY's
 # Clopper-Pearson bound at the whole of alpha (recorded instead of SEQUENTIAL_SCHEME)
 SEQUENTIAL_SINGLE_LOOK_SCHEME = "single look: Clopper-Pearson at alpha"
-# the level of the upper bound that stops the radii mode at a checkpoint when the next radius is out of reach
-RADII_STOP_ALPHA = 0.05
 
 
 def sequential_scheme(n_max: int, batch_size: int) -> str:
@@ -188,7 +191,7 @@ def sequential_certifier(sigma: float, alpha: float, n_max: int, batch_size: int
     With ``radii``: a look after every batch and the ``"mixture"`` scheme, the geometric looks as
     checkpoints, alpha split by ``RADII_SHARES_UNANIMOUS`` when every pilot sample was the selected
     class (``pilot_unanimous``), else by ``RADII_SHARES_SPLIT``; without: the ``"spending"`` scheme on
-    the geometric looks. A rule depends on its arguments only, so it is built once per process and
+    the geometric looks. Both steer stopping by the (1 - ``STOP_ALPHA``) upper bound. A rule depends on its arguments only, so it is built once per process and
     shared (building a radii rule takes about 0.1 s, a group of images far less).
     """
     return _certifier(float(sigma), float(alpha), int(n_max), int(batch_size),
@@ -203,14 +206,14 @@ def _certifier(sigma, alpha, n_max, batch_size, radii, radius_tol, growth, pilot
 
         def rule(looks):
             return SequentialCertifier(sigma, alpha, looks, radii=radii, final_share=shares.final,
-                                       stop_alpha=RADII_STOP_ALPHA, futility=RADII_FUTILITY,
+                                       stop_alpha=STOP_ALPHA, futility=RADII_FUTILITY,
                                        futility_from=int(math.ceil(RADII_FUTILITY_FROM * n_max)), sequence="mixture",
                                        checkpoints=look_schedule(n_max, batch_size, growth),
                                        mixture_share=shares.mixture, point_weight=shares.point_weight)
         looks = batch_looks(n_max, batch_size)   # (a single look has no mixture, hence no added looks)
         return rule(sorted(set(looks) | set(rule(looks).few_failures_looks())))
     return SequentialCertifier(sigma, alpha, look_schedule(n_max, batch_size, growth), radius_tol=radius_tol,
-                               final_share=SEQUENTIAL_FINAL_SHARE, sequence="spending")
+                               final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=STOP_ALPHA, sequence="spending")
 
 
 # --------------------------------------------------------------------------- decision rules

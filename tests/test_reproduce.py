@@ -249,6 +249,11 @@ def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_pa
     assert sorted(os.listdir(saved)) == ["checkpoint.pth.tar", "log.txt"]
     # work of its own is never replaced by saved work
     assert reproduce.restore_progress(str(first / "data"), commands, root=str(first)) == []
+    # a checkout with none of the cell's files (it never ran the cell) leaves the cell's saved work alone
+    idle = tmp_path / "idle"
+    idle.mkdir()
+    assert reproduce.save_progress(str(first / "data"), commands, root=str(idle)) == []
+    assert sorted(os.listdir(saved)) == ["checkpoint.pth.tar", "log.txt"]
 
     second = _checkout(tmp_path, "second")   # a fresh clone with the committed data folder only
     shutil.copytree(first / "data", second / "data")

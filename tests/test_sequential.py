@@ -243,7 +243,8 @@ def test_the_recorded_scheme_names_a_single_look_and_the_multi_look_scheme_in_fu
         "+ 0.1 at the last look; else mixture 0.1 (weight 0.5 at p1 = 1) at every batch and where streams with 0 "
         "to 3 samples not cA reach the top level + Clopper-Pearson 0.4 at geometric looks + 0.5 at the last look; "
         "stop also once the predictive probability of the next level at the last look is below 0.1, from 0.1 "
-        "N-max samples on; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look")
+        "N-max samples on; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look, stop once the "
+        "radius is within the tolerance of the radius N-max samples would give if pA were its 0.95 upper bound")
     assert sequential.sequential_scheme(100000, 1000) == sequential.sequential_scheme(1001, 1000) \
         == sequential.SEQUENTIAL_SCHEME
     assert sequential.sequential_scheme(1000, 1000) == sequential.sequential_scheme(500, 1000) \
@@ -269,7 +270,7 @@ def test_bounds_hold_under_the_worst_stopping_rule_and_peeking_does_not(final_sh
 
 
 @pytest.mark.parametrize("sequence", ["spending", "mixture"])
-@pytest.mark.parametrize("stop_alpha", [None, sequential.RADII_STOP_ALPHA])
+@pytest.mark.parametrize("stop_alpha", [None, sequential.STOP_ALPHA])
 @pytest.mark.parametrize("below", [1e-4, 1e-3])
 def test_radii_mode_false_certificates_at_most_alpha_and_peeking_exceeds_it(below, stop_alpha, sequence):
     """pA just below the threshold of radius 0.5: certifying 0.5 is a false certificate."""
@@ -305,7 +306,7 @@ def test_acr_mode_false_certificates_at_most_alpha(p, tol, sequence):
 def test_radii_mode_stops_early_when_decided_and_reports_the_decided_level():
     alpha, runs = 0.001, 500
     certifier = SequentialCertifier(SIGMA, alpha, look_schedule(100000, 1000), radii=[0.25, 0.5, 0.75, 1.0],
-                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=sequential.RADII_STOP_ALPHA)
+                                    final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=sequential.STOP_ALPHA)
     rng = np.random.default_rng(4)
     # pA = 1: 0.75 is certified after a few thousand samples; 1.0 needs more than 10^5 samples
     lower, samples = simulate(certifier, 1.0, runs, rng)
@@ -374,11 +375,13 @@ def test_futility_gives_up_where_fixed_n_rarely_certifies_the_next_level_and_kee
 
 
 def test_acr_mode_radius_is_within_the_tolerance_of_fixed_n():
-    """Stopped early, the radius is rarely much below CERTIFY's at N = N_max on the same stream."""
+    """Stopped early, the radius is rarely much below CERTIFY's at N = N_max on the same stream.
+
+    The rule of ``certify.py --sequential`` without ``--radii``, which steers by the (1 - STOP_ALPHA) upper bound.
+    """
     alpha, runs, tol = 0.001, 400, 0.1 * SIGMA
-    looks = look_schedule(100000, 1000)
-    certifier = SequentialCertifier(SIGMA, alpha, looks, radius_tol=tol, final_share=SEQUENTIAL_FINAL_SHARE,
-                                    sequence="spending")
+    certifier = sequential.sequential_certifier(SIGMA, alpha, 100000, 1000, radius_tol=tol)
+    assert certifier.stop_alpha == sequential.STOP_ALPHA
     for p in (0.8, 0.99):
         seed = int(p * 1000)
         lower, samples = simulate(certifier, p, runs, np.random.default_rng(seed))
@@ -483,7 +486,7 @@ def test_exact_worst_case_false_certificate_rate_is_at_most_alpha_and_peeking_ex
         assert law["lost"] < 1e-12
         assert 0.1 * alpha < law["false"] + law["lost"] <= alpha, (unanimous, law)
     peeking = Peeking(SIGMA, alpha, certifier.looks, radii=radii, final_share=SEQUENTIAL_FINAL_SHARE,
-                      stop_alpha=sequential.RADII_STOP_ALPHA, checkpoints=look_schedule(n_max, batch))
+                      stop_alpha=sequential.STOP_ALPHA, checkpoints=look_schedule(n_max, batch))
     assert exact(peeking, p)["false"] > 2 * alpha
     own = sequential.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.1 * SIGMA)
     patient = sequential.sequential_certifier(SIGMA, alpha, n_max, batch, radius_tol=0.0)
@@ -743,3 +746,19 @@ def test_wald_bound_of_an_all_correct_image_is_its_sequential_probability_ratio_
     assert bound(25.0) < exact - 1000
     assert float(bench_sequential.binary_kl(0.3, 0.3)) == 0.0
     assert float(bench_sequential.binary_kl(1.0, 0.5)) == pytest.approx(math.log(2))
+
+
+def test_acr_simulation_steers_by_the_stop_alpha_bound_and_stops_no_later_than_before(tmp_path, capsys):
+    """On the same streams the (1 - STOP_ALPHA) upper bound stops every run at or before each look's own level."""
+    bench_sequential = bench_sequential_module()
+    fixed = tmp_path / "fixed.tsv"
+    # an image near 1, one inside (1/2, 1) and an abstention
+    fixed.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.953\t1\t0:00:01\n"
+                     "1\t2\t2\t0.3\t1\t0:00:01\n2\t3\t-1\t0.0\t0\t0:00:01\n")
+    bench_sequential.main([str(fixed), "--simulate", "--acr", "--sigma", "0.25", "--reps", "5"])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| current") or line.startswith("| previous")}
+    samples = {name: float(row[2].replace(",", "")) for name, row in rows.items()}
+    assert 100 < samples["current"] < samples["previous"] <= 100100
+    for row in rows.values():   # the ACR stays within the tolerance of fixed-N's on the same streams
+        assert abs(float(row[5].split("(")[1].rstrip(") "))) <= 0.1 * 0.25
