@@ -274,13 +274,18 @@ def simulated_runs(rule_of, shares, args, rng):
     return samples, lower
 
 
+def image_shares(fixed, args) -> list:
+    """Each image's pA for the simulations: the ``fixed_share`` of its fixed-N radius, 1/2 where fixed-N abstained."""
+    return [0.5 if predict == -1 else fixed_share(radius, args.sigma, args.alpha, args.N)
+            for predict, radius in zip(fixed["predict"], fixed["radius"])]
+
+
 def simulate(args):
     from sequential import sequential_certifier
     fixed = load_results(args.fixed)
     radii = sorted(set(args.radii) | {0.0})
     listed = [r for r in radii if r > 0]
-    shares = [0.5 if predict == -1 else fixed_share(radius, args.sigma, args.alpha, args.N)
-              for predict, radius in zip(fixed["predict"], fixed["radius"])]
+    shares = image_shares(fixed, args)
     thresholds = level_thresholds(radii, args.sigma)
     fixed_level = np.repeat(fixed_levels(fixed, radii), args.reps)
     oracle_mean = np.mean([args.N0 if predict == -1 else
@@ -317,8 +322,7 @@ def simulate_acr(args):
     from sequential import sequential_certifier
     fixed = load_results(args.fixed)
     args.acr_tol = 0.02 if args.acr_tol is None else args.acr_tol
-    shares = [0.5 if predict == -1 else fixed_share(radius, args.sigma, args.alpha, args.N)
-              for predict, radius in zip(fixed["predict"], fixed["radius"])]
+    shares = image_shares(fixed, args)
     current = sequential_certifier(args.sigma, args.alpha, args.N, args.batch,
                                    radius_tol=DEFAULT_RADIUS_TOL_SIGMAS * args.sigma)
     previous = copy.copy(current)

@@ -191,8 +191,9 @@ def sequential_certifier(sigma: float, alpha: float, n_max: int, batch_size: int
     With ``radii``: a look after every batch and the ``"mixture"`` scheme, the geometric looks as
     checkpoints, alpha split by ``RADII_SHARES_UNANIMOUS`` when every pilot sample was the selected
     class (``pilot_unanimous``), else by ``RADII_SHARES_SPLIT``; without: the ``"spending"`` scheme on
-    the geometric looks. Both steer stopping by the (1 - ``STOP_ALPHA``) upper bound. A rule depends on its arguments only, so it is built once per process and
-    shared (building a radii rule takes about 0.1 s, a group of images far less).
+    the geometric looks. Both steer stopping by the (1 - ``STOP_ALPHA``) upper bound. A rule depends on
+    its arguments only, so it is built once per process and shared (building a radii rule takes about
+    0.1 s, a group of images far less).
     """
     return _certifier(float(sigma), float(alpha), int(n_max), int(batch_size),
                       None if radii is None else tuple(float(r) for r in radii), float(radius_tol), float(growth),
