@@ -291,6 +291,8 @@ def _smooth_prediction_arrays(tsv: str, sigma: str) -> List[str]:
 # --------------------------------------------------------------------------- unfinished work, saved and restored
 
 PROGRESS = "progress"
+# The most processes an evaluation step may be sharded over (--procs); their parts are saved too.
+MAX_PROCS = 16
 
 
 def progress_files(commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
@@ -305,6 +307,13 @@ def progress_files(commands: Dict[str, List[str]], root: Optional[str] = None) -
         if step != "train":
             out = output_of(command)
             files += [out, out + ".meta.json", out + ".journal"]
+            # the rows of a run sharded over K processes (--procs) wait in per-rank parts until it ends
+            for rank in range(MAX_PROCS):
+                files += [f"{out}.part{rank}", f"{out}.part{rank}.journal"]
+            if step == "smooth_prediction":
+                # the frequencies of the rows merged so far live only in the .npy, which its coverage lists
+                npy = os.path.join(os.path.dirname(out), f"model_conf_{command[4]}_train.npy")
+                files += [npy, npy + ".meta.json", npy[:-4] + ".covered.npy"]
     relative = [os.path.relpath(os.path.join(root, f), root) for f in files]
     outside = [f for f in relative if f.startswith(os.pardir + os.sep)]
     if outside:
@@ -436,11 +445,19 @@ def hold(lock_dir: str, cell: Cell):
     return handle
 
 
-def run_step(command: List[str], python: str, dry_run: bool):
-    print("+ " + shlex.join([python, *command[1:]]), flush=True)
+def run_step(command: List[str], python: str, dry_run: bool, procs: int = 1):
+    """Run one step; an evaluation step with ``procs`` > 1 is sharded over that many torchrun processes.
+
+    Its rows do not depend on the sharding (each image draws from its own seeded stream), so the
+    recorded command, which identifies the cell, leaves it out.
+    """
+    launcher = [python]
+    if procs > 1 and not command[1].startswith("code/train_"):
+        launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "--"]
+    print("+ " + shlex.join([*launcher, *command[1:]]), flush=True)
     if dry_run:
         return
-    result = subprocess.run([python, *command[1:]], cwd=REPO)
+    result = subprocess.run([*launcher, *command[1:]], cwd=REPO)
     if result.returncode != 0:
         raise ReproduceError(f"'{shlex.join(command[1:3])} ...' failed (exit status {result.returncode}); "
                              "fix what it printed and run the same reproduce command again to continue")
@@ -502,7 +519,7 @@ def reproduce(args) -> int:
                       f"({', '.join(restored)})", flush=True)
         started = time.time()
         for step, command in commands.items():
-            run_step(command, args.python, args.dry_run)
+            run_step(command, args.python, args.dry_run, args.procs)
         if not args.dry_run:
             record = keep_cell(data_dir, cell, commands, started)
             if saved_work:
@@ -527,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "driver in another checkout (after git, say) continues it; cells a running driver "
                              "holds are skipped")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the steps (default: this one)")
+    parser.add_argument("--procs", type=int, default=1, choices=range(1, MAX_PROCS + 1), metavar="K",
+                        help="run the smoothed prediction and certification steps as K torchrun processes "
+                             "(say, one per core with OMP_NUM_THREADS=1); same rows as one process (default 1)")
     parser.add_argument("--data-dir", default=None, help="where finished cells are kept (default data/DATASET)")
     parser.add_argument("--logdir", default="logs", help="training runs (default logs)")
     parser.add_argument("--outdir", default="test", help="certification outputs (default test)")

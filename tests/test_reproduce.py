@@ -211,10 +211,10 @@ def _checkout(tmp_path, name):
     return root
 
 
-def _drive_in(monkeypatch, root, *arguments):
+def _drive_in(monkeypatch, root, *arguments, cells="cohen:0.25"):
     monkeypatch.setattr(reproduce, "REPO", str(root))
     monkeypatch.chdir(root)
-    return reproduce.main(["fmnist", "--cells", "cohen:0.25", "--data-dir", str(root / "data"), *arguments])
+    return reproduce.main(["fmnist", "--cells", cells, "--data-dir", str(root / "data"), *arguments])
 
 
 def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_path, monkeypatch, capsys):
@@ -266,6 +266,51 @@ def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_pa
     assert all(torch.equal(kept["state_dict"][k], reference["state_dict"][k]) for k in reference["state_dict"])
     rows = [(root / "data" / "noise_0.25" / "cohen" / "log.txt").read_text().splitlines() for root in (second, whole)]
     assert [r.split("\t")[2:] for r in rows[0]] == [r.split("\t")[2:] for r in rows[1]]   # all but the time
+
+
+def test_saved_smoothed_prediction_continues_in_another_checkout(tmp_path, monkeypatch, capsys):
+    """A smoothed prediction stopped part way keeps, through --save-progress, the frequencies of its rows.
+
+    They live in the .npy once a run has merged its journal; without it the next checkout has rows
+    whose frequencies are missing and cannot go on.
+    """
+    for name in ("OMP_NUM_THREADS", "DATASET_CACHE", "TMPDIR"):
+        monkeypatch.setenv(name, python_env(tmp_path)[name])
+    whole = _checkout(tmp_path, "whole")
+    assert _drive_in(monkeypatch, whole, *TOY, cells="pretrain") == 0
+
+    first = _checkout(tmp_path, "first")   # trained, and the smoothed prediction stopped after 60 images
+    cell = reproduce.select_cells(reproduce.table_cells("fmnist"), "pretrain")[0]
+    commands = reproduce.cell_commands("fmnist", cell, reproduce.Scale(shlex.split(TOY[1]), smooth_n=8,
+                                                                       smooth_max=128), "logs", "test")
+    subprocess.run([sys.executable, *commands["train"][1:]], cwd=first, check=True, capture_output=True)
+    partial = commands["smooth_prediction"][1:]
+    partial[partial.index("--max") + 1] = "60"
+    subprocess.run([sys.executable, *partial], cwd=first, check=True, capture_output=True)
+    capsys.readouterr()
+    assert _drive_in(monkeypatch, first, "--save-progress", *TOY, cells="pretrain") == 0
+    saved = first / "data" / "progress" / "test" / "smooth_prediction" / "fmnist" / "cohen" / "0"
+    assert {"noise_train_0.25.tsv", "model_conf_0.25_train.npy", "model_conf_0.25_train.covered.npy"} <= set(
+        os.listdir(saved))
+
+    second = _checkout(tmp_path, "second")
+    shutil.copytree(first / "data", second / "data")
+    assert _drive_in(monkeypatch, second, *TOY, cells="pretrain") == 0
+    assert "continues the work saved" in capsys.readouterr().out
+    arrays = [np.load(gzip.open(root / "data" / "pretrain" / "model_conf_0.25_train.npy.gz"))
+              for root in (second, whole)]
+    assert np.array_equal(arrays[0], arrays[1]) and not np.all(arrays[0][:128] == 0.1)
+
+
+def test_procs_shard_the_evaluation_steps_only(tmp_path):
+    result = driver("fmnist", "--dry-run", "--cells", "pretrain consistency:0.5", "--procs", "2",
+                    *toy_paths(tmp_path)[:2])
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+    sharded = [line for line in steps if "-m torch.distributed.run --standalone --nproc_per_node=2 --" in line]
+    assert len(steps) == 5 and len(sharded) == 3
+    assert all("code/train_" not in line for line in sharded)
+    assert {line.split(" -- ")[1].split()[0] for line in sharded} == {"code/smooth_prediction.py", "code/certify.py"}
 
 
 # --------------------------------------------------------------------------- the comparison
