@@ -366,6 +366,23 @@ def restore_progress(data_dir: str, commands: Dict[str, List[str]], root: Option
     return saved
 
 
+def take_saved(data_dir: str, commands: Dict[str, List[str]], aside: str, root: Optional[str] = None) -> List[str]:
+    """Replace the cell's work here by its saved work (say, work brought back from another machine).
+
+    The files of the cell here are moved under ``aside`` first (never deleted); returns the files restored.
+    """
+    root = root or REPO
+    files = progress_files(commands, root)
+    if not any(os.path.exists(os.path.join(data_dir, PROGRESS, f)) for f in files):
+        return []
+    for relative in files:
+        here = os.path.join(root, relative)
+        if os.path.exists(here):
+            os.makedirs(os.path.dirname(os.path.join(aside, relative)), exist_ok=True)
+            os.replace(here, os.path.join(aside, relative))
+    return restore_progress(data_dir, commands, root)
+
+
 def drop_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[str] = None):
     """Remove a kept cell's saved work, and the folders that become empty."""
     root = root or REPO
@@ -484,6 +501,27 @@ def save_all_progress(data_dir: str, pending, lock_dir: str) -> int:
     return 0
 
 
+def take_all_saved(data_dir: str, pending, lock_dir: str) -> int:
+    """``--take-saved``: every cell no driver holds continues from its saved work, not from this checkout's."""
+    aside = os.path.join(lock_dir, "superseded", time.strftime("%Y%m%d-%H%M%S"))
+    held = []
+    for cell, commands in pending:
+        lock = hold(lock_dir, cell)
+        if lock is None:
+            held.append(cell.name)
+            continue
+        restored = take_saved(data_dir, commands, aside)
+        lock.close()
+        if restored:
+            print(f"[reproduce] {cell.name}: took the saved work ({', '.join(restored)}); this checkout's "
+                  f"files of the cell are in {aside}", flush=True)
+    if held:
+        print(f"error: {len(held)} cell(s) held by a running reproduce.py were left as they are ({' '.join(held)}); "
+              "stop those drivers and run --take-saved again", file=sys.stderr)
+        return 1
+    return 0
+
+
 def reproduce(args) -> int:
     cells = select_cells(table_cells(args.dataset), args.cells)
     scale = Scale(shlex.split(args.train_args), args.N, args.fixed_skip, args.sequential_skip, args.max,
@@ -498,6 +536,8 @@ def reproduce(args) -> int:
             print(f"[reproduce] {cell.name}: finished, in {data_folder(data_dir, cell)}", flush=True)
     if args.save_progress:
         return save_all_progress(data_dir, pending, os.path.join(args.outdir, "reproduce", args.dataset))
+    if args.take_saved:
+        return take_all_saved(data_dir, pending, os.path.join(args.outdir, "reproduce", args.dataset))
     saved_work = os.path.isdir(os.path.join(data_dir, PROGRESS))
     measured = measured_seconds(data_dir)
     for k, (cell, commands) in enumerate(pending, 1):
@@ -543,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="copy the unfinished cells' work so far to DATA_DIR/progress/ and stop, so that a "
                              "driver in another checkout (after git, say) continues it; cells a running driver "
                              "holds are skipped")
+    parser.add_argument("--take-saved", action="store_true",
+                        help="replace this checkout's work on each unfinished cell by the work saved in "
+                             "DATA_DIR/progress/ (brought back from another machine, say) and stop; the files "
+                             "replaced are moved under OUTDIR/reproduce/DATASET/superseded/")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the steps (default: this one)")
     parser.add_argument("--procs", type=int, default=1, choices=range(1, MAX_PROCS + 1), metavar="K",
                         help="run the smoothed prediction and certification steps as K torchrun processes "

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Put Fashion-MNIST's decompressed IDX files into ${DATASET_CACHE:-./dataset_cache}/FashionMNIST/raw/.
-# Sources, in order: files already there; Debian's dataset-fashion-mnist package (installed with
-# apt-get when possible); torchvision's download. Idempotent.
+# Sources, in order: files already there; the gzipped IDX files in ${FMNIST_GZ_DIR:-/usr/share/datasets/fashion-mnist}
+# (Debian's dataset-fashion-mnist package, installed with apt-get when possible); torchvision's download. Idempotent.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 ROOT=${DATASET_CACHE:-./dataset_cache}
 RAW="$ROOT/FashionMNIST/raw"
-DEBIAN=/usr/share/datasets/fashion-mnist
+DEBIAN=${FMNIST_GZ_DIR:-/usr/share/datasets/fashion-mnist}
 FILES="train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte"
 
 have_all() { for f in $FILES; do [ -s "$RAW/$f" ] || return 1; done; }
