@@ -39,7 +39,7 @@ prints the least mean sample count at which such a clairvoyant certifier
 bound, n a multiple of 100) keeps the ACR within T of fixed-N's: a
 Lagrangian (dual) lower bound on that knapsack problem.
 
-    python benchmarks/bench_sequential.py FIXED.tsv --simulate --sigma S --radii 0 0.25 0.5 ... [--reps 40]
+    python benchmarks/bench_sequential.py FIXED.tsv --simulate --sigma S --radii 0 0.25 0.5 ... [--reps 40 --held-out]
 
 simulates the radii mode (the rule ``certify.py --sequential --radii``
 runs, decision by decision through ``SequentialCertifier.step``) on the
@@ -47,24 +47,32 @@ images of FIXED.tsv without the model: the estimation samples of an image
 are i.i.d. Bernoulli(pA) given its selected class, so ``--reps`` streams of
 counts drawn with each image's pA (the share of the oracle above; 1/2 for
 an image fixed-N abstained on) have the law of real runs. The pilot (N0
-selection samples) is drawn too, since it picks the rule. Prints the mean
-samples per image of the current scheme and of the previous one (the same
-without the predictive stop, ``RADII_FUTILITY``) with the same seeds, the
-clairvoyant bound, how often the certified listed radius equals fixed-N's,
-and the certified accuracy at each listed radius minus fixed-N's (points;
-an image counts where fixed-N's prediction is correct).
+selection samples) is drawn too, since it picks the rule. Each stream is
+drawn once and every scheme runs on it: this project's rule (with and
+without the predictive stop, ``RADII_FUTILITY``) and the published ones of
+``published_schemes.py`` (Voracek and Hein's KT betting sequence and
+union-bound Clopper-Pearson sequence, alone and given this project's
+stopping aids; Horvath et al.'s staged test). Prints mean samples per
+image, the clairvoyant bound, how often the certified listed radius equals
+fixed-N's, the certified accuracy at each listed radius minus fixed-N's
+(points; an image counts where fixed-N's prediction is correct), the same
+by pA group, and the best published scheme's samples over this project's.
+``--held-out`` keeps the images no scheme was chosen on (idx a multiple of
+97 and not of 100).
 
     python benchmarks/bench_sequential.py FIXED.tsv --simulate --acr --sigma S [--reps 10 --acr-tol 0.02]
 
-simulates the ACR mode instead (the rule ``certify.py --sequential``
-runs without ``--radii``, ``--radius-tol`` 0.1 sigma): each stream's counts
-at every look are drawn once, and on the same streams it runs the current
+simulates the ACR mode instead (the rule ``certify.py --sequential`` runs
+without ``--radii``, ``--radius-tol`` 0.1 sigma): each stream's counts at
+every batch are drawn once, and on the same streams it runs the current
 rule, which steers by the (1 - ``STOP_ALPHA``) upper bound, the previous
-one, which steered by the upper bound at each look's own level, and
-fixed-N CERTIFY (the count at N). Prints mean samples per image, the ratio
-to fixed-N, the clairvoyant ACR bound at ``--acr-tol`` (default 0.02) over
-the samples, and the ACR (images fixed-N predicted correctly) with its
-difference to fixed-N's on the same streams.
+one, which steered by the upper bound at each look's own level, fixed-N
+CERTIFY (the count at N), and Chen et al.'s ISS (pilot: the first batch)
+over a range of its tolerance kappa. Prints mean samples per image, the
+ratio to fixed-N, the clairvoyant ACR bound at ``--acr-tol`` (default
+0.02) over the samples, the ACR (images fixed-N predicted correctly) with
+its difference to fixed-N's on the same streams, and ISS's samples at the
+current rule's ACR loss.
 
     python benchmarks/bench_sequential.py --exact-worst-case [--sigma S --radii ... --N 100000 --batch 1000]
 
@@ -245,33 +253,21 @@ def without_futility(rule):
     return rule
 
 
-def simulated_runs(rule_of, shares, args, rng):
-    """Samples per stream and the listed level certified, for streams with these pA (the radii mode).
+def held_out(fixed):
+    """The rows of images no scheme was chosen on: idx a multiple of 97 and not of 100."""
+    idx = fixed["idx"].to_numpy()
+    return fixed[(idx % 97 == 0) & (idx % 100 != 0)].reset_index(drop=True)
 
-    ``rule_of(unanimous)``: the decision rule of a stream whose pilot was unanimous or not.
-    """
-    p = np.repeat(np.asarray(shares, dtype=float), args.reps)
-    unanimous = rng.binomial(args.N0, p) == args.N0
-    samples, lower = np.zeros(len(p)), np.zeros(len(p))
-    for flag in (False, True):
-        group = np.flatnonzero(unanimous == flag)
-        if not len(group):
-            continue
-        rule = rule_of(flag)
-        draws = np.random.default_rng([args.seed, int(flag)])
-        counts, drawn, running = np.zeros(len(group), dtype=np.int64), 0, np.ones(len(group), dtype=bool)
-        for look, num in enumerate(rule.looks):
-            active = np.flatnonzero(running)
-            counts[active] += draws.binomial(num - drawn, p[group[active]])
-            drawn = num
-            stop, low = rule.step(look, counts[active])
-            lower[group[active]] = low
-            done = active[np.asarray(stop, dtype=bool)]
-            samples[group[done]] = args.N0 + num
-            running[done] = False
-            if not running.any():
-                break
-    return samples, lower
+
+def simulation_images(args):
+    """The rows of FIXED.tsv that ``--simulate`` runs on (``--held-out``: those of ``held_out``)."""
+    fixed = load_results(args.fixed)
+    if args.held_out:
+        fixed = held_out(fixed)
+        if not len(fixed):
+            sys.exit(f"error: '{args.fixed}' has no image with idx a multiple of 97 and not of 100; "
+                     f"drop --held-out or give a file of more images")
+    return fixed
 
 
 def image_shares(fixed, args) -> list:
@@ -280,9 +276,60 @@ def image_shares(fixed, args) -> list:
             for predict, radius in zip(fixed["predict"], fixed["radius"])]
 
 
+# the pA groups of the per-group table: an abstention of fixed-N, then pA in [lo, hi)
+PA_GROUPS = (("abstained", None, None), ("pA < 0.99", 0.0, 0.99), ("0.99 <= pA < 0.9999", 0.99, 0.9999),
+             ("pA >= 0.9999", 0.9999, 1.01))
+
+
+def pa_groups(fixed, shares) -> dict:
+    """Per group name of ``PA_GROUPS``, a boolean mask over the images."""
+    abstained = np.asarray(fixed["predict"]) == -1
+    shares = np.asarray(shares)
+    return {name: abstained if lo is None else ~abstained & (shares >= lo) & (shares < hi)
+            for name, lo, hi in PA_GROUPS}
+
+
+def common_streams(shares, looks, args, rng):
+    """One stream per image and run, drawn once for every scheme: (unanimous pilot, counts at each of ``looks``).
+
+    The estimation samples of a stream are i.i.d. Bernoulli(pA) given its selected class, so the count at
+    each sample size of ``looks`` (sorted) is a cumulative sum of binomial increments; the pilot (N0
+    selection samples) is drawn too, since it picks the project's rule.
+    """
+    p = np.repeat(np.asarray(shares, dtype=float), args.reps)
+    unanimous = rng.binomial(args.N0, p) == args.N0
+    steps = np.diff([0] + list(looks))
+    counts = np.cumsum(rng.binomial(steps[None, :], p[:, None]), axis=1)
+    return unanimous, counts
+
+
+def project_runs(rule_of, unanimous, counts, grid):
+    """Samples (N0 excluded) and lower bound per stream of the project's rules, every decision through ``step``."""
+    position = {n: i for i, n in enumerate(grid)}
+    samples, lower = np.zeros(len(unanimous), dtype=np.int64), np.zeros(len(unanimous))
+    for flag in (False, True):
+        group = np.flatnonzero(unanimous == flag)
+        if not len(group):
+            continue
+        rule = rule_of(flag)
+        running = np.ones(len(group), dtype=bool)
+        for look, num in enumerate(rule.looks):
+            active = np.flatnonzero(running)
+            stop, low = rule.step(look, counts[group[active], position[num]])
+            lower[group[active]] = low
+            done = active[np.asarray(stop, dtype=bool)]
+            samples[group[done]] = num
+            running[done] = False
+            if not running.any():
+                break
+    return samples, lower
+
+
 def simulate(args):
-    from sequential import sequential_certifier
-    fixed = load_results(args.fixed)
+    import published_schemes as published
+    from sequential import (RADII_FUTILITY, RADII_FUTILITY_FROM, STOP_ALPHA, look_schedule,
+                            sequential_certifier)
+    fixed = simulation_images(args)
     radii = sorted(set(args.radii) | {0.0})
     listed = [r for r in radii if r > 0]
     shares = image_shares(fixed, args)
@@ -291,14 +338,29 @@ def simulate(args):
     oracle_mean = np.mean([args.N0 if predict == -1 else
                            clairvoyant_samples(radius, args.sigma, radii, args.alpha, args.N, args.N0)
                            for predict, radius in zip(fixed["predict"], fixed["radius"])])
-    schemes = {
-        "current": lambda flag: sequential_certifier(args.sigma, args.alpha, args.N, args.batch, radii=listed,
-                                                     pilot_unanimous=flag),
-        "previous": lambda flag: without_futility(sequential_certifier(args.sigma, args.alpha, args.N, args.batch,
-                                                                        radii=listed, pilot_unanimous=flag)),
-    }
-    print(f"{os.path.basename(args.fixed)}: sigma {args.sigma}, {len(shares)} images x {args.reps} simulated runs, "
-          f"radii {' '.join(f'{r:g}' for r in listed)}, batch {args.batch}; clairvoyant bound {oracle_mean:,.0f}")
+
+    def project(flag):
+        return sequential_certifier(args.sigma, args.alpha, args.N, args.batch, radii=listed, pilot_unanimous=flag)
+    aids = published.StoppingAids(futility=RADII_FUTILITY, futility_from=int(math.ceil(RADII_FUTILITY_FROM * args.N)),
+                                  checkpoints=project(False).checkpoints, stop_alpha=STOP_ALPHA)
+    baselines = [published.KTSequence(args.alpha, args.N), published.CPUnionSequence(args.alpha, args.N),
+                 published.HorvathStages(args.alpha, args.N)]
+    rules = [project(flag) for flag in (False, True)]
+    grid = sorted(set().union(*(rule.looks for rule in rules + baselines)))
+    unanimous, counts = common_streams(shares, grid, args, np.random.default_rng(args.seed))
+    position = {n: i for i, n in enumerate(grid)}
+    runs = {"this project": project_runs(project, unanimous, counts, grid),
+            "this project, no predictive stop": project_runs(lambda flag: without_futility(project(flag)),
+                                                             unanimous, counts, grid)}
+    for rule in baselines:
+        columns = [position[n] for n in rule.looks]
+        runs[rule.name] = published.run_published(rule, counts[:, columns], thresholds)
+        if not isinstance(rule, published.HorvathStages):   # (its stages are too few for the aids to act)
+            runs[rule.name + " + the project's stopping aids"] = published.run_published(rule, counts[:, columns],
+                                                                                        thresholds, aids)
+    print(f"{os.path.basename(args.fixed)}{' (held-out images)' if args.held_out else ''}: sigma {args.sigma}, "
+          f"{len(shares)} images x {args.reps} simulated runs (the same streams for every scheme), radii "
+          f"{' '.join(f'{r:g}' for r in listed)}, batch {args.batch}; clairvoyant bound {oracle_mean:,.0f}")
     correct = np.repeat(np.asarray(fixed["correct"]) == 1, args.reps)
 
     def accuracy(levels):   # certified accuracy (%) at each radius: radii[i] is certified at level i + 1 and up
@@ -306,43 +368,60 @@ def simulate(args):
     print(f"| scheme | samples/image (se) | ratio to fixed-N | bound / samples | same level as fixed-N | "
           f"certified accuracy minus fixed-N's at {', '.join(f'{r:g}' for r in radii)} |")
     print("|---|---:|---:|---:|---:|---|")
-    for name, rule_of in schemes.items():
-        samples, lower = simulated_runs(rule_of, shares, args, np.random.default_rng(args.seed))
-        level = np.searchsorted(thresholds, lower, side="right")
+    levels = {}
+    for name, (samples, lower) in runs.items():
+        samples = samples + args.N0
+        runs[name] = samples
+        levels[name] = np.searchsorted(thresholds, lower, side="right")
         per_image = samples.reshape(len(shares), args.reps).mean(axis=1)
         se = per_image.std(ddof=1) / math.sqrt(len(shares) * args.reps) if len(shares) > 1 else float("nan")
         print(f"| {name} | {samples.mean():,.0f} ({se:,.0f}) | {(args.N0 + args.N) / samples.mean():.1f}x | "
-              f"{oracle_mean / samples.mean():.2f} | {np.mean(level == fixed_level):.4f} | "
-              f"{', '.join(f'{d:+.1f}' for d in accuracy(level) - accuracy(fixed_level))} |")
+              f"{oracle_mean / samples.mean():.2f} | {np.mean(levels[name] == fixed_level):.4f} | "
+              f"{', '.join(f'{d:+.1f}' for d in accuracy(levels[name]) - accuracy(fixed_level))} |")
+    groups = {name: np.repeat(mask, args.reps) for name, mask in pa_groups(fixed, shares).items()}
+    print(f"\nBy pA group: samples/image (same level as fixed-N)")
+    print("| scheme | " + " | ".join(f"{name} ({int(mask.sum()) // args.reps})" for name, mask in groups.items()) + " |")
+    print("|---|" + "---:|" * len(groups))
+    for name, samples in runs.items():
+        cells = [f"{samples[mask].mean():,.0f} ({np.mean(levels[name][mask] == fixed_level[mask]):.3f})"
+                 if mask.any() else "-" for mask in groups.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    best = min((name for name in runs if name.endswith("stopping aids")), key=lambda name: runs[name].mean())
+    ratios = [f"{name}: {runs[best][mask].mean() / runs['this project'][mask].mean():.2f}x"
+              for name, mask in groups.items() if mask.any()]
+    print(f"\nthe best published scheme with the same stopping aids ({best}) over this project: "
+          f"{runs[best].mean() / runs['this project'].mean():.2f}x overall; by group {', '.join(ratios)}")
 
 
 def simulate_acr(args):
-    from core import cp_lower
+    import published_schemes as published
     from eval_utils import DEFAULT_RADIUS_TOL_SIGMAS
-    from sequential import sequential_certifier
-    fixed = load_results(args.fixed)
+    from sequential import batch_looks, cp_lower, sequential_certifier
+    fixed = simulation_images(args)
     args.acr_tol = 0.02 if args.acr_tol is None else args.acr_tol
     shares = image_shares(fixed, args)
     current = sequential_certifier(args.sigma, args.alpha, args.N, args.batch,
                                    radius_tol=DEFAULT_RADIUS_TOL_SIGMAS * args.sigma)
     previous = copy.copy(current)
     previous.stop_alpha = None   # the upper bound at each look's own level
-    p = np.repeat(np.asarray(shares, dtype=float), args.reps)
-    steps = np.diff([0] + current.looks)
-    counts = np.cumsum(np.random.default_rng(args.seed).binomial(steps[None, :], p[:, None]), axis=1)
+    grid = sorted(set(current.looks) | set(batch_looks(args.N, args.batch)))
+    _, counts = common_streams(shares, grid, args, np.random.default_rng(args.seed))
+    position = {n: i for i, n in enumerate(grid)}
     correct = np.repeat(np.asarray(fixed["correct"]) == 1, args.reps)
     fixed_acr = float(np.mean(correct * current.radius(cp_lower(counts[:, -1], args.N, args.alpha))))
     bound = clairvoyant_acr_samples(fixed, args)
-    print(f"{os.path.basename(args.fixed)}: sigma {args.sigma}, {len(shares)} images x {args.reps} simulated runs, "
-          f"ACR mode, radius tolerance {DEFAULT_RADIUS_TOL_SIGMAS:g} sigma; clairvoyant bound for ACR within "
-          f"{args.acr_tol:g}: {bound:,.0f}; fixed-N ACR on these streams {fixed_acr:.3f}")
+    print(f"{os.path.basename(args.fixed)}{' (held-out images)' if args.held_out else ''}: sigma {args.sigma}, "
+          f"{len(shares)} images x {args.reps} simulated runs, ACR mode, radius tolerance "
+          f"{DEFAULT_RADIUS_TOL_SIGMAS:g} sigma; clairvoyant bound for ACR within {args.acr_tol:g}: {bound:,.0f}; "
+          f"fixed-N ACR on these streams {fixed_acr:.3f}")
     print("| scheme | samples/image | ratio to fixed-N | bound / samples | ACR (diff to fixed-N) |")
     print("|---|---:|---:|---:|---:|")
+    losses = {}
     for name, rule in (("current", current), ("previous", previous)):
-        samples, radius, running = np.zeros(len(p)), np.zeros(len(p)), np.ones(len(p), dtype=bool)
+        samples, radius, running = np.zeros(len(counts)), np.zeros(len(counts)), np.ones(len(counts), dtype=bool)
         for look, num in enumerate(rule.looks):
             active = np.flatnonzero(running)
-            stop, lower = rule.step(look, counts[active, look])
+            stop, lower = rule.step(look, counts[active, position[num]])
             radius[active] = rule.radius(lower)
             done = active[np.asarray(stop, dtype=bool)]
             samples[done] = args.N0 + num
@@ -350,8 +429,23 @@ def simulate_acr(args):
             if not running.any():
                 break
         acr = float(np.mean(correct * radius))
+        losses[name] = (fixed_acr - acr, samples.mean())
         print(f"| {name} | {samples.mean():,.0f} | {(args.N0 + args.N) / samples.mean():.2f}x | "
               f"{bound / samples.mean():.2f} | {acr:.3f} ({acr - fixed_acr:+.4f}) |")
+    # ISS (pilot: the first batch, reused) over a range of its tolerance kappa, to match the ACR loss
+    iss = []
+    for kappa in np.array([0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5]) * args.sigma:
+        sizes, radius = published.iss_runs(counts, grid, args.batch, args.sigma, args.alpha, kappa)
+        acr = float(np.mean(correct * radius))
+        iss.append((fixed_acr - acr, args.N0 + sizes.mean()))
+        print(f"| ISS (Chen et al.), kappa {kappa / args.sigma:g} sigma | {args.N0 + sizes.mean():,.0f} | "
+              f"{(args.N0 + args.N) / (args.N0 + sizes.mean()):.2f}x | {bound / (args.N0 + sizes.mean()):.2f} | "
+              f"{acr:.3f} ({acr - fixed_acr:+.4f}) |")
+    loss, samples = losses["current"]
+    iss.sort()
+    at = float(np.interp(loss, [l for l, _ in iss], [s for _, s in iss]))
+    print(f"\nISS at the current rule's ACR loss ({loss:.4f}, interpolated over kappa): {at:,.0f} samples per image; "
+          f"ISS / current = {at / samples:.2f}")
 
 
 def count_window(num: int, p: float, tail: float):
@@ -520,6 +614,8 @@ def main(argv=None):
     parser.add_argument("--acr", action="store_true", help="--simulate: the ACR mode instead of the radii mode")
     parser.add_argument("--reps", type=int, default=40, help="--simulate: runs per image")
     parser.add_argument("--seed", type=int, default=0, help="--simulate: seed of the simulated draws")
+    parser.add_argument("--held-out", action="store_true",
+                        help="--simulate: only the images of FIXED.tsv with idx a multiple of 97 and not of 100")
     args = parser.parse_args(argv)
     if args.simulate:
         if not args.fixed:
