@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, python_env
 
 TOY = ('--train-args "--train-subset 128 --test-subset 64 --epochs 1 --print-freq 1000" --N 100 '
-       '--fixed-skip 2500 --sequential-skip 2000 --smooth-N 8 --smooth-max 128')
+       '--fixed-skip 2500 --sequential-skip 2000 --smooth-N 8 --smooth-max 128 --no-smooth-compile')
 
 
 def _checkout(root):
@@ -68,6 +68,6 @@ def test_two_windows_bring_the_cells_back(tmp_path):
     dry = subprocess.run([sys.executable, "code/reproduce.py", "fmnist", "--dry-run", "--cells", "pretrain catrs:0.5",
                           *["--train-args", "--train-subset 128 --test-subset 64 --epochs 1 --print-freq 1000",
                             "--N", "100", "--fixed-skip", "2500", "--sequential-skip", "2000", "--smooth-N", "8",
-                            "--smooth-max", "128"]],
+                            "--smooth-max", "128", "--no-smooth-compile"]],
                          cwd=here, env=python_env(tmp_path), capture_output=True, text=True)
     assert "pretrain: finished" in dry.stdout and "catrs:0.5: finished" in dry.stdout, dry.stdout + dry.stderr

@@ -167,7 +167,8 @@ def test_cells_select_and_catrs_brings_its_pretrain():
 
 
 TOY = ["--train-args", "--train-subset 128 --test-subset 64 --epochs 1 --print-freq 1000", "--N", "100",
-       "--fixed-skip", "2500", "--sequential-skip", "2000", "--smooth-N", "8", "--smooth-max", "128"]
+       "--fixed-skip", "2500", "--sequential-skip", "2000", "--smooth-N", "8", "--smooth-max", "128",
+       "--no-smooth-compile"]
 
 
 def toy_paths(tmp_path):
@@ -282,7 +283,7 @@ def test_saved_smoothed_prediction_continues_in_another_checkout(tmp_path, monke
     first = _checkout(tmp_path, "first")   # trained, and the smoothed prediction stopped after 60 images
     cell = reproduce.select_cells(reproduce.table_cells("fmnist"), "pretrain")[0]
     commands = reproduce.cell_commands("fmnist", cell, reproduce.Scale(shlex.split(TOY[1]), smooth_n=8,
-                                                                       smooth_max=128), "logs", "test")
+                                                                       smooth_max=128, smooth_compile=False), "logs", "test")
     subprocess.run([sys.executable, *commands["train"][1:]], cwd=first, check=True, capture_output=True)
     partial = commands["smooth_prediction"][1:]
     partial[partial.index("--max") + 1] = "60"
