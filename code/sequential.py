@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy.stats import betabinom, norm
 
-from core import Generators, Smooth, _dense, cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401 (re-exported)
+from core import Generators, Smooth, cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------- looks
 
@@ -125,9 +125,6 @@ def mixture_lower(count, num, alpha, iterations=40, point_weight: float = MIXTUR
 
 # the radii mode also looks where a stream with 0, 1, ..., FEW_FAILURES samples not cA reaches its top level
 FEW_FAILURES = 3
-# and after these numbers of estimation samples, those below one --batch (checkpoints too): an image far from
-# every threshold is decided after a few hundred samples (the noise is still drawn in whole batches)
-RADII_EARLY_LOOKS = (100, 200, 400, 800)
 
 
 @dataclass(frozen=True)
@@ -143,10 +140,9 @@ class RadiiShares:
         return round(1 - self.mixture - self.final, 10)
 
     def describe(self) -> str:
-        return (f"mixture {self.mixture:g} (weight {self.point_weight:g} at p1 = 1) at every batch, at "
-                f"{', '.join(str(n) for n in RADII_EARLY_LOOKS)} samples and where streams with 0 to "
-                f"{FEW_FAILURES} samples not cA reach the top level + Clopper-Pearson {self.checkpoints:g} at "
-                f"those early looks and the geometric looks + {self.final:g} at the last look")
+        return (f"mixture {self.mixture:g} (weight {self.point_weight:g} at p1 = 1) at every batch and where "
+                f"streams with 0 to {FEW_FAILURES} samples not cA reach the top level + Clopper-Pearson "
+                f"{self.checkpoints:g} at geometric looks + {self.final:g} at the last look")
 
 
 # The radii mode's split of alpha, chosen per image by its pilot (the N0 selection samples, drawn before
@@ -213,11 +209,9 @@ def _certifier(sigma, alpha, n_max, batch_size, radii, radius_tol, growth, pilot
             return SequentialCertifier(sigma, alpha, looks, radii=radii, final_share=shares.final,
                                        stop_alpha=STOP_ALPHA, futility=RADII_FUTILITY,
                                        futility_from=int(math.ceil(RADII_FUTILITY_FROM * n_max)), sequence="mixture",
-                                       checkpoints=sorted(set(look_schedule(n_max, batch_size, growth)) | set(early)),
+                                       checkpoints=look_schedule(n_max, batch_size, growth),
                                        mixture_share=shares.mixture, point_weight=shares.point_weight)
         looks = batch_looks(n_max, batch_size)   # (a single look has no mixture, hence no added looks)
-        early = [n for n in RADII_EARLY_LOOKS if n < batch_size] if len(looks) > 1 else []
-        looks = sorted(set(looks) | set(early))
         return rule(sorted(set(looks) | set(rule(looks).few_failures_looks())))
     return SequentialCertifier(sigma, alpha, look_schedule(n_max, batch_size, growth), radius_tol=radius_tol,
                                final_share=SEQUENTIAL_FINAL_SHARE, stop_alpha=STOP_ALPHA, sequence="spending")
@@ -617,19 +611,14 @@ def draw_in_rounds(smooth: Smooth, xs: torch.Tensor, looks: Sequence[int], batch
     ``decide(look, num, active, more)`` gets the indices of the images still drawing and the class
     counts [len(active) x num_classes] of their new samples, and returns per image its result, or
     None to go on. Decided images leave the group.
-
-    The noise is always drawn in whole chunks of ``batch_size`` per image, as fixed-N CERTIFY draws it,
-    whatever the looks: a look inside a chunk classifies the chunk's first samples and keeps the rest
-    for the next look (``_ChunkTails``), so an image's counts at n samples are those of CERTIFY's first
-    n samples, wherever the looks fall. (An image that stops inside a chunk has drawn, but not
-    classified, the chunk's other samples; ``samples`` counts the classified ones.)
     """
     results: list = [None] * xs.shape[0]
     active = list(range(xs.shape[0]))
-    tails = _ChunkTails(smooth, xs, batch_size, generators)
     drawn = 0
     for look, num in enumerate(looks):
-        more = tails.take(active, num - drawn)
+        index = torch.tensor(active, dtype=torch.long, device=xs.device)
+        more = smooth.sample_counts_many(xs.index_select(0, index), num - drawn, batch_size,
+                                         [generators[i] for i in active])
         drawn = num
         decided = decide(look, num, active, more)
         for i, result in zip(active, decided):
@@ -638,58 +627,3 @@ def draw_in_rounds(smooth: Smooth, xs: torch.Tensor, looks: Sequence[int], batch
         if not active:
             break
     return results
-
-
-class _ChunkTails:
-    """The class counts of each image's next samples, its noise drawn in whole chunks of ``batch_size``.
-
-    Every image still drawing has drawn the same number of samples, so the unclassified tail of its
-    current chunk has the same length for all of them (``self.left``).
-    """
-
-    def __init__(self, smooth: Smooth, xs: torch.Tensor, batch_size: int, generators: Generators):
-        self.smooth, self.xs, self.batch_size, self.generators = smooth, xs, batch_size, generators
-        self.tails: dict = {}   # image -> its noisy samples drawn but not classified yet
-        self.left = 0
-
-    def take(self, active: List[int], num: int) -> np.ndarray:
-        """Class counts [len(active) x num_classes] of the next ``num`` samples of each active image."""
-        counts = np.zeros((len(active), self.smooth.num_classes), dtype=np.int64)
-        head = min(num, self.left)
-        if head:   # the rest of the current chunks first
-            counts += self._classify([self.tails[i][:head] for i in active])
-            self.tails = {i: self.tails[i][head:] for i in active}
-            self.left -= head
-            num -= head
-        whole, rest = divmod(num, self.batch_size)
-        if whole:
-            index = torch.tensor(active, dtype=torch.long, device=self.xs.device)
-            counts += self.smooth.sample_counts_many(self.xs.index_select(0, index), whole * self.batch_size,
-                                                     self.batch_size, [self.generators[i] for i in active])
-        if rest:   # a look inside a chunk: draw the whole chunk, classify its first samples
-            self.tails = {i: self._draw(i) for i in active}
-            counts += self._classify([self.tails[i][:rest] for i in active])
-            self.tails = {i: self.tails[i][rest:] for i in active}
-            self.left = self.batch_size - rest
-        return counts
-
-    def _draw(self, image: int) -> torch.Tensor:
-        """One chunk of ``batch_size`` noisy copies of the image, drawn as ``Smooth.sample_counts_many`` does."""
-        x = self.xs[image]
-        shape = (self.batch_size,) + tuple(x.shape)
-        memory_format = torch.channels_last if self.smooth.channels_last and len(shape) == 4 \
-            else torch.contiguous_format
-        chunk = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
-        _dense(chunk).normal_(generator=self.generators[image])
-        torch.add(x, chunk, alpha=self.smooth.sigma, out=chunk)
-        return chunk
-
-    def _classify(self, pieces: List[torch.Tensor]) -> np.ndarray:
-        counts = np.zeros((len(pieces), self.smooth.num_classes), dtype=np.int64)
-        with torch.inference_mode():
-            for row, piece in enumerate(pieces):
-                step = self.smooth._forward_step(len(piece), piece.device)
-                for begin in range(0, len(piece), step):
-                    predictions = self.smooth._classify(piece[begin:begin + step]).argmax(1)
-                    counts[row] += torch.bincount(predictions, minlength=self.smooth.num_classes).cpu().numpy()
-        return counts

@@ -43,7 +43,7 @@ prepare() {
 }
 
 stop_drivers() {
-  for pid in "$@"; do kill -INT -- "-$pid" 2>/dev/null; done
+  for pid in "$@"; do kill -TERM -- "-$pid" 2>/dev/null; done
   for _ in $(seq 1 30); do
     alive=0
     for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
