@@ -551,6 +551,7 @@ def timing(args):
     from common import load_base_classifier
     from core import Smooth
     from noise_streams import noise_generator
+    from sequential import certify_sequential
     from datasets import get_dataset
 
     torch.set_num_threads(args.threads)
@@ -560,10 +561,10 @@ def timing(args):
     radii = [r for r in args.radii if r > 0]
     methods = {
         "fixed-N CERTIFY": lambda x, g: smooth.certify(x, 100, 100000, 0.001, 1000, g) + (100100,),
-        "sequential, radii": lambda x, g: smooth.certify_sequential_many(x[None], 100, 100000, 0.001, 1000, [g],
-                                                                         radii=radii)[0],
-        "sequential, ACR": lambda x, g: smooth.certify_sequential_many(x[None], 100, 100000, 0.001, 1000, [g],
-                                                                       radius_tol=0.1 * args.sigma)[0],
+        "sequential, radii": lambda x, g: certify_sequential(smooth, x[None], 100, 100000, 0.001, 1000, [g],
+                                                             radii=radii)[0],
+        "sequential, ACR": lambda x, g: certify_sequential(smooth, x[None], 100, 100000, 0.001, 1000, [g],
+                                                           radius_tol=0.1 * args.sigma)[0],
     }
     seconds = {name: [] for name in methods}
     samples = {name: [] for name in methods}

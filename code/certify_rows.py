@@ -6,6 +6,7 @@ printed radius is always certified.
 """
 import math
 
+import sequential
 from eval_utils import (CERTIFY_HEADER, SEQUENTIAL_CERTIFY_HEADER, check_sequential_arguments, format_time,
                         sequential_n_max, sequential_radius_tol)
 
@@ -44,7 +45,7 @@ def certify_images(args):
     """``evaluate(smooth, xs, generators)`` for ``run_on_image_sets``: CERTIFY with the options of ``args``."""
     check_sequential_arguments(args)
     if args.sequential:
-        return lambda smooth, xs, generators: smooth.certify_sequential_many(
-            xs, args.N0, sequential_n_max(args), args.alpha, args.batch, generators, radii=args.radii,
+        return lambda smooth, xs, generators: sequential.certify_sequential(
+            smooth, xs, args.N0, sequential_n_max(args), args.alpha, args.batch, generators, radii=args.radii,
             radius_tol=sequential_radius_tol(args, smooth.sigma))
     return lambda smooth, xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch, generators)

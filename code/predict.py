@@ -14,6 +14,7 @@ first look whose test rejects at that look's level, or, abstaining, once
 ``--N-max`` samples (default ``--N``) could not make it reject; same guarantee.
 Rows then end with a column ``samples``, the samples drawn for the image.
 """
+import sequential
 from common import ArgumentParser, run_cli
 from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, ImageSet, add_engine_arguments, add_image_arguments,
                         add_model_arguments, add_sampling_arguments, add_sequential_arguments,
@@ -48,8 +49,8 @@ def run(argv=None):
     dataset = evaluation_dataset(args.dataset, args.split)
     if args.sequential:
         header, row = SEQUENTIAL_PREDICT_HEADER, format_sequential_row
-        evaluate = lambda smooth, xs, generators: smooth.predict_sequential_many(  # noqa: E731
-            xs, sequential_n_max(args), args.alpha, args.batch, generators)
+        evaluate = lambda smooth, xs, generators: sequential.predict_sequential(  # noqa: E731
+            smooth, xs, sequential_n_max(args), args.alpha, args.batch, generators)
     else:
         header, row = PREDICT_HEADER, format_row
         evaluate = lambda smooth, xs, generators: smooth.predict_many(  # noqa: E731
