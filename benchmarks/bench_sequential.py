@@ -548,7 +548,7 @@ def timing(args):
 
     import torch
 
-    from common import load_base_classifier
+    from checkpoints import load_base_classifier
     from core import Smooth
     from noise_streams import noise_generator
     from sequential import certify_sequential

@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:   # results.py and the rest, when imported from elsewhere
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comparison  # noqa: E402
+from common import UserError, cli_status  # noqa: E402
 from reporting import (Line, certified_accuracy_figure, format_acr, format_percent, format_radius,  # noqa: E402,F401
                        format_samples, latex_table_abstain_rate, latex_table_certified_accuracy,
                        markdown_table_certified_accuracy, plot_certified_accuracy, pyplot, radius_grid,
@@ -81,10 +82,6 @@ def default_labels(paths: Sequence[PathLike]) -> List[str]:
         seen[label] = seen.get(label, 0) + 1
         unique.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
     return unique
-
-
-class _UsageError(Exception):
-    pass
 
 
 def _default_max_radius(accuracies: Sequence[ApproximateAccuracy]) -> float:
@@ -168,28 +165,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "compare":
         return comparison.run(args)
-    return table(args)
+    return cli_status(lambda: table(args))
 
 
 def table(args: argparse.Namespace) -> int:
     """``analyze.py table``: print the table (and write the plot); the exit status."""
-    try:
-        if args.labels is not None and len(args.labels) != len(args.files):
-            raise _UsageError(f"--labels got {len(args.labels)} label(s) for {len(args.files)} file(s)")
-        if args.max_radius is not None and args.max_radius <= 0:
-            raise _UsageError(f"--max-radius must be positive, got {args.max_radius}")
-        bad = [r for r in args.radii or [] if not (math.isfinite(r) and r >= 0)]
-        if bad:
-            raise _UsageError(f"--radii must be non-negative numbers, got {bad[0]:g}")
-        # Read every file before printing or writing anything: a bad file
-        # late in the list must not leave a partial table or plot behind.
-        lines = [_line_files(f) for f in args.files]
-        accuracies = [ApproximateAccuracy(files) for files in lines]
-        for accuracy in accuracies:
-            accuracy.mean_samples()   # validates the samples column, if any
-    except (ResultsFileError, _UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.labels is not None and len(args.labels) != len(args.files):
+        raise UserError(f"--labels got {len(args.labels)} label(s) for {len(args.files)} file(s)")
+    if args.max_radius is not None and args.max_radius <= 0:
+        raise UserError(f"--max-radius must be positive, got {args.max_radius}")
+    bad = [r for r in args.radii or [] if not (math.isfinite(r) and r >= 0)]
+    if bad:
+        raise UserError(f"--radii must be non-negative numbers, got {bad[0]:g}")
+    # Read every file before printing or writing anything: a bad file
+    # late in the list must not leave a partial table or plot behind.
+    lines = [_line_files(f) for f in args.files]
+    accuracies = [ApproximateAccuracy(files) for files in lines]
+    for accuracy in accuracies:
+        accuracy.mean_samples()   # validates the samples column, if any
 
     labels = args.labels if args.labels is not None else default_labels([files[0] for files in lines])
     radii = args.radii if args.radii is not None else default_table_radii(accuracies)
@@ -208,8 +201,7 @@ def table(args: argparse.Namespace) -> int:
             plot_path.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(plot_path, dpi=200, bbox_inches="tight")
         except (OSError, ValueError) as err:
-            print(f"error: cannot write plot {plot_path}: {first_line(err)}", file=sys.stderr)
-            return 2
+            raise UserError(f"cannot write plot {plot_path}: {first_line(err)}") from None
         finally:
             pyplot().close(fig)
 

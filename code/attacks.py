@@ -24,7 +24,7 @@ example is a ``reshape(m, b, ...)`` and a reduction over dimension 0.
   targets (b, K), and a list of m noise tensors shaped like ``inputs``.
 
 All attacks expect pixels in [0, 1] and a model in eval mode with frozen parameters
-(``train_utils.attack_mode``); logits are read in float32, so the forward passes may run under bf16
+(``method.attack_mode``); logits are read in float32, so the forward passes may run under bf16
 autocast.
 
 The constructors of ``PGD_L2``, ``DDN`` and ``KL_PGD`` take the published arguments, in the published

@@ -23,13 +23,13 @@ import glob
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
 
+from common import UserError, cli_status
 from reporting import pyplot
 from results import ResultsFileError, load_results
 
@@ -45,7 +45,7 @@ RADII = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
 ACR_TOLERANCE, ACCURACY_TOLERANCE, TEST_ACCURACY_TOLERANCE = 0.03, 3.0, 1.5
 
 
-class ComparisonError(Exception):
+class ComparisonError(UserError):
     """A missing or malformed input; the message names the file."""
 
 
@@ -297,10 +297,4 @@ def run(args: argparse.Namespace) -> int:
     """Write the report of ``args`` (``add_arguments``); the exit status."""
     command = "python code/analyze.py compare " + " ".join(
         [args.data_dir, "PUBLISHED_DIR"] + (["--out", args.out] if args.out else []))
-    try:
-        path = compare(args.data_dir, args.published_dir, args.out, command)
-    except ComparisonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report written to {path}")
-    return 0
+    return cli_status(lambda: print(f"report written to {compare(args.data_dir, args.published_dir, args.out, command)}"))

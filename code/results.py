@@ -16,7 +16,7 @@ within which g is certified to be constant, following CERTIFY of Cohen, Rosenfel
   the per-certificate failure probability is accounted for (see its docstring).
 
 Files may be plain or gzipped TSVs (a ``.gz`` suffix means gzip). Malformed inputs raise
-`ResultsFileError` (a `ValueError`) with one line that names the file and what is wrong, so that a
+`ResultsFileError` (a `common.UserError`, hence a `ValueError`) with one line that names the file and what is wrong, so that a
 long sweep fails early and legibly instead of producing NaNs or a traceback.
 
 One line of a table may gather several result files that together make one run, e.g. the image
@@ -42,6 +42,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from common import UserError
 from provenance import read_sidecar, settings_differences
 
 PathLike = Union[str, Path]
@@ -57,7 +58,7 @@ DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 # Reading and validating result files
 # --------------------------------------------------------------------------
 
-class ResultsFileError(ValueError):
+class ResultsFileError(UserError):
     """A certification-results file is missing or is not a usable TSV.
 
     ``str(error)`` is a single line ``"<path>: <problem>"``; ``path`` and
