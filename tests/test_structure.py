@@ -96,3 +96,23 @@ def test_no_module_of_code_is_in_an_import_cycle():
     graph = import_graph()
     assert {"core", "sequential", "analyze", "comparison"} <= set(graph)
     assert cycles(graph) == []
+
+
+def design_tables():
+    """The modules that docs/DESIGN.md lists as entry scripts and as library (the backticked names)."""
+    import re
+    text = open(os.path.join(os.path.dirname(CODE), "docs", "DESIGN.md")).read()
+    section = text[text.index("## Modules"):text.index("\n## ", text.index("## Modules") + 1)]
+    entry, library = section.split("Library:")
+    names = lambda part: {name[:-3] for row in part.splitlines() if row.startswith("| `")  # noqa: E731
+                          for name in re.findall(r"`([\w/]+\.py)`", row.split(" | ")[0])}
+    return names(entry), names(library)
+
+
+def test_design_lists_entry_scripts_and_library_as_they_are():
+    # an entry script is a top-level file of code/ with a __main__ block; every other module is library
+    modules = {name: path for name, path in local_modules().items() if os.path.dirname(path) == CODE}
+    scripts = {name for name, path in modules.items() if '__name__ == "__main__"' in open(path).read()}
+    entry, library = design_tables()
+    assert entry == scripts
+    assert library == set(modules) - scripts
