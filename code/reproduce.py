@@ -43,7 +43,6 @@ import fnmatch
 import fcntl
 import gzip
 import json
-import math
 import os
 import shlex
 import shutil
