@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:   # results.py and the rest, when imported from elsewhere
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comparison  # noqa: E402
-from common import UserError, cli_status  # noqa: E402
+from common import ArgumentParser, UserError, cli_status  # noqa: E402
 from reporting import (Line, certified_accuracy_figure, format_acr, format_percent, format_radius,  # noqa: E402,F401
                        format_samples, latex_table_abstain_rate, latex_table_certified_accuracy,
                        markdown_table_certified_accuracy, plot_certified_accuracy, pyplot, radius_grid,
@@ -130,7 +130,7 @@ SUBCOMMANDS = ("table", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="analyze.py", description="Certified-accuracy tables and plots of certify.py outputs, and the "
                                        "reproduction report. Without a subcommand: table.")
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")

@@ -35,24 +35,25 @@ def cli_status(main: Callable[[], Optional[int]], resume_hint: str = RESUME_EVAL
     whole (appended and flushed, or replaced atomically), so what was written before the interruption
     stays usable.
     """
-    interrupted = False
     try:
         return main() or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        interrupted = True
-    if interrupted:
-        # Free the interrupted frames first, so that their progress bars close (and print) before the last line.
-        gc.collect()
-        print(f"\ninterrupted: {resume_hint}", file=sys.stderr)
+        pass
+    # Out of the handler, so that the interrupted frames are freed first: their progress bars close (and print)
+    # before the last line.
+    gc.collect()
+    print(f"\ninterrupted: {resume_hint}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
-def run_cli(main: Callable[[], None], resume_hint: str = RESUME_EVALUATION):
-    """``cli_status(main, resume_hint)``, exiting with its status unless that is 0."""
-    status = cli_status(main, resume_hint)
+def run_cli(main: Callable[[], object], resume_hint: str = RESUME_EVALUATION):
+    """Run ``main`` through ``cli_status`` (what it returns is ignored); exit with the status unless it is 0."""
+    def run():
+        main()
+    status = cli_status(run, resume_hint)
     if status:
         sys.exit(status)
 

@@ -29,7 +29,7 @@ from typing import List, Optional
 import numpy as np
 import pandas as pd
 
-from common import UserError, cli_status
+from common import ArgumentParser, UserError, cli_status
 from reporting import pyplot
 from results import ResultsFileError, load_results
 
@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """``analyze.py compare`` with these arguments."""
-    parser = argparse.ArgumentParser(prog="analyze.py compare",
+    parser = ArgumentParser(prog="analyze.py compare",
                                      description="Our reproduced cells against the published per-image results.")
     return run(add_arguments(parser).parse_args(argv))
 
