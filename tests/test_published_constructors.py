@@ -1,8 +1,9 @@
 """The attack classes built as the published training scripts build them.
 
-The call sites are those of the published CAT-RS repository: ``train_catrs.py`` builds
+The call sites are those of the published code: CAT-RS's ``train_catrs.py`` builds
 ``KL_PGD(steps=..., device=device, max_norm=...)`` and attacks with ``noises=``; the SmoothAdv
-training script beside it builds ``PGD_L2(steps=..., device=device, max_norm=...)`` and
+training script (``train_salman.py``) that uses ``third_party/smoothadv.py`` builds
+``PGD_L2(steps=..., device=device, max_norm=...)`` and
 ``DDN(steps=..., device=device, max_norm=..., init_norm=..., gamma=...)``, sets ``max_norm`` and
 ``init_norm`` to a NumPy scalar at each epoch, and attacks with ``noise=``, ``num_noise_vectors=``
 and ``no_grad=``. Each must run and give what the project's own construction gives (``device`` and
