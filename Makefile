@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: demo test test-slow install data clean-demo reproduce
+.PHONY: demo test test-slow lint install data clean-demo reproduce
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ data: $(STAMP)
 
 test: $(STAMP) data
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q
+
+# Defects a linter finds (unused imports, undefined names, ...; the rules are in ruff.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --no-cache code tests benchmarks
 
 # The slow tier: stress tests of sharded runs and other long checks (marker `slow`).
 test-slow: $(STAMP) data

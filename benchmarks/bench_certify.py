@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
 
 from architectures import get_architecture  # noqa: E402
-from common import ArgumentParser, UserError, load_base_classifier, positive_float, positive_int, run_cli  # noqa: E402
+from checkpoints import load_base_classifier  # noqa: E402
+from common import ArgumentParser, UserError, positive_float, positive_int, run_cli  # noqa: E402
 from core import Smooth  # noqa: E402
 from datasets import DatasetError, get_dataset, get_input_shape, get_num_classes  # noqa: E402
 from scipy.stats import norm  # noqa: E402

@@ -327,8 +327,7 @@ def project_runs(rule_of, unanimous, counts, grid):
 
 def simulate(args):
     import published_schemes as published
-    from sequential import (RADII_FUTILITY, RADII_FUTILITY_FROM, STOP_ALPHA, look_schedule,
-                            sequential_certifier)
+    from sequential import (RADII_FUTILITY, RADII_FUTILITY_FROM, STOP_ALPHA, sequential_certifier)
     fixed = simulation_images(args)
     radii = sorted(set(args.radii) | {0.0})
     listed = [r for r in radii if r > 0]
@@ -379,7 +378,7 @@ def simulate(args):
               f"{oracle_mean / samples.mean():.2f} | {np.mean(levels[name] == fixed_level):.4f} | "
               f"{', '.join(f'{d:+.1f}' for d in accuracy(levels[name]) - accuracy(fixed_level))} |")
     groups = {name: np.repeat(mask, args.reps) for name, mask in pa_groups(fixed, shares).items()}
-    print(f"\nBy pA group: samples/image (same level as fixed-N)")
+    print("\nBy pA group: samples/image (same level as fixed-N)")
     print("| scheme | " + " | ".join(f"{name} ({int(mask.sum()) // args.reps})" for name, mask in groups.items()) + " |")
     print("|---|" + "---:|" * len(groups))
     for name, samples in runs.items():
@@ -548,9 +547,10 @@ def timing(args):
 
     import torch
 
-    from common import load_base_classifier
+    from checkpoints import load_base_classifier
     from core import Smooth
     from noise_streams import noise_generator
+    from sequential import certify_sequential
     from datasets import get_dataset
 
     torch.set_num_threads(args.threads)
@@ -560,10 +560,10 @@ def timing(args):
     radii = [r for r in args.radii if r > 0]
     methods = {
         "fixed-N CERTIFY": lambda x, g: smooth.certify(x, 100, 100000, 0.001, 1000, g) + (100100,),
-        "sequential, radii": lambda x, g: smooth.certify_sequential_many(x[None], 100, 100000, 0.001, 1000, [g],
-                                                                         radii=radii)[0],
-        "sequential, ACR": lambda x, g: smooth.certify_sequential_many(x[None], 100, 100000, 0.001, 1000, [g],
-                                                                       radius_tol=0.1 * args.sigma)[0],
+        "sequential, radii": lambda x, g: certify_sequential(smooth, x[None], 100, 100000, 0.001, 1000, [g],
+                                                             radii=radii)[0],
+        "sequential, ACR": lambda x, g: certify_sequential(smooth, x[None], 100, 100000, 0.001, 1000, [g],
+                                                           radius_tol=0.1 * args.sigma)[0],
     }
     seconds = {name: [] for name in methods}
     samples = {name: [] for name in methods}

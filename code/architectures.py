@@ -13,6 +13,7 @@ from torchvision.models import resnet50
 
 from archs.cifar_resnet import resnet as resnet_cifar
 from archs.lenet import LeNet
+from common import UserError
 from datasets import get_normalize_layer, get_num_classes
 
 ARCHITECTURES = ["lenet", "cifar_resnet20", "cifar_resnet110", "cifar100_resnet110", "resnet50"]
@@ -27,7 +28,7 @@ ARCH_DATASETS = {
 }
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(UserError):
     """An unknown architecture, or one that does not fit the dataset."""
 
 

@@ -24,8 +24,14 @@ example is a ``reshape(m, b, ...)`` and a reduction over dimension 0.
   targets (b, K), and a list of m noise tensors shaped like ``inputs``.
 
 All attacks expect pixels in [0, 1] and a model in eval mode with frozen parameters
-(``train_utils.attack_mode``); logits are read in float32, so the forward passes may run under bf16
+(``method.attack_mode``); logits are read in float32, so the forward passes may run under bf16
 autocast.
+
+The constructors of ``PGD_L2``, ``DDN`` and ``KL_PGD`` take the published arguments, in the published
+order, so that code written against the published repositories runs: ``random_start`` and ``device``
+(and DDN's ``callback``) are accepted and ignored. The published attacks store ``random_start`` without
+reading it (they start at zero perturbation, or at the given noises, as these do), and every tensor
+here is made on the inputs' device, which is what the published ``device`` had to name anyway.
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -145,9 +151,11 @@ class PGD_L2:
     otherwise. ``no_grad`` (m > 1) replaces the gradient by
     mean_j(-p_y(x + d + e_j) * e_j), which needs no backward pass.
     ``attack`` returns ``inputs + d`` (copy-major, module docstring).
+    ``random_start`` and ``device`` are the published arguments, ignored (module docstring).
     """
 
-    def __init__(self, steps: int, max_norm: float):
+    def __init__(self, steps: int, random_start: bool = True, max_norm: Optional[float] = None,
+                 device=None):
         self.steps = steps
         self.max_norm = max_norm
 
@@ -155,6 +163,8 @@ class PGD_L2:
                num_noise_vectors: int = 1, no_grad: bool = False) -> torch.Tensor:
         m = num_noise_vectors
         _check_layout(inputs, labels, m)
+        if self.max_norm is None:
+            raise ValueError("PGD_L2 needs max_norm (the L2 radius of the attack)")
         if no_grad and m > 1 and noise is None:
             raise ValueError("the gradient-free attack needs the noise tensor")
         inputs = inputs.detach()
@@ -220,10 +230,13 @@ class DDN:
     nearest multiple of 1 / (levels - 1), as the published attack does: x + d
     stays on the grid and inside [0, 1] when x is on the grid, and the L2 norm
     may exceed ``max_norm`` by at most sqrt(#pixels) / (2 (levels - 1)).
+
+    ``device`` and ``callback`` (a progress display) are the published arguments, ignored (module
+    docstring).
     """
 
     def __init__(self, steps: int, gamma: float = 0.05, init_norm: float = 1.0, quantize: bool = True,
-                 levels: int = 256, max_norm: Optional[float] = None):
+                 levels: int = 256, max_norm: Optional[float] = None, device=None, callback=None):
         self.steps = steps
         self.gamma = gamma
         self.init_norm = init_norm
@@ -396,9 +409,11 @@ class KL_PGD:
     Each step: normalised gradient ascent (step 2 * max_norm / steps), the
     change from the starting noise clipped to L2 <= max_norm per sample, then
     each sample re-standardised to its starting pixel mean and root mean square.
+    ``random_start`` and ``device`` are the published arguments, ignored (module docstring).
     """
 
-    def __init__(self, steps: int, max_norm: Optional[float] = None):
+    def __init__(self, steps: int, random_start: bool = True, max_norm: Optional[float] = None,
+                 device=None):
         self.steps = steps
         self.max_norm = max_norm
 

@@ -1,35 +1,11 @@
-"""CERTIFY over a set of images and the rows it writes, shared by certify.py and certify_c.py.
+"""CERTIFY over a set of images and the rows it writes (rows.py), shared by certify.py and certify_c.py."""
+import sequential
+from eval_utils import check_sequential_arguments, sequential_n_max, sequential_radius_tol
+from rows import (CERTIFY_HEADER, SEQUENTIAL_CERTIFY_HEADER, floor_3_digits,  # noqa: F401 (floor_3_digits re-exported)
+                  format_certify_row, format_sequential_certify_row)
 
-A fixed-N row is ``idx label predict radius correct time`` (radius with 3 significant digits); a
-``--sequential`` row adds ``samples`` and rounds its radius down to 3 significant digits, so that a
-printed radius is always certified.
-"""
-import math
-
-from eval_utils import (CERTIFY_HEADER, SEQUENTIAL_CERTIFY_HEADER, check_sequential_arguments, format_time,
-                        sequential_n_max, sequential_radius_tol)
-
-
-def format_row(idx: int, label: int, result, seconds: float) -> str:
-    prediction, radius = result
-    correct = int(prediction == label)
-    return "{}\t{}\t{}\t{:.3}\t{}\t{}".format(idx, label, prediction, radius, correct, format_time(seconds))
-
-
-def floor_3_digits(value: float) -> float:
-    """``value`` rounded down to 3 significant digits (0 stays 0)."""
-    if value <= 0:
-        return 0.0
-    step = 10.0 ** (math.floor(math.log10(value)) - 2)
-    # (the 1e-9 keeps a value that is already a 3-digit number from dropping a digit to float error)
-    return math.floor(value / step + 1e-9) * step
-
-
-def format_sequential_row(idx: int, label: int, result, seconds: float) -> str:
-    prediction, radius, samples = result
-    correct = int(prediction == label)
-    return "{}\t{}\t{}\t{:.3}\t{}\t{}\t{}".format(idx, label, prediction, floor_3_digits(radius), correct,
-                                               format_time(seconds), samples)
+# the names these formats had here
+format_row, format_sequential_row = format_certify_row, format_sequential_certify_row
 
 
 def result_header(args) -> str:
@@ -44,7 +20,7 @@ def certify_images(args):
     """``evaluate(smooth, xs, generators)`` for ``run_on_image_sets``: CERTIFY with the options of ``args``."""
     check_sequential_arguments(args)
     if args.sequential:
-        return lambda smooth, xs, generators: smooth.certify_sequential_many(
-            xs, args.N0, sequential_n_max(args), args.alpha, args.batch, generators, radii=args.radii,
+        return lambda smooth, xs, generators: sequential.certify_sequential(
+            smooth, xs, args.N0, sequential_n_max(args), args.alpha, args.batch, generators, radii=args.radii,
             radius_tol=sequential_radius_tol(args, smooth.sigma))
     return lambda smooth, xs, generators: smooth.certify_many(xs, args.N0, args.N, args.alpha, args.batch, generators)

@@ -23,14 +23,15 @@ import glob
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import pandas as pd
 
-from analyze import ResultsFileError, load_results
+from common import ArgumentParser, UserError, cli_status
+from reporting import pyplot
+from results import ResultsFileError, load_results
 
 METHODS = ["cohen", "stab", "salman", "macer", "consistency", "smoothmix", "catrs"]
 NAMES = {"cohen": "Gaussian", "stab": "Stability", "salman": "SmoothAdv", "macer": "MACER",
@@ -44,12 +45,12 @@ RADII = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
 ACR_TOLERANCE, ACCURACY_TOLERANCE, TEST_ACCURACY_TOLERANCE = 0.03, 3.0, 1.5
 
 
-class ComparisonError(Exception):
+class ComparisonError(UserError):
     """A missing or malformed input; the message names the file."""
 
 
 def read_results(path: str) -> pd.DataFrame:
-    """A certify TSV (plain or gzipped), read and checked by ``analyze.load_results``, indexed by ``idx``."""
+    """A certify TSV (plain or gzipped), read and checked by ``results.load_results``, indexed by ``idx``."""
     try:
         frame = load_results(path)
     except ResultsFileError as exc:
@@ -231,9 +232,7 @@ def report(title: str, sections: List[List[str]], command: str) -> str:
 
 def plot_sigma(path: str, title: str, cells: List[CellComparison]):
     """Our certified accuracy at the listed radii (markers) beside the published curves on the same images."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     grid = np.linspace(0, max(RADII), 201)
     for k, cell in enumerate(c for c in cells if c.ran):
@@ -279,19 +278,23 @@ def compare(data_dir: str, published_dir: str, out: Optional[str], command: str)
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="analyze.py compare",
-                                     description="Our reproduced cells against the published per-image results.")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``analyze.py compare``."""
     parser.add_argument("data_dir", help="the kept cells, e.g. data/fmnist")
     parser.add_argument("published_dir", help="the published results of that data set (noise_SIGMA/METHOD/)")
     parser.add_argument("--out", default=None, help="the report (default DATA_DIR/README.md)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """``analyze.py compare`` with these arguments."""
+    parser = ArgumentParser(prog="analyze.py compare",
+                                     description="Our reproduced cells against the published per-image results.")
+    return run(add_arguments(parser).parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report of ``args`` (``add_arguments``); the exit status."""
     command = "python code/analyze.py compare " + " ".join(
         [args.data_dir, "PUBLISHED_DIR"] + (["--out", args.out] if args.out else []))
-    try:
-        path = compare(args.data_dir, args.published_dir, args.out, command)
-    except ComparisonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report written to {path}")
-    return 0
+    return cli_status(lambda: print(f"report written to {compare(args.data_dir, args.published_dir, args.out, command)}"))

@@ -9,14 +9,17 @@ estimate that smoothed prediction stores for CAT-RS. The ``*_many`` methods
 evaluate several images at once, with one ``torch.Generator`` per image
 (``noise_streams.noise_generator``); each image's counts depend only on its
 own generator, N and the batch size. The sequential variants are in
-sequential.py; how the engine draws and batches the noise is in
-docs/DESIGN.md.
+sequential.py, which builds on this module (``sequential.certify_sequential``
+and ``predict_sequential`` take a ``Smooth``); the binomial statistics are in
+binomial.py. How the engine draws and batches the noise is in docs/DESIGN.md.
 """
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.stats import beta, binom, norm
+from scipy.stats import norm
+
+from binomial import cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401 (re-exported)
 
 # Samples per forward pass and intra-op thread on a CPU (see ``Smooth.forward_batch``).
 CPU_FORWARD_BATCH_PER_THREAD = 128
@@ -28,40 +31,6 @@ def chunk_sizes(num: int, batch_size: int) -> List[int]:
     """Sizes of the noise chunks of one image: ``batch_size`` each, the last one smaller."""
     full, rest = divmod(num, batch_size)
     return [batch_size] * full + ([rest] if rest else [])
-
-
-def cp_lower(count, num, alpha):
-    """One-sided (1 - alpha) Clopper-Pearson lower bound: the alpha-quantile of Beta(k, n - k + 1).
-
-    ``count`` (and ``num``) may be arrays; 0 where the count is 0.
-    """
-    count = np.asarray(count, dtype=float)
-    safe = np.maximum(count, 1)
-    return np.where(count > 0, beta.ppf(alpha, safe, num - safe + 1), 0.0)
-
-
-def cp_upper(count, num, alpha):
-    """One-sided (1 - alpha) Clopper-Pearson upper bound: the (1 - alpha)-quantile of Beta(k + 1, n - k).
-
-    ``count`` (and ``num``) may be arrays; 1 where the count is ``num``.
-    """
-    count = np.asarray(count, dtype=float)
-    safe = np.minimum(count, np.asarray(num) - 1)
-    return np.where(count < num, beta.isf(alpha, safe + 1, num - safe), 1.0)
-
-
-def two_sided_binomial_pvalue(successes, trials):
-    """The two-sided p-value of ``successes`` in ``trials`` fair coin flips: ``binomtest(k, n, 0.5).pvalue``.
-
-    PREDICT's test. P[X <= low] + P[X >= n - low] with low = min(k, n - k), capped at 1, summed as
-    scipy's ``binomtest`` sums it (``binom.cdf`` plus ``binom.sf``), so the two agree bit for bit;
-    1 where k = n - k or ``trials`` is 0. Vectorised over arrays of counts.
-    """
-    successes, trials = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
-    low = np.minimum(successes, trials - successes)
-    safe = np.maximum(trials, 1)
-    tails = binom.cdf(low, safe, 0.5) + binom.sf(safe - low - 1, safe, 0.5)
-    return np.where((trials > 0) & (2 * low < trials), np.minimum(1.0, tails), 1.0)
 
 
 def _weights_to_channels_last(module: torch.nn.Module):
@@ -210,31 +179,6 @@ class Smooth:
             else:
                 results.append(int(top2[0]))
         return results
-
-    def certify_sequential_many(self, xs: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int,
-                                generators: Generators = None, radii: Optional[Sequence[float]] = None,
-                                radius_tol: float = 0.0, growth: float = 1.5) -> List[Tuple[int, float, int]]:
-        """Sequential CERTIFY of each image of ``xs``: (class or ABSTAIN, radius, samples drawn).
-
-        The guarantee of ``certify`` with at most ``n0 + n_max`` samples per image
-        (``sequential.certify_sequential``). ``radii``: decide the largest of these
-        radii that is certified; None: stop within ``radius_tol`` of the best radius
-        ``n_max`` samples could give.
-        """
-        import sequential   # (sequential.py builds on this module)
-        return sequential.certify_sequential(self, xs, n0, n_max, alpha, batch_size, self._generators(xs, generators),
-                                             radii, radius_tol, growth)
-
-    def predict_sequential_many(self, xs: torch.Tensor, n_max: int, alpha: float, batch_size: int,
-                                generators: Generators = None, growth: float = 1.5) -> List[Tuple[int, int]]:
-        """Sequential PREDICT of each image of ``xs``: (class or ABSTAIN, samples drawn).
-
-        The guarantee of ``predict`` with at most ``n_max`` samples per image
-        (``sequential.predict_sequential``).
-        """
-        import sequential   # (sequential.py builds on this module)
-        return sequential.predict_sequential(self, xs, n_max, alpha, batch_size, self._generators(xs, generators),
-                                             growth)
 
     @staticmethod
     def lower_confidence_bound(num_a: int, num: int, alpha: float) -> float:

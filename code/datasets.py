@@ -24,6 +24,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from common import UserError
+
 DATASETS = ["mnist", "fmnist", "cifar10", "cifar100", "imagenet"]
 
 NUM_CLASSES = {"mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
@@ -45,7 +47,7 @@ _IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset that cannot be read; the message says where to put it."""
 
 

@@ -39,23 +39,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (ArgumentParser, Distributed, UserError, check_checkpoint_file, file_sha256, load_base_classifier,
-                    nonnegative_float, nonnegative_int, positive_float, positive_int, probability)
+from checkpoints import check_checkpoint_file, file_sha256, load_base_classifier
+from common import (ArgumentParser, UserError, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                    probability)
 from core import Smooth
 from datasets import DATASETS, get_dataset, get_num_classes
+from distributed import Distributed
 from noise_streams import noise_generator
 from provenance import Provenance
 from result_files import ResultFile
+from rows import (CERTIFY_HEADER, PREDICT_HEADER, SEQUENTIAL_CERTIFY_HEADER,  # noqa: F401 (re-exported)
+                  SEQUENTIAL_PREDICT_HEADER, SMOOTH_PREDICTION_HEADER, format_time)
 from sequential import RADII_SHARES_SPLIT, RADII_SHARES_UNANIMOUS, SEQUENTIAL_FINAL_SHARE, STOP_ALPHA, sequential_scheme
 
-CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
-PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
-# --sequential: the same columns and the samples drawn for the image
-SEQUENTIAL_CERTIFY_HEADER = CERTIFY_HEADER + "\tsamples"
-SEQUENTIAL_PREDICT_HEADER = PREDICT_HEADER + "\tsamples"
 # --sequential's default --radius-tol, in units of sigma (why 0.1: docs/DESIGN.md)
 DEFAULT_RADIUS_TOL_SIGMAS = 0.1
-SMOOTH_PREDICTION_HEADER = "idx\tlabel\tp1\tp2\tc1\tc2\tcorrect\ttime"
 
 # Barriers wait for the slowest process, which may be hours behind on a big job.
 BARRIER_TIMEOUT = datetime.timedelta(days=7)
@@ -162,10 +160,6 @@ def select_indices(size: int, skip: int, max_index: int, start: int = 0) -> List
     """Images idx >= start with idx % skip == 0, stopping at idx == max_index (when >= 0)."""
     stop = size if max_index < 0 else min(size, max_index)
     return [i for i in range(start, stop) if i % skip == 0]
-
-
-def format_time(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=seconds))
 
 
 # --------------------------------------------------------------------------- inputs

@@ -14,12 +14,13 @@ first look whose test rejects at that look's level, or, abstaining, once
 ``--N-max`` samples (default ``--N``) could not make it reject; same guarantee.
 Rows then end with a column ``samples``, the samples drawn for the image.
 """
+import sequential
 from common import ArgumentParser, run_cli
-from eval_utils import (PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, ImageSet, add_engine_arguments, add_image_arguments,
-                        add_model_arguments, add_sampling_arguments, add_sequential_arguments,
-                        check_sequential_arguments, evaluation_dataset, format_time, run_on_image_sets,
-                        sequential_n_max)
+from eval_utils import (ImageSet, add_engine_arguments, add_image_arguments, add_model_arguments,
+                        add_sampling_arguments, add_sequential_arguments, check_sequential_arguments,
+                        evaluation_dataset, run_on_image_sets, sequential_n_max)
 from result_files import ResultFile
+from rows import PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, format_predict_row, format_sequential_predict_row
 
 
 def build_parser() -> ArgumentParser:
@@ -32,26 +33,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def format_row(idx: int, label: int, prediction, seconds: float) -> str:
-    correct = int(prediction == label)
-    return "{}\t{}\t{}\t{}\t{}".format(idx, label, prediction, correct, format_time(seconds))
-
-
-def format_sequential_row(idx: int, label: int, result, seconds: float) -> str:
-    prediction, samples = result
-    return format_row(idx, label, prediction, seconds) + "\t{}".format(samples)
-
-
 def run(argv=None):
     args = build_parser().parse_args(argv)
     check_sequential_arguments(args)
     dataset = evaluation_dataset(args.dataset, args.split)
     if args.sequential:
-        header, row = SEQUENTIAL_PREDICT_HEADER, format_sequential_row
-        evaluate = lambda smooth, xs, generators: smooth.predict_sequential_many(  # noqa: E731
-            xs, sequential_n_max(args), args.alpha, args.batch, generators)
+        header, row = SEQUENTIAL_PREDICT_HEADER, format_sequential_predict_row
+        evaluate = lambda smooth, xs, generators: sequential.predict_sequential(  # noqa: E731
+            smooth, xs, sequential_n_max(args), args.alpha, args.batch, generators)
     else:
-        header, row = PREDICT_HEADER, format_row
+        header, row = PREDICT_HEADER, format_predict_row
         evaluate = lambda smooth, xs, generators: smooth.predict_many(  # noqa: E731
             xs, args.N, args.alpha, args.batch, generators)
     output = ResultFile(args.outfile, header, overwrite=args.overwrite)

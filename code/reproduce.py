@@ -43,7 +43,6 @@ import fnmatch
 import fcntl
 import gzip
 import json
-import math
 import os
 import shlex
 import shutil
@@ -52,6 +51,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
+
+from common import UserError, cli_status
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = os.path.join(REPO, "scripts", "published_settings.tsv")
@@ -68,7 +69,7 @@ LENET_CPU_MINUTES = {"cohen": 53, "stab": 55, "consistency": 91, "macer": 221, "
                      "smoothmix": 390, "pretrain": 760, "catrs": 338}
 
 
-class ReproduceError(Exception):
+class ReproduceError(UserError):
     """A problem with the request or the data folder; the message says what to do."""
 
 
@@ -613,14 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return reproduce(args)
-    except ReproduceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to continue (finished work is kept)", file=sys.stderr)
-        return 130
+    return cli_status(lambda: reproduce(args), "run the same command again to continue (finished work is kept)")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ a returned class equals g(x) and g is robust within the returned radius.
 The validity argument (a union bound over fixed events whose levels sum to
 alpha) and the choice of the shares are in docs/DESIGN.md.
 
-* ``certify_sequential`` / ``predict_sequential``: the runs behind
-  ``Smooth.certify_sequential_many`` and ``predict_sequential_many``.
+* ``certify_sequential`` / ``predict_sequential``: the runs on a ``Smooth``
+  (the sequential counterparts of ``Smooth.certify_many`` and ``predict_many``).
 * ``SequentialCertifier`` (built by ``sequential_certifier``) and
   ``SequentialPredictor``: the decision rules.
 * ``mixture_lower``: an anytime-valid lower confidence sequence for a
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from scipy.stats import betabinom, norm
 
-from core import Generators, Smooth, cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401 (re-exported)
+from binomial import cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401 (re-exported)
+from core import Generators, Smooth
 
 # --------------------------------------------------------------------------- looks
 

@@ -29,9 +29,10 @@ import numpy as np
 
 from common import ArgumentParser, UserError, replace_atomic, run_cli
 from datasets import coverage_path, get_num_classes
-from eval_utils import (SMOOTH_PREDICTION_HEADER, ImageSet, add_engine_arguments, add_image_arguments,
-                        add_model_arguments, add_sampling_arguments, evaluation_dataset, format_time, run_on_image_sets)
+from eval_utils import (ImageSet, add_engine_arguments, add_image_arguments, add_model_arguments, add_sampling_arguments,
+                        evaluation_dataset, run_on_image_sets)
 from result_files import RecordStore, ResultFile, check_output_path
+from rows import SMOOTH_PREDICTION_HEADER, format_smooth_prediction_row
 
 
 def confidence_path(outfile: str, sigma: float, split: str) -> str:
@@ -148,9 +149,7 @@ def run(argv=None):
 
     def format_row(idx, label, counts, seconds):
         p1, p2 = top_two(counts)
-        c1, c2 = counts[p1] / args.N, counts[p2] / args.N
-        return "{}\t{}\t{}\t{}\t{:.5}\t{:.5}\t{}\t{}".format(idx, label, p1, p2, float(c1), float(c2),
-                                                             int(p1 == label), format_time(seconds))
+        return format_smooth_prediction_row(idx, label, p1, p2, counts[p1] / args.N, counts[p2] / args.N, seconds)
 
     def evaluate(smooth, xs, generators):
         return list(smooth.sample_counts_many(xs, args.N, args.batch, generators))

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from attacks import KL_PGD, add_noises, kl_div_per_example
 from common import nonnegative_float, nonnegative_int, positive_int
-from train_utils import Method, accuracy, attack_mode, noise_copies, train_main
+from method import Method, accuracy, attack_mode, noise_copies
+from train_utils import train_main
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 

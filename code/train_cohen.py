@@ -7,7 +7,8 @@ Run folder: logs/{dataset}/cohen/noise_{sigma}/{arch}/{id}/.
 import torch
 import torch.nn.functional as F
 
-from train_utils import Method, accuracy, train_main
+from method import Method, accuracy
+from train_utils import train_main
 
 
 def method_path(args) -> str:

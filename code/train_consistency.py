@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from attacks import SmoothAdv_PGD, add_noises, warmup_epsilon
 from common import UserError, nonnegative_float, positive_float, positive_int
 from consistency import consistency_loss
-from train_utils import Method, accuracy, attack_mode, noise_copies, train_main
+from method import Method, accuracy, attack_mode, noise_copies
+from train_utils import train_main
 
 
 def add_arguments(parser):

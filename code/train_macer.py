@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from attacks import repeat_copies
 from common import nonnegative_float, positive_float, positive_int
-from train_utils import Method, train_main
+from method import Method
+from train_utils import train_main
 
 
 def _standard_normal_quantile(p: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from attacks import DDN, PGD_L2, repeat_copies, warmup_epsilon
 from common import UserError, positive_float, positive_int, probability
-from train_utils import Method, accuracy, attack_mode, noise_copies, train_main
+from method import Method, accuracy, attack_mode, noise_copies
+from train_utils import train_main
 
 
 def str_to_bool(text: str) -> bool:

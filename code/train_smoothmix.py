@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from attacks import SmoothMix_PGD, add_noises, kl_div_per_example, per_example
 from common import nonnegative_float, nonnegative_int, positive_float, positive_int
-from train_utils import Method, attack_mode, noise_copies, train_main
+from method import Method, attack_mode, noise_copies
+from train_utils import train_main
 
 
 # --------------------------------------------------------------------------- the loss

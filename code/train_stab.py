@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from common import nonnegative_float
-from train_utils import Method, accuracy, train_main
+from method import Method, accuracy
+from train_utils import train_main
 
 
 def stability_loss(clean_logits: torch.Tensor, noisy_logits: torch.Tensor, targets: torch.Tensor,

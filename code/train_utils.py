@@ -1,7 +1,7 @@
 """The training loop every ``train_*.py`` shares.
 
-A training script describes its method with a ``Method``: the loss of one
-mini-batch (with its attack), its options and its run-folder path.
+A training script describes its method with a ``Method`` (method.py: the loss
+of one mini-batch, with its attack, its options and its run-folder path).
 ``train_main`` does everything else: the common options, the data, the model,
 SGD with the step schedule, the epoch (meters, timing, console and device
 moves; ``train_epoch``), noisy test accuracy after every epoch, ``log.txt``,
@@ -10,29 +10,23 @@ path (data on the device, channels-last, CUDA graphs, ``--compile``) lives in
 ``fast_path``.
 
 Checkpoints hold the published keys (``epoch``, ``arch``, ``state_dict``,
-``optimizer``) plus what an exact resume needs: the scheduler, every random
-number generator state (Python, NumPy, torch CPU and CUDA, the data order)
-of every process, the arguments and the rows of ``log.txt``. They are
-written atomically. ``--resume`` continues from the last completed epoch;
-on CPU with ``--seed`` the final weights equal those of an uninterrupted run.
-Before any work, ``--resume`` compares the arguments with those stored in the
-checkpoint (``check_resume_arguments``): only ``RESUME_FREE_ARGUMENTS`` may
-differ, unless ``--resume-changed-args`` is given, which is then recorded in
-the run folder's ``resume_overrides.txt``.
+``optimizer``) plus the scheduler, the rows of ``log.txt`` and what an exact
+resume needs (resume.py: the random states, the arguments and their check).
+They are written atomically. ``--resume`` continues from the last completed
+epoch.
 
 Under ``torchrun --nproc_per_node K`` the model is wrapped in
 DistributedDataParallel, each process takes ``--batch / K`` examples of
 every batch, and only rank 0 writes logs and checkpoints (whose keys are
 those of the unwrapped model).
 """
-import contextlib
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,55 +36,23 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from architectures import ARCHITECTURES, check_architecture, get_architecture
-from common import (ArgumentParser, Distributed, UserError, atomic_save, load_checkpoint, replace_atomic,
-                    nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli, RESUME_TRAINING)
+from checkpoints import atomic_save, load_checkpoint
+from common import (ArgumentParser, UserError, replace_atomic, nonnegative_float, nonnegative_int, positive_float,
+                    positive_int, run_cli, RESUME_TRAINING)
 from datasets import DATASETS, WithSmoothPrediction, get_dataset
-from fast_path import (ON_DEVICE_AUGMENTED, GraphedStep, TensorLoader, add_fast_path_arguments, check_cuda_graphs,
+from distributed import Distributed
+from fast_path import (ON_DEVICE_AUGMENTED, TensorLoader, add_fast_path_arguments, check_cuda_graphs,
                        check_data_on_device, compile_model, data_on_device, use_channels_last)
+# the method-facing API and the resume state, re-exported under their earlier home
+from method import (AverageMeter, Method, TrainingContext, accuracy, attack_mode,  # noqa: F401
+                    chunk_minibatches, noise_copies)
+from resume import (OVERRIDES_NAME, RESUME_FREE_ARGUMENTS, apply_optimizer_arguments, changed_arguments,  # noqa: F401
+                    check_resume_arguments, gather_rng_states, loader_seed, record_overrides, seed_everything,
+                    set_rng_state)
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_HEADER = "epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"
 CHECKPOINT_NAME = "checkpoint.pth.tar"
-
-
-def noise_copies(args) -> int:
-    """``--num-noise-vec`` (m): the chunked methods split each loader batch into m mini-batches."""
-    return args.num_noise_vec
-
-
-@dataclass
-class Method:
-    """A training method: the loss of one mini-batch, its options and its run folder.
-
-    ``batch_loss(ctx, epoch, *tensors) -> (objective, logged loss, accuracy)`` is the method: the loss
-    of one mini-batch in the 0-based ``epoch``, whose tensors are the items of a loader batch on the
-    device (images [b x C x H x W] in [0, 1], labels [b], and for the ``train_t{sigma}`` split the
-    smoothed prediction pi [b x K]). ``objective`` is the 0-d tensor SGD minimises, ``logged`` the 0-d
-    tensor log.txt averages as the train loss, ``accuracy`` the train accuracy in % (0-d tensor) or None
-    when ``measures_train_accuracy`` is False (as published: log.txt's column then holds 0.0 and the
-    console says "n/a"). The model is in train mode (attacks switch it with ``attack_mode``). A
-    ``batch_loss`` that reads nothing back to the host lets the host run ahead of the device, and can
-    be replayed from a CUDA graph.
-
-    ``method_path(args)`` names the run folder below ``{logdir}/{dataset}/``; ``add_arguments(parser)``
-    adds the method's options and ``defaults`` overrides common defaults (e.g. ``{"epochs": 150}``);
-    ``train_split(args)`` names the training split; ``lr_multiplier(args, epoch)`` scales the step
-    schedule's learning rate. ``minibatches(args)``: each loader batch is split into that many
-    consecutive mini-batches, one SGD step each (``chunk_minibatches``). ``logged_per_example(args)``:
-    how many times each example of a mini-batch counts in the epoch's averages.
-    ``supports_cuda_graphs``: a GPU has run the method's graphed step (``--cuda-graphs``).
-    """
-    description: str
-    method_path: Callable
-    batch_loss: Callable
-    add_arguments: Callable = lambda parser: None
-    defaults: Dict = field(default_factory=dict)
-    train_split: Callable = lambda args: "train"
-    lr_multiplier: Callable = lambda args, epoch: 1.0
-    minibatches: Callable = lambda args: 1
-    logged_per_example: Callable = lambda args: 1
-    measures_train_accuracy: bool = True
-    supports_cuda_graphs: bool = False
 
 
 # --------------------------------------------------------------------------- options
@@ -172,122 +134,7 @@ def make_loaders(args, method: Method, device, dist: Distributed, generator: tor
     return train_loader, test_loader
 
 
-# --------------------------------------------------------------------------- meters
-
-class AverageMeter:
-    """Running average of a quantity.
-
-    ``update`` takes a number or a tensor; tensors are summed where they are
-    (on a GPU, reading a value every step would make the host wait for the
-    device each step), and ``avg`` reads the sum once.
-    """
-
-    def __init__(self):
-        self.sum, self.count = 0.0, 0
-
-    def update(self, value, n=1):
-        if isinstance(value, torch.Tensor):
-            value = value.detach().float()
-        self.sum = self.sum + value * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return float(self.sum) / max(self.count, 1)
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Top-1 accuracy of ``output`` logits in percent, as a 0-d tensor on their device (no host read)."""
-    with torch.no_grad():
-        return 100.0 * (output.argmax(1) == target).float().mean()
-
-
-# --------------------------------------------------------------------------- context given to methods
-
-@dataclass
-class TrainingContext:
-    """What a method's ``batch_loss`` uses: the model (DDP-wrapped under torchrun), optimizer, device, options."""
-    args: object
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    dist: Distributed
-    channels_last: bool = False   # ``--channels-last`` resolved for this device (``use_channels_last``)
-
-    @property
-    def base_model(self) -> torch.nn.Module:
-        """The unwrapped model: attacks run on it so DDP sees no extra forward passes."""
-        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-
-    def autocast(self):
-        if self.args.bf16:
-            # a graph cannot keep autocast's cache of cast weights between replays
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                                  cache_enabled=not self.args.cuda_graphs)
-        return contextlib.nullcontext()
-
-    def graphed(self, step: Callable) -> Callable:
-        """``step`` replayed from CUDA graphs with ``--cuda-graphs`` (see ``GraphedStep``), else ``step``."""
-        return GraphedStep(step) if self.args.cuda_graphs else step
-
-    def memory_format(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` in the model's memory format: channels-last for an image batch where that is in use."""
-        if self.channels_last and tensor.dim() == 4:
-            return tensor.contiguous(memory_format=torch.channels_last)
-        return tensor
-
-    def to_device(self, *tensors):
-        return tuple(self.memory_format(t.to(self.device, non_blocking=True)) for t in tensors)
-
-    def step(self, loss: torch.Tensor):
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-
-    def log_batch(self, epoch: int, i: int, num_batches: int, loss: AverageMeter, acc: AverageMeter,
-                  started: float):
-        if self.dist.is_main and (i % self.args.print_freq == 0 or i == num_batches - 1):
-            # a method that does not measure its train accuracy leaves ``acc`` empty
-            acc_text = f"{acc.avg:.3f}" if acc.count else "n/a"
-            print(f"Epoch: [{epoch}][{i}/{num_batches}]\tTime {time.time() - started:.1f}s\t"
-                  f"Loss {loss.avg:.4f}\tAcc@1 {acc_text}", flush=True)
-
-
-@contextlib.contextmanager
-def attack_mode(model: torch.nn.Module):
-    """Eval mode with frozen parameters for an attack; restores train mode and grads after."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
 # --------------------------------------------------------------------------- the epoch
-
-def chunk_minibatches(tensors, num: int):
-    """Split a loader batch (a sequence of tensors) into ``num`` consecutive mini-batches of len // num examples.
-
-    The chunked methods take one SGD step per mini-batch. With ``num`` 1 the
-    batch itself is the one mini-batch; otherwise the remainder of the
-    division is dropped, as in the published code, and a batch smaller than
-    ``num`` yields nothing.
-    """
-    if num == 1:
-        yield tuple(tensors)
-        return
-    size = tensors[0].shape[0] // num
-    if size == 0:
-        return
-    for i in range(num):
-        yield tuple(t[i * size:(i + 1) * size] for t in tensors)
-
 
 def sgd_step(method: Method, ctx: TrainingContext, epoch: int) -> Callable:
     """``step(*tensors) -> (logged loss,)`` or ``(logged loss, accuracy)``: one SGD step on one mini-batch.
@@ -296,9 +143,9 @@ def sgd_step(method: Method, ctx: TrainingContext, epoch: int) -> Callable:
     autograd graph would keep it alive into the next step.
     """
     def step(*tensors):
-        objective, logged, accuracy = method.batch_loss(ctx, epoch, *tensors)
+        objective, logged, train_accuracy = method.batch_loss(ctx, epoch, *tensors)
         ctx.step(objective)
-        return (logged.detach(),) if accuracy is None else (logged.detach(), accuracy.detach())
+        return (logged.detach(),) if train_accuracy is None else (logged.detach(), train_accuracy.detach())
     return step
 
 
@@ -314,11 +161,11 @@ def train_epoch(method: Method, ctx: TrainingContext, loader, epoch: int) -> Tup
     started = time.time()
     for i, batch in enumerate(loader):
         for minibatch in chunk_minibatches(ctx.to_device(*batch), num_minibatches):
-            loss, *accuracy = step(*minibatch)
+            loss, *train_accuracy = step(*minibatch)
             count = minibatch[0].shape[0] * weight
             losses.update(loss, count)
-            if accuracy:
-                top1.update(accuracy[0], count)
+            if train_accuracy:
+                top1.update(train_accuracy[0], count)
         ctx.log_batch(epoch, i, len(loader), losses, top1, started)
     return losses.avg, top1.avg
 
@@ -347,59 +194,6 @@ def test(ctx: TrainingContext, loader, noise_sd: float):
     if count == 0:
         return 0.0, 0.0
     return loss_sum.item() / count, 100.0 * correct.item() / count
-
-
-# --------------------------------------------------------------------------- random states
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def loader_seed(seed: int) -> int:
-    """The seed of the data order's generator: a stream of its own, derived from ``--seed``.
-
-    Seeding it with ``seed`` itself, like the global generator that draws the initial weights,
-    would make the first epoch's order come from the very numbers that drew the weights.
-    """
-    return int(np.random.SeedSequence(int(seed), spawn_key=(1,)).generate_state(1, dtype=np.uint64)[0])
-
-
-def rng_state(loader_generator: torch.Generator) -> dict:
-    numpy_state = np.random.get_state()
-    state = {
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
-                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
-        "torch": torch.get_rng_state(),
-        "loader": loader_generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, loader_generator: torch.Generator):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"].cpu())
-    loader_generator.set_state(state["loader"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def gather_rng_states(dist: Distributed, loader_generator: torch.Generator) -> List[dict]:
-    """The random states of every process (rank order), for the checkpoint."""
-    mine = rng_state(loader_generator)
-    if not dist.enabled:
-        return [mine]
-    states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, mine)
-    return states
 
 
 # --------------------------------------------------------------------------- log.txt
@@ -431,83 +225,6 @@ def lr_factor(epoch: int, step_size: int, gamma: float) -> float:
 def lr_schedule(method: Method, args) -> Callable[[int], float]:
     """epoch -> the factor on ``--lr`` in that epoch: the step schedule times the method's multiplier."""
     return lambda epoch: lr_factor(epoch, args.lr_step_size, args.gamma) * method.lr_multiplier(args, epoch)
-
-
-# --------------------------------------------------------------------------- resume: same arguments
-
-# Options that do not change what is computed, so a resumed run may change them: the total number of
-# epochs (the schedule does not depend on it), where the run folder is and what it is called, the
-# console output, and the resume switches themselves. ``workers`` changes which loader worker (and so
-# which random stream) crops a given CIFAR image, not the distribution of the crops.
-RESUME_FREE_ARGUMENTS = frozenset({"epochs", "workers", "print_freq", "logdir", "id", "resume",
-                                   "resume_changed_args"})
-OVERRIDES_NAME = "resume_overrides.txt"
-_ABSENT = "<absent>"
-
-
-def changed_arguments(stored: dict, current: dict, defaults: dict) -> List[str]:
-    """``'key: old -> new'`` for each argument outside ``RESUME_FREE_ARGUMENTS`` whose value differs.
-
-    A key the stored arguments lack (an option added after the checkpoint was written) counts as
-    stored at its default, i.e. the behaviour the run had; a stored key the current options lack is
-    listed (the code no longer knows it).
-    """
-    changes = []
-    for key in sorted(set(stored) | set(current)):
-        if key in RESUME_FREE_ARGUMENTS:
-            continue
-        old = stored.get(key, defaults.get(key, _ABSENT))
-        new = current.get(key, _ABSENT)
-        if old != new:
-            changes.append(f"{key}: {old!r} -> {new!r}")
-    return changes
-
-
-def check_resume_arguments(checkpoint: dict, args, defaults: dict, checkpoint_path: str) -> List[str]:
-    """Refuse a resume whose arguments differ from the checkpoint's (beyond the free ones).
-
-    Returns the differences that ``--resume-changed-args`` accepted (empty when there are none); a
-    checkpoint that stores no arguments (written by the published code) counts as one difference,
-    since nothing about it can be checked.
-    """
-    flag = "--resume-changed-args"
-    stored = checkpoint.get("args")
-    if not isinstance(stored, dict):
-        changes = ["the checkpoint stores no arguments (written by the published code or an older version), "
-                   "so they cannot be compared"]
-        if not args.resume_changed_args:
-            raise UserError(f"checkpoint '{checkpoint_path}' stores no arguments to compare with; add {flag} "
-                            "to continue it with the arguments given now")
-        return changes
-    changes = changed_arguments(stored, vars(args), defaults)
-    if changes and not args.resume_changed_args:
-        raise UserError(f"--resume with arguments that differ from checkpoint '{checkpoint_path}': "
-                        f"{'; '.join(changes)}; give the original arguments, or add {flag} to continue with "
-                        "these (recorded in the run folder)")
-    return changes
-
-
-def apply_optimizer_arguments(optimizer: torch.optim.Optimizer, scheduler, args):
-    """Make a resumed optimizer use the arguments given now (its loaded state holds the stored ones).
-
-    Only for a resume with ``--resume-changed-args``: the rate of the next epoch becomes
-    ``--lr`` times the schedule's factor, and momentum and weight decay those given.
-    """
-    scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"] = args.lr
-        group["lr"] = args.lr * factor(scheduler.last_epoch)
-        group["momentum"] = args.momentum
-        group["weight_decay"] = args.weight_decay
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
-def record_overrides(folder: str, start_epoch: int, changes: List[str]):
-    """Append the accepted differences of a resume to the run folder's ``resume_overrides.txt``."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    with open(os.path.join(folder, OVERRIDES_NAME), "a") as handle:
-        handle.write(f"{stamp}\tresumed after epoch {start_epoch - 1} with --resume-changed-args\t"
-                     f"{'; '.join(changes)}\n")
 
 
 # --------------------------------------------------------------------------- the run

@@ -12,7 +12,8 @@ from PIL import Image
 import architectures
 import datasets
 from architectures import ARCHITECTURES, get_architecture
-from common import UserError, load_base_classifier
+from checkpoints import load_base_classifier
+from common import UserError
 
 
 # --------------------------------------------------------------------------- synthetic files

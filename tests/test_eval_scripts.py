@@ -492,8 +492,8 @@ def test_batch_images_gives_the_same_rows(checkpoint, tmp_path, reference):
 TORCHRUN_WORKER = """
 import os, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "code"))
-import common
-common.Distributed.close = lambda self: None   # keep one process group for the three runs
+import distributed
+distributed.Distributed.close = lambda self: None   # keep one process group for the three runs
 import certify, predict, smooth_prediction
 ckpt, folder = sys.argv[1], sys.argv[2]
 fast = ["--N=200", "--skip=1", "--batch=100", "--max=6", "--seed=0"]

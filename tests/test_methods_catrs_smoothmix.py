@@ -15,7 +15,7 @@ import train_catrs
 import train_cohen
 import train_smoothmix
 from architectures import get_architecture
-from common import load_base_classifier, load_checkpoint
+from checkpoints import load_base_classifier, load_checkpoint
 from core import Smooth
 from datasets import coverage_path, get_dataset
 from attacks import KL_PGD, SmoothMix_PGD, kl_div_per_example, restandardize

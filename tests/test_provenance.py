@@ -29,6 +29,7 @@ from test_eval_scripts import CERTIFY_FAST, FAST, SIGMA, call, make_mnist_c, row
 
 import certify  # noqa: E402
 import certify_c  # noqa: E402
+import checkpoints  # noqa: E402
 import common  # noqa: E402
 import predict  # noqa: E402
 import smooth_prediction  # noqa: E402
@@ -67,7 +68,7 @@ def test_resumed_certify_with_other_settings_stops(checkpoint, tmp_path, capsys)
     record = meta(out)
     assert record["settings"]["sigma"] == 0.25 and record["settings"]["N"] == 200
     assert record["settings"]["alpha"] == 0.001 and record["settings"]["script"] == "certify.py"
-    assert record["settings"]["checkpoint_sha256"] == common.file_sha256(checkpoint)
+    assert record["settings"]["checkpoint_sha256"] == checkpoints.file_sha256(checkpoint)
     assert record["environment"]["torch"] == torch.__version__ and record["environment"]["code_sha256"]
     assert record["unverified_rows"] == 0
     before = snapshot(tmp_path)
@@ -355,5 +356,5 @@ def test_a_file_that_is_not_a_checkpoint_is_named_so(content, tmp_path):
     path = tmp_path / "notes.pth.tar"
     path.write_bytes(content)
     with pytest.raises(common.UserError) as error:
-        common.load_checkpoint(str(path))
+        checkpoints.load_checkpoint(str(path))
     assert "not a PyTorch checkpoint" in str(error.value) and "unsafe" not in str(error.value)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from conftest import REPO, python_env

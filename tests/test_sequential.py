@@ -1,5 +1,5 @@
 """Sequential (anytime-valid) certification and prediction: ``sequential.SequentialCertifier``,
-``sequential.SequentialPredictor``, ``Smooth.certify_sequential_many`` and ``--sequential``.
+``sequential.SequentialPredictor``, ``sequential.certify_sequential`` and ``--sequential``.
 
 Soundness is checked three ways.
 
@@ -206,9 +206,8 @@ def test_a_stream_with_few_failures_stops_at_its_precomputed_look():
     # end to end: an image whose every noisy copy is class 1 has a unanimous pilot and stops at looks[0]
     unit = (W / W.norm()).view(1, 1, 4)
     far = (50.0 * unit - B * unit / float(W.norm()))[None]   # distance 50 sigma from the hyperplane, class 1
-    rows = Smooth(Linear(), 2, SIGMA).certify_sequential_many(far, 100, 100000, 0.001, 1000,
-                                                             [noise_generator(0, 0, "cpu")],
-                                                             radii=[0.25, 0.5, 0.75, 1.0])
+    rows = sequential.certify_sequential(Smooth(Linear(), 2, SIGMA), far, 100, 100000, 0.001, 1000,
+                                         [noise_generator(0, 0, "cpu")], radii=[0.25, 0.5, 0.75, 1.0])
     assert rows[0][0] == 1 and 0.75 <= rows[0][1] < 1.0 and rows[0][2] == 100 + looks[0]
 
 
@@ -229,8 +228,8 @@ def test_a_single_look_spends_the_whole_alpha_as_fixed_n_certify_does():
     xs = torch.stack([x for x, _ in data])
     smooth = Smooth(Linear(), 2, SIGMA)
     for mode in ({"radii": [0.1, 0.2]}, {}):
-        rows = smooth.certify_sequential_many(xs, 50, 500, alpha, 1000,
-                                              [noise_generator(2, i, "cpu") for i in range(len(data))], **mode)
+        rows = sequential.certify_sequential(smooth, xs, 50, 500, alpha, 1000,
+                                             [noise_generator(2, i, "cpu") for i in range(len(data))], **mode)
         fixed = smooth.certify_many(xs, 50, 500, alpha, 1000, [noise_generator(2, i, "cpu") for i in range(len(data))])
         assert [(c, pytest.approx(r, abs=1e-12), 550) for c, r in fixed] == rows
 
@@ -516,8 +515,8 @@ def test_rounds_continue_the_images_stream_like_fixed_n(monkeypatch):
     xs = torch.stack([x for x, _ in data])
     smooth = Smooth(Linear(), 2, 0.5, images_per_batch=3)
     n0, batch = 30, 200
-    results = smooth.certify_sequential_many(xs, n0, 3000, 0.01, batch,
-                                             [noise_generator(11, i, "cpu") for i in range(len(data))])
+    results = sequential.certify_sequential(smooth, xs, n0, 3000, 0.01, batch,
+                                            [noise_generator(11, i, "cpu") for i in range(len(data))])
     assert len(seen) >= 2
     # which images were still running at each look: the first look has all of them
     active = list(range(len(data)))
@@ -535,8 +534,9 @@ def test_rounds_continue_the_images_stream_like_fixed_n(monkeypatch):
 def test_sequential_results_do_not_depend_on_grouping():
     data, _ = points(repeats=1, seed=5)
     xs = torch.stack([x for x, _ in data])
-    run = lambda group: Smooth(Linear(), 2, 0.25, images_per_batch=group).certify_sequential_many(  # noqa: E731
-        xs, 50, 5000, 0.01, 250, [noise_generator(3, i, "cpu") for i in range(len(data))], radii=[0.1, 0.2])
+    run = lambda group: sequential.certify_sequential(  # noqa: E731
+        Smooth(Linear(), 2, 0.25, images_per_batch=group), xs, 50, 5000, 0.01, 250,
+        [noise_generator(3, i, "cpu") for i in range(len(data))], radii=[0.1, 0.2])
     assert run(1) == run(4)
 
 

@@ -295,8 +295,8 @@ def test_torchrun_without_the_separator_takes_the_scripts_options():
 STRESS_WORKER = """
 import os, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "code"))
-import common
-common.Distributed.close = lambda self: None   # keep one process group for the three runs
+import distributed
+distributed.Distributed.close = lambda self: None   # keep one process group for the three runs
 import certify, predict, smooth_prediction
 ckpt, folder = sys.argv[1], sys.argv[2]
 fast = ["--N=100", "--skip=1", "--batch=100", "--max=12", "--seed=3"]

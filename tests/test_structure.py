@@ -1,0 +1,118 @@
+"""The floor plan of code/: no module is part of an import cycle.
+
+The graph is read statically from the source (``ast``), with every ``import`` and ``from ... import``
+of a module of code/, those inside functions (lazy imports) included, so a cycle cannot hide behind a
+deferred import. Each module must be understandable and testable apart from the modules that use it.
+"""
+import ast
+import os
+
+from conftest import CODE
+
+
+def local_modules():
+    """Name -> path of every module of code/ (``archs.lenet`` for code/archs/lenet.py)."""
+    modules = {}
+    for folder, _, files in os.walk(CODE):
+        for name in files:
+            if name.endswith(".py"):
+                relative = os.path.relpath(os.path.join(folder, name), CODE)[:-3].replace(os.sep, ".")
+                modules[relative[:-len(".__init__")] if relative.endswith(".__init__") else relative] = \
+                    os.path.join(folder, name)
+    return modules
+
+
+def imported(path, package, modules):
+    """The modules of ``modules`` that the file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:   # relative: from the package of the file
+                parts = package.split(".") if package else []
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{alias.name}" if base else alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            # "archs.lenet.LeNet" imports archs.lenet (and the package archs)
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def import_graph():
+    modules = local_modules()
+    return {name: imported(path, name.rpartition(".")[0], modules) - {name} for name, path in modules.items()}
+
+
+def cycles(graph):
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for successor in graph[node]:
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in on_stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_cycle_finder_finds_lazy_and_long_cycles(tmp_path):
+    # the checker itself, on a made-up tree: a lazy import closing a loop of three, and a clean pair
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("from c import thing\n")
+    (tmp_path / "c.py").write_text("def f():\n    import a\n")
+    (tmp_path / "d.py").write_text("from a import x\n")
+    modules = {name: str(tmp_path / f"{name}.py") for name in "abcd"}
+    graph = {name: imported(path, "", modules) - {name} for name, path in modules.items()}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_no_module_of_code_is_in_an_import_cycle():
+    graph = import_graph()
+    assert {"core", "sequential", "analyze", "comparison"} <= set(graph)
+    assert cycles(graph) == []
+
+
+def design_tables():
+    """The modules that docs/DESIGN.md lists as entry scripts and as library (the backticked names)."""
+    import re
+    text = open(os.path.join(os.path.dirname(CODE), "docs", "DESIGN.md")).read()
+    section = text[text.index("## Modules"):text.index("\n## ", text.index("## Modules") + 1)]
+    entry, library = section.split("Library:")
+    names = lambda part: {name[:-3] for row in part.splitlines() if row.startswith("| `")  # noqa: E731
+                          for name in re.findall(r"`([\w/]+\.py)`", row.split(" | ")[0])}
+    return names(entry), names(library)
+
+
+def test_design_lists_entry_scripts_and_library_as_they_are():
+    # an entry script is a top-level file of code/ with a __main__ block; every other module is library
+    modules = {name: path for name, path in local_modules().items() if os.path.dirname(path) == CODE}
+    scripts = {name for name, path in modules.items() if '__name__ == "__main__"' in open(path).read()}
+    entry, library = design_tables()
+    assert entry == scripts
+    assert library == set(modules) - scripts
