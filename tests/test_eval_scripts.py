@@ -626,6 +626,87 @@ def test_certify_c_on_cifar10_c(tmp_path, capsys):
                                           "gaussian_noise.tsv.meta.json"]
 
 
+class PixelReader(torch.nn.Module):
+    """Class k when pixel (channel, row, col) is nearest to (k + 1/2) / 10: a model that reads one value only."""
+
+    def __init__(self, channel, row, col):
+        super().__init__()
+        self.where = (channel, row, col)
+
+    def forward(self, x):
+        value = x[:, self.where[0], self.where[1], self.where[2]].float()
+        centers = (torch.arange(10, dtype=torch.float32, device=x.device) + 0.5) / 10
+        return -200.0 * (value[:, None] - centers[None]) ** 2
+
+
+def bins(values):
+    """The class PixelReader gives each pixel value in [0, 255]: its nearest of the ten bin centres."""
+    return np.clip(np.floor(np.asarray(values) / 255.0 * 10), 0, 9).astype(int)
+
+
+@pytest.mark.parametrize("layout", ["mnist_c", "mnist_c_flat", "cifar10_c"])
+def test_certify_c_rows_are_certify_of_the_images_scaled_to_unit_interval(layout, tmp_path, monkeypatch):
+    """certify_c's rows equal Smooth.certify of image idx / 255 in C x H x W with the stream (seed, corruption, idx).
+
+    The model reads one pixel of one channel, at a place whose transpose holds another value, in images whose
+    channels differ: images read unscaled, transposed or with their channels mixed up give other rows.
+    """
+    import eval_utils
+    from core import Smooth
+    from noise_streams import noise_generator
+    rng = np.random.default_rng(5)
+    n, sigma, n0, num, alpha, seed = 4, 0.03, 20, 200, 0.01, 9
+    wanted = np.array([[20, 250, 130, 70], [100, 180, 40, 220]], dtype=np.uint8)   # per corruption, per image
+    if layout == "cifar10_c":
+        shape, where = (32, 32, 3), (2, 3, 20)                 # channel 2 (blue), row 3, column 20
+        base = tmp_path / "CIFAR-10-C"
+        base.mkdir()
+    else:
+        shape, where = (28, 28, 1), (0, 5, 17)
+        base = tmp_path / "MNIST-C"
+    model = PixelReader(*where)
+    monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device: model.to(device))
+    checkpoint = tmp_path / "reader.pth.tar"
+    torch.save({"arch": "reader", "state_dict": {}}, checkpoint)
+    names, arrays, labels = ["fog", "zigzag"], {}, None
+    for c, name in enumerate(names):
+        images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+        channel, row, col = where
+        # the channels at the place read fall in other bins; the transposed place reads another class
+        images[:, row, col, :] = (wanted[c][:, None] + 85 * np.arange(1, shape[2] + 1)[None]) % 256
+        images[:, row, col, channel] = wanted[c]
+        images[:, col, row, :] = 255 - wanted[c][:, None]
+        labels = bins(wanted[0])
+        arrays[name] = images
+        if layout == "cifar10_c":
+            np.save(base / f"{name}.npy", images)
+        else:
+            (base / name).mkdir(parents=True)
+            np.save(base / name / "test_images.npy", images[..., 0] if layout == "mnist_c_flat" else images)
+            np.save(base / name / "test_labels.npy", labels)
+    if layout == "cifar10_c":
+        np.save(base / "labels.npy", labels)
+    prefix = str(tmp_path / "out") + "/"
+    assert call(certify_c, [checkpoint, prefix, "--base_c_path", base, "--corruptions", ",".join(names),
+                            "--sigma", sigma, "--N0", n0, "--N", num, "--alpha", alpha, "--batch", 100,
+                            "--seed", seed]) == 0
+    smooth = Smooth(model, 10, sigma)
+    certified = 0
+    for name in names:
+        header, body = rows(prefix + name + ".tsv")
+        assert header == CERTIFY_HEADER and len(body) == n
+        key = certify_c.corruption_noise_key(name)
+        for idx, row in enumerate(body):
+            image = torch.from_numpy(arrays[name][idx].astype(np.float32) / np.float32(255.0)).permute(2, 0, 1)
+            prediction, radius = smooth.certify(image, n0, num, alpha, 100, noise_generator(seed, idx, "cpu", key))
+            assert row[:5] == [str(idx), str(labels[idx]), str(prediction), "{:.3}".format(radius),
+                               str(int(prediction == labels[idx]))]
+            certified += prediction != -1
+    # the rows are not degenerate: most images are certified, as the class of the pixel their model reads
+    assert certified >= 6
+    assert [int(r[2]) for r in rows(prefix + "zigzag.tsv")[1]] != [int(r[2]) for r in rows(prefix + "fog.tsv")[1]]
+
+
 def test_bf16_and_memory_format_options_run(checkpoint, tmp_path, labels):
     out = tmp_path / "c.tsv"
     assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 2, "--bf16", "--no-channels-last"]
