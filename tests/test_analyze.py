@@ -8,7 +8,8 @@ Two kinds of checks:
   the numbers of that table (ACR to 3 decimals, certified accuracy in percent
   to 1 decimal); the table is parsed here, so the expected numbers live in
   one place only. They are not part of the repository, so without the
-  variable these tests are skipped;
+  variable these tests are skipped (CI's .ci/run sets it where CI keeps
+  them, ../shared/reference-results from the repository root);
 * small synthetic result files whose certified accuracies and ACR can be
   worked out by hand, plus the tables, plots and the command line, including
   its behaviour on malformed input (one ``error:`` line, exit status 2, no
