@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, python_env
 
 import train_cohen
+from architectures import get_architecture
 from train_utils import LOG_HEADER, build_parser
 
 SMALL = ["--train-subset", "512", "--test-subset", "128", "--batch", "64", "--workers", "0", "--print-freq", "1000"]
@@ -153,21 +154,41 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
     assert checkpoint.read_bytes() == before
 
 
-def test_torchrun_two_processes_train_with_ddp(tmp_path):
-    """torchrun with gloo on CPU: one run folder, checkpoint keys as without DDP, one RNG state per process."""
-    args = ["fmnist", "lenet", "--lr", "0.01", "--epochs", "1", "--noise", "0.25", "--id", "0", "--seed", "1",
-            "--logdir", str(tmp_path)] + SMALL
+def test_torchrun_two_processes_train_with_ddp_as_one_process_does(tmp_path):
+    """torchrun with gloo on CPU: one run folder, checkpoint keys as without DDP, one RNG state per process, and
+    the weights of one process at the same global batch after 8 SGD steps (within float rounding).
+
+    Each process takes every other example of the epoch's order (drawn alike by both), so the two halves of
+    a step make up the one-process batch of that step; with the gradients averaged the steps are the same.
+    Without noise (each process draws its own), nothing else differs. Not splitting the data would double
+    the steps; not averaging the gradients would step rank 0 on its half alone.
+    """
+    args = ["fmnist", "lenet", "--lr", "0.05", "--epochs", "2", "--noise", "0.0", "--id", "0", "--seed", "1",
+            "--train-subset", "256", "--test-subset", "64", "--batch", "64", "--workers", "0", "--print-freq", "1000"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(REPO, "code", "train_cohen.py")] + args,
+                             os.path.join(REPO, "code", "train_cohen.py")] + args + ["--logdir", str(tmp_path / "two")],
                             cwd=REPO, env=python_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    folder = tmp_path / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "0"
+    train_cohen.main(args + ["--logdir", str(tmp_path / "one")])
+    folder = tmp_path / "two" / "fmnist" / "cohen" / "noise_0.0" / "lenet" / "0"
     rows = (folder / "log.txt").read_text().splitlines()
-    assert len(rows) == 2
+    assert len(rows) == 3
     checkpoint = torch.load(folder / "checkpoint.pth.tar", weights_only=True)
     assert list(checkpoint["state_dict"]) == ["1.conv1.weight", "1.conv1.bias", "1.conv2.weight", "1.conv2.bias",
                                               "1.fc1.weight", "1.fc1.bias", "1.fc2.weight", "1.fc2.bias"]
     assert len(checkpoint["rng"]) == 2
+    alone = torch.load(tmp_path / "one" / "fmnist" / "cohen" / "noise_0.0" / "lenet" / "0" / "checkpoint.pth.tar",
+                       weights_only=True)
+    torch.manual_seed(1)
+    initial = get_architecture("lenet", "fmnist", "cpu").state_dict()   # the weights --seed 1 starts from
+    for key, value in alone["state_dict"].items():
+        two = checkpoint["state_dict"][key]
+        moved = (value - initial[key]).abs().max().item()
+        assert moved > 1e-3, key
+        assert (two - value).abs().max().item() <= 1e-3 * moved + 1e-6, key   # float32 sums in other orders
+    # the logged train loss is the mean over both halves
+    assert rows[1].split("\t")[3] == (tmp_path / "one" / "fmnist" / "cohen" / "noise_0.0" / "lenet" / "0" /
+                                      "log.txt").read_text().splitlines()[1].split("\t")[3]
 
 
 # --------------------------------------------------------------------------- learning-rate schedule
