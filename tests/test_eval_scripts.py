@@ -1,7 +1,8 @@
 """The evaluation scripts: certify.py, predict.py, smooth_prediction.py, certify_c.py.
 
-A LeNet with random weights, saved in the published checkpoint format, is
-evaluated on a few Fashion-MNIST test images with small N. Most runs call the
+A LeNet trained for a few seconds (so that it predicts several classes),
+saved in the published checkpoint format, is evaluated on a few
+Fashion-MNIST test images with small N. Most runs call the
 scripts' ``main(argv)`` in this process (the same code path as the command
 line, without paying for a fresh interpreter each time); one run goes through
 a subprocess and one through torchrun with two processes.
@@ -79,9 +80,30 @@ def data_cache(monkeypatch):
     monkeypatch.setenv("DATASET_CACHE", os.environ.get("DATASET_CACHE", os.path.join(REPO, "dataset_cache")))
 
 
+def save_trained_lenet(path):
+    """A LeNet trained for a few seconds on noisy Fashion-MNIST: it predicts several classes, most of them right
+    (a random LeNet gives every image the same class, so its rows could not tell predictions apart)."""
+    train = get_dataset("fmnist", "train")
+    images, labels = train.data[:4000].float().div(255).unsqueeze(1), train.targets[:4000]
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = get_architecture("lenet", "fmnist", "cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(100):   # (about 2 s of one core; not confident everywhere, so counts vary)
+        index = torch.randint(0, len(images), (32,), generator=generator)
+        noisy = images[index] + SIGMA * torch.randn(32, 1, 28, 28, generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(noisy), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save({"epoch": 1, "arch": "lenet", "state_dict": model.state_dict(), "optimizer": {}}, path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return save_lenet(tmp_path_factory.mktemp("model") / "checkpoint.pth.tar")
+    return save_trained_lenet(tmp_path_factory.mktemp("model") / "checkpoint.pth.tar")
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +170,9 @@ def test_predict_rows(reference, labels):
         assert TIME.match(elapsed)
         if int(prediction) != -1 and int(cert[2]) != -1:
             assert prediction == cert[2], "with nothing abstaining, predict and certify agree on these images"
+    # the model tells the images apart: several classes, most of them right
+    predicted = [int(r[2]) for r in body]
+    assert len(set(predicted) - {-1}) >= 2 and sum(int(r[3]) for r in body) >= 3
 
 
 def test_smooth_prediction_rows_and_npy(reference, labels):
@@ -707,10 +732,32 @@ def test_certify_c_rows_are_certify_of_the_images_scaled_to_unit_interval(layout
     assert [int(r[2]) for r in rows(prefix + "zigzag.tsv")[1]] != [int(r[2]) for r in rows(prefix + "fog.tsv")[1]]
 
 
-def test_bf16_and_memory_format_options_run(checkpoint, tmp_path, labels):
+@pytest.mark.parametrize("options", [["--bf16", "--no-channels-last"], ["--no-channels-last"], []])
+def test_bf16_and_memory_format_options_reach_the_certificates(checkpoint, tmp_path, labels, options, monkeypatch):
+    """Each row's prediction and radius are Smooth.certify's with the same options (bfloat16 autocast, memory
+    format) on the same stream; bfloat16 changes some of them, so a --bf16 that did not reach the model fails.
+    The memory format changes float rounding only, which these counts do not show: that it reaches the
+    engine is checked where the engine is built."""
+    import eval_utils
+    from checkpoints import load_base_classifier
+    from core import Smooth
+    from noise_streams import noise_generator
+    built = []
+    monkeypatch.setattr(eval_utils, "Smooth", lambda *a, **k: built.append(k) or Smooth(*a, **k))
     out = tmp_path / "c.tsv"
-    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 2, "--bf16", "--no-channels-last"]
-                + CERTIFY_FAST) == 0
+    assert call(certify, ["fmnist", checkpoint, SIGMA, out, "--max", 6] + options + CERTIFY_FAST) == 0
     header, body = rows(out)
     assert header == CERTIFY_HEADER
-    assert [(int(r[0]), int(r[1])) for r in body] == [(0, labels[0]), (1, labels[1])]
+    model = load_base_classifier(checkpoint, "fmnist", "cpu")
+    data = get_dataset("fmnist", "test")
+    bf16, channels_last = "--bf16" in options, "--no-channels-last" not in options
+
+    def certificates(**engine):
+        smooth = Smooth(model, 10, SIGMA, **engine)
+        return [smooth.certify(data[i][0], N0, N, ALPHA, 100, noise_generator(0, i, "cpu")) for i in range(6)]
+    assert [(k["bf16"], k["channels_last"]) for k in built] == [(bf16, channels_last)]
+    expected = certificates(bf16=bf16, channels_last=channels_last)
+    assert [(int(r[0]), int(r[1]), int(r[2]), r[3]) for r in body] == \
+        [(i, labels[i], c, "{:.3}".format(radius)) for i, (c, radius) in enumerate(expected)]
+    if bf16:
+        assert expected != certificates(bf16=False, channels_last=channels_last)
