@@ -244,6 +244,14 @@ def test_catrs_high_confidence_term_is_lbd_times_the_mean_worst_kl_of_the_attack
     assert worst.mean() > clean_worst.mean() * 1.05
 
 
+def test_vote_share_of_a_label_no_copy_predicts_is_zero_even_for_the_last_class():
+    """t = (1/m) sum_j onehot(argmax logits_j) has one entry per class, also for classes no copy predicts."""
+    logits = torch.zeros(2, 3, 4)
+    logits[0, :, 0] = logits[1, :2, 1] = logits[1, 2, 0] = 5.0     # the copies predict classes 0 and 1 only
+    votes = train_catrs.acceptance_probability(logits, torch.tensor([3, 1, 0]), torch.zeros(3, 4))
+    assert votes.tolist() == [0.0, 0.5, 1.0]
+
+
 @pytest.mark.parametrize("w, m", [(0.2, 3), (0.7, 4), (0.55, 1)])
 def test_sample_num_accepted_is_binomial_m_w_with_zero_counted_as_one(w, m):
     """P(K = k) = Binomial(m, w) pmf for k >= 2 and pmf(0) + pmf(1) at k = 1 (w away from 1/2, where w and 1 - w
