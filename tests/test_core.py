@@ -230,6 +230,7 @@ def test_two_sided_binomial_pvalue_is_scipy_binomtest_bit_for_bit():
     ([0, 60, 25, 15], 0.01),      # 60 of 85 (p = 0.0002): predict, though 60 of 100 would abstain
     ([0, 0, 100], 0.001),
     ([3, 30, 0, 0, 67], 0.001),
+    ([0, 5], 0.0625),             # p = 2 / 2^5 = alpha exactly: the published rule abstains only above alpha
 ])
 def test_predict_binomial_test_on_scripted_counts(counts, alpha):
     n = sum(counts)
@@ -313,6 +314,20 @@ def test_selection_and_estimation_noise_are_different_draws():
     Smooth(recorder, 2, 0.5).certify(torch.zeros(1, 4, 4), 50, 50, 0.01, 50, noise_generator(3, 0, "cpu"))
     first, second = recorder.seen
     assert not torch.equal(first, second)
+
+
+def test_certify_and_predict_draw_all_their_noise_from_the_generator_given():
+    """Selection and estimation samples alike: the same generator gives the same noise whatever torch's global
+    generator holds."""
+    seen = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        recorder = Recorder()
+        smooth = Smooth(recorder, 2, 0.5)
+        smooth.certify(torch.zeros(1, 4, 4), 30, 40, 0.01, 50, noise_generator(3, 0, "cpu"))
+        smooth.predict(torch.zeros(1, 4, 4), 20, 0.01, 50, noise_generator(4, 0, "cpu"))
+        seen.append(recorder.seen)
+    assert len(seen[0]) == 3 and all(torch.equal(a, b) for a, b in zip(*seen))
 
 
 # --------------------------------------------------------------------------- reproducibility
