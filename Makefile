@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: demo test test-slow lint install data clean-demo reproduce
+.PHONY: demo test test-slow lint install data clean-demo reproduce mutation
 
 install: $(STAMP)
 
@@ -27,6 +27,18 @@ lint: $(STAMP)
 # The slow tier: stress tests of sharded runs and other long checks (marker `slow`).
 test-slow: $(STAMP) data
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -m slow
+
+# Mutation testing of core, sequential, the method steps and certify_c's input path (docs/MUTATION.md);
+# GROUPS="core catrs" picks some. Each group's report: .mutation/GROUP/summary.txt.
+DEV_STAMP := $(VENV)/.dev-requirements-installed
+GROUPS ?=
+
+$(DEV_STAMP): requirements-dev.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
+mutation: $(DEV_STAMP) data
+	$(PY) scripts/mutation.py $(GROUPS)
 
 demo: $(STAMP) data
 	PY=$(PY) bash scripts/demo.sh
