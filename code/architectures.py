@@ -14,7 +14,7 @@ from torchvision.models import resnet50
 from archs.cifar_resnet import resnet as resnet_cifar
 from archs.lenet import LeNet
 from common import UserError
-from datasets import get_normalize_layer, get_num_classes
+from datasets import get_input_layer, get_num_classes
 
 ARCHITECTURES = ["lenet", "cifar_resnet20", "cifar_resnet110", "cifar100_resnet110", "resnet50"]
 
@@ -51,8 +51,12 @@ def check_architecture(arch: str, dataset: str):
                                 f"{' or '.join(ARCH_DATASETS[arch])}")
 
 
-def get_architecture(arch: str, dataset: str, device=None) -> nn.Module:
-    """Return ``Sequential(normalize, net)`` on ``device`` (default: CUDA if available)."""
+def get_architecture(arch: str, dataset: str, device=None, input_layer: str = "normalize") -> nn.Module:
+    """Return ``Sequential(normalize, net)`` on ``device`` (default: CUDA if available).
+
+    ``input_layer``: the first layer, ``normalize`` (this project's, the published CAT-RS one) or another
+    of ``datasets.INPUT_LAYERS`` for models released with it (SmoothAdv's ``center``, MACER's ``none``).
+    """
     check_architecture(arch, dataset)
     if arch == "lenet":
         net = LeNet(num_classes=get_num_classes(dataset))
@@ -66,4 +70,4 @@ def get_architecture(arch: str, dataset: str, device=None) -> nn.Module:
         net = ModuleWrapper(resnet50(weights=None))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return nn.Sequential(get_normalize_layer(dataset), net).to(device)
+    return nn.Sequential(get_input_layer(dataset, input_layer), net).to(device)

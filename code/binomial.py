@@ -3,6 +3,8 @@
 Pure functions of counts, vectorised over arrays, used by fixed-N CERTIFY and PREDICT (core.py)
 and by their sequential variants (sequential.py).
 """
+import math
+
 import numpy as np
 from scipy.stats import beta, binom
 
@@ -39,3 +41,24 @@ def two_sided_binomial_pvalue(successes, trials):
     safe = np.maximum(trials, 1)
     tails = binom.cdf(low, safe, 0.5) + binom.sf(safe - low - 1, safe, 0.5)
     return np.where((trials > 0) & (2 * low < trials), np.minimum(1.0, tails), 1.0)
+
+
+def smallest_certifying_n(alpha: float) -> int:
+    """The fewest estimation samples with which CERTIFY can certify at ``alpha``.
+
+    With N of N samples of cA the lower bound is alpha^(1/N), at least 1/2 from N = log2(1 / alpha) on;
+    the count is found with ``cp_lower`` itself, so that it agrees with what CERTIFY computes.
+    """
+    n = max(1, math.floor(math.log2(1.0 / alpha)) - 1)
+    while cp_lower(n, n, alpha) < 0.5:
+        n += 1
+    return n
+
+
+def smallest_predicting_n(alpha: float) -> int:
+    """The fewest samples with which PREDICT can predict at ``alpha``: N of N samples of one class give
+    the p-value 2^(1 - N), at most alpha from N = log2(2 / alpha) on (found with PREDICT's own test)."""
+    n = max(1, math.floor(math.log2(2.0 / alpha)) - 1)
+    while two_sided_binomial_pvalue(n, n) > alpha:
+        n += 1
+    return n

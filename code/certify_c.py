@@ -4,8 +4,8 @@
 
 Writes ``{OUTPREFIX}{corruption}.tsv`` for each corruption, in certify.py's
 format (``idx`` is the image's position in the corruption's array), with
-sigma 0.25 unless ``--sigma`` says otherwise. The layout of DIR decides the
-data set:
+sigma ``--sigma``; without it, the published default 0.25, and a line that
+says so. The layout of DIR decides the data set:
 
 * MNIST-C: ``DIR/{corruption}/test_images.npy`` (uint8, (n, 28, 28, 1) or
   (n, 28, 28)) and ``DIR/{corruption}/test_labels.npy``; by default the 16
@@ -27,6 +27,7 @@ import os
 import numpy as np
 import torch
 
+import checkpoint_info
 from certify_rows import certify_images, result_header, row_formatter
 from common import ArgumentParser, UserError, positive_float, run_cli
 from datasets import get_input_shape
@@ -38,6 +39,14 @@ MNIST_C_CORRUPTIONS = ["identity", "brightness", "dotted_line", "glass_blur", "i
                        "spatter", "translate", "canny_edges", "fog", "motion_blur", "scale", "shot_noise", "stripe",
                        "zigzag"]
 CIFAR10_C_LABELS = "labels.npy"
+
+
+class _NotGiven(float):
+    """A default that knows it was not given on the command line (a float equal to the default)."""
+
+
+# The published script certifies at this sigma when none is given.
+PUBLISHED_SIGMA = _NotGiven(0.25)
 
 
 class CorruptedSet:
@@ -122,7 +131,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("outfile", type=str, help="output prefix: writes {outfile}{corruption}.tsv")
     parser.add_argument("--base_c_path", "--base-c-path", dest="base_c_path", required=True,
                         help="folder of MNIST-C or CIFAR-10-C")
-    parser.add_argument("--sigma", type=positive_float, default=0.25, help="noise hyperparameter")
+    checkpoint_info.add_input_layer_argument(parser)
+    parser.add_argument("--sigma", type=positive_float, default=PUBLISHED_SIGMA,
+                        help=f"noise hyperparameter (default: {PUBLISHED_SIGMA:g}, as published, and a line says so)")
     parser.add_argument("--corruptions", nargs="+", default=None,
                         help="corruptions to certify (names, comma- or space-separated); default: all")
     add_image_arguments(parser, split=False)
@@ -134,13 +145,17 @@ def build_parser() -> ArgumentParser:
 
 def run(argv=None):
     args = build_parser().parse_args(argv)
+    notes = []
+    if isinstance(args.sigma, _NotGiven):
+        args.sigma = float(args.sigma)
+        notes.append(f"certify_c.py: sigma {args.sigma:g} (the published default; --sigma gives another)")
     evaluate = certify_images(args)
     dataset, sets = find_corrupted_sets(args.base_c_path, _corruption_list(args.corruptions))
     image_sets = [ImageSet(s.name, s, ResultFile(f"{args.outfile}{s.name}.tsv", result_header(args),
                                                  overwrite=args.overwrite),
                            settings={"corruption": s.name}, noise_key=corruption_noise_key(s.name)) for s in sets]
     run_on_image_sets(args, dataset, image_sets, evaluate, row_formatter(args), script="certify_c.py",
-                      sequential_scheme=certification_scheme(args))
+                      sequential_scheme=certification_scheme(args), notes=notes)
 
 
 def main(argv=None):

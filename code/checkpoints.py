@@ -11,6 +11,7 @@ import os
 
 import torch
 
+import checkpoint_info
 from architectures import ArchitectureError, check_architecture, get_architecture
 from common import UserError, replace_atomic
 
@@ -49,8 +50,12 @@ def check_checkpoint_file(path: str):
                         "checkpoint.pth.tar written by a train_*.py run")
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint dict with ``weights_only=True``: nothing in it is ever executed."""
+def load_checkpoint(path: str, map_location="cpu", dataset: str = None) -> dict:
+    """Load a checkpoint dict with ``weights_only=True``: nothing in it is ever executed.
+
+    With ``dataset``, a MACER release (``{'net', 'epoch'}``) reads as the training checkpoint it
+    is equivalent to (``checkpoint_info.from_macer``).
+    """
     check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -61,20 +66,27 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                             "numbers and strings (the published checkpoint format)")
         raise UserError(f"checkpoint '{path}' is truncated or not a PyTorch checkpoint "
                         f"({text.splitlines()[0] if text else type(exc).__name__})")
+    if dataset is not None and checkpoint_info.is_macer_release(checkpoint):
+        checkpoint = checkpoint_info.from_macer(checkpoint, dataset)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "arch" not in checkpoint:
         raise UserError(f"checkpoint '{path}' is not a training checkpoint (needs the keys 'arch' and 'state_dict')")
     return checkpoint
 
 
-def load_base_classifier(path: str, dataset: str, device) -> torch.nn.Module:
-    """The base classifier saved in ``path``, checked against ``dataset``, in eval mode."""
-    checkpoint = load_checkpoint(path, map_location=device)
+def load_base_classifier(path: str, dataset: str, device, input_layer: str = None) -> torch.nn.Module:
+    """The base classifier saved in ``path``, checked against ``dataset``, in eval mode.
+
+    ``input_layer``: its first layer (``--input-layer``); None: what the checkpoint tells
+    (``checkpoint_info.input_layer``).
+    """
+    checkpoint = load_checkpoint(path, map_location=device, dataset=dataset)
+    layer, _ = checkpoint_info.input_layer(checkpoint, path, dataset, input_layer)
     arch = checkpoint["arch"]
     try:
         check_architecture(arch, dataset)
     except ArchitectureError as exc:
         raise UserError(f"checkpoint '{path}': {exc}")
-    model = get_architecture(arch, dataset, device)
+    model = get_architecture(arch, dataset, device, layer)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:

@@ -80,8 +80,24 @@ nonnegative_float = _number(float, lambda v: v >= 0, "a non-negative")
 probability = _number(float, lambda v: 0 < v < 1, "in the open interval (0, 1)")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless its help already names it or there is none to show
+    (None, an empty string, a switch's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+                or action.default == "" or not action.option_strings or action.nargs == 0):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (usage goes to --help) and exit status 2."""
+    """argparse with a one-line error (usage goes to --help), exit status 2, and defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")

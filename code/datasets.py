@@ -9,8 +9,9 @@ set whose items are ``(image, label, pi)``, ``pi`` being the smoothed prediction
 (class frequencies under Gaussian noise) of a pretrained Gaussian model at that
 image, written by ``smooth_prediction.py``.
 
-Normalisation is the first layer of every model (``get_normalize_layer``), so
-images stay in [0, 1] and Gaussian noise is added in pixel space.
+Normalisation is the first layer of every model (``get_normalize_layer``; other
+released models' first layers: ``get_input_layer``), so images stay in [0, 1]
+and Gaussian noise is added in pixel space.
 """
 import gzip
 import os
@@ -313,20 +314,39 @@ def _decompress_idx(source: str, raw: str):
 
 # --------------------------------------------------------------------------- normalisation
 
+_STATISTICS = {"cifar10": (_CIFAR10_MEAN, _CIFAR10_STDDEV), "cifar100": (_CIFAR100_MEAN, _CIFAR100_STDDEV),
+               "imagenet": (_IMAGENET_MEAN, _IMAGENET_STDDEV)}
+
+#: The first layers a released model may have been trained with (``get_input_layer``): ``normalize``
+#: (x - mean) / sd, as Cohen et al., Stability, Consistency, SmoothMix, CAT-RS and this project;
+#: ``center`` x - mean, as SmoothAdv's released models; ``none`` the identity, as MACER's.
+INPUT_LAYERS = ("normalize", "center", "none")
+
+
 def get_normalize_layer(dataset: str) -> torch.nn.Module:
     """The model's first layer: identity for MNIST-like data, per-channel otherwise."""
+    return get_input_layer(dataset, "normalize")
+
+
+def get_input_layer(dataset: str, kind: str = "normalize") -> torch.nn.Module:
+    """The first layer ``kind`` (one of ``INPUT_LAYERS``) for ``dataset``; MNIST-like data have mean 0 and sd 1."""
     _check_name(dataset)
-    if dataset in ("mnist", "fmnist"):
+    if kind not in INPUT_LAYERS:
+        raise ValueError(f"unknown input layer '{kind}'; choose one of {', '.join(INPUT_LAYERS)}")
+    if kind == "none" or dataset not in _STATISTICS:
         return NormalizeLayer(None, None)
-    if dataset == "cifar10":
-        return NormalizeLayer(_CIFAR10_MEAN, _CIFAR10_STDDEV)
-    if dataset == "cifar100":
-        return NormalizeLayer(_CIFAR100_MEAN, _CIFAR100_STDDEV)
-    return NormalizeLayer(_IMAGENET_MEAN, _IMAGENET_STDDEV)
+    means, sds = _STATISTICS[dataset]
+    return NormalizeLayer(means, sds if kind == "normalize" else None)
+
+
+def input_layers_differ(dataset: str) -> bool:
+    """Whether the kinds of ``INPUT_LAYERS`` compute different things on ``dataset`` (not on MNIST-like data)."""
+    _check_name(dataset)
+    return dataset in _STATISTICS
 
 
 class NormalizeLayer(torch.nn.Module):
-    """(x - mean) / sd per channel, or the identity when ``means`` is None.
+    """(x - mean) / sd per channel; x - mean when ``sds`` is None; the identity when ``means`` is None.
 
     The statistics are non-persistent buffers: they follow ``.to(device)`` but
     stay out of ``state_dict``, so checkpoints keep the published key layout.
@@ -335,11 +355,15 @@ class NormalizeLayer(torch.nn.Module):
     def __init__(self, means, sds):
         super().__init__()
         self.identity = means is None
+        self.centre_only = sds is None
         if not self.identity:
             self.register_buffer("means", torch.tensor(means).view(1, -1, 1, 1), persistent=False)
+        if not self.identity and not self.centre_only:
             self.register_buffer("sds", torch.tensor(sds).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
         if self.identity:
             return x
+        if self.centre_only:
+            return x - self.means.to(x.dtype)
         return (x - self.means.to(x.dtype)) / self.sds.to(x.dtype)

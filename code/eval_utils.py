@@ -39,13 +39,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import check_checkpoint_file, file_sha256, load_base_classifier
+import checkpoint_info
+from binomial import smallest_certifying_n, smallest_predicting_n
+from checkpoints import check_checkpoint_file, file_sha256, load_base_classifier, load_checkpoint
 from common import (ArgumentParser, UserError, nonnegative_float, nonnegative_int, positive_float, positive_int,
                     probability)
 from core import Smooth
 from datasets import DATASETS, get_dataset, get_num_classes
 from distributed import Distributed
 from noise_streams import noise_generator
+from output_lock import OutputLocks
 from provenance import Provenance
 from result_files import ResultFile
 from rows import (CERTIFY_HEADER, PREDICT_HEADER, SEQUENTIAL_CERTIFY_HEADER,  # noqa: F401 (re-exported)
@@ -67,6 +70,7 @@ def add_model_arguments(parser: ArgumentParser):
     parser.add_argument("base_classifier", type=str, help="path to the saved base classifier (checkpoint.pth.tar)")
     parser.add_argument("sigma", type=positive_float, help="noise hyperparameter")
     parser.add_argument("outfile", type=str, help="output TSV file")
+    checkpoint_info.add_input_layer_argument(parser)
 
 
 def add_image_arguments(parser: ArgumentParser, split: bool = True):
@@ -146,6 +150,22 @@ def check_sequential_arguments(args):
         raise UserError(f"{', '.join(given)} only apply to --sequential; add --sequential or drop them")
     if getattr(args, "radii", None) is not None and getattr(args, "radius_tol", None) is not None:
         raise UserError("--radii and --radius-tol choose different stopping rules; give one of them")
+
+
+def warn_if_too_few_samples(args, certify: bool):
+    """One warning line when ``--N`` (``--N-max``) is too small for any image not to abstain at ``--alpha``.
+
+    Even N of N samples of one class then fail the test (CERTIFY: pA's lower bound alpha^(1/N) < 1/2;
+    PREDICT: the p-value 2^(1 - N) > alpha); a sequential run, at a part of alpha per look, needs more.
+    """
+    n = sequential_n_max(args) if args.sequential else args.N
+    option = "--N-max" if args.sequential else "--N"
+    smallest = smallest_certifying_n(args.alpha) if certify else smallest_predicting_n(args.alpha)
+    if n < smallest and os.environ.get("RANK", "0") == "0":
+        what = "certify" if certify else "predict"
+        print(f"warning: {option} {n} cannot {what} at --alpha {args.alpha:g}: every image will abstain, since even "
+              f"{n} samples all of one class fail {'CERTIFY' if certify else 'PREDICT'}'s test; the smallest N that "
+              f"can {what} at this alpha is {smallest}", file=sys.stderr)
 
 
 def sequential_n_max(args) -> int:
@@ -275,20 +295,30 @@ def certification_scheme(args) -> Optional[str]:
 
 
 def run_on_image_sets(args, dataset: str, image_sets: Sequence[ImageSet], evaluate: Callable, format_row: Callable,
-                      record: Optional[Callable] = None, *, script: str, sequential_scheme: Optional[str] = None):
+                      record: Optional[Callable] = None, *, script: str, sequential_scheme: Optional[str] = None,
+                      notes: Sequence[str] = ()):
     """The run of every evaluation script: check the outputs, load the smoothed classifier, fill each output.
 
     ``evaluate(smooth, xs, generators)`` returns one result per image of ``xs``
     [G x C x H x W]; ``format_row`` and ``record`` as in ``Evaluation``;
     ``script``: the script's file name; ``sequential_scheme``: the scheme of a
     sequential certification (``certification_scheme``), recorded in the
-    settings. Before any work: an empty image selection, a foreign output and
-    an output made with other settings stop the run (``UserError``). Outputs
-    that are already complete are only reported. At the end, each output's
-    path is printed on stdout.
+    settings; ``notes``: lines to print once the input is known to be valid.
+    Before any work: an empty image selection, a foreign output, an output
+    made with other settings and an output another run is writing stop the
+    run (``UserError``). What the checkpoint tells is printed (a first layer
+    it does not record, a sigma other than its training sigma:
+    ``checkpoint_info.usage``). Outputs that are already complete are only
+    reported. At the end, each output's path is printed on stdout.
     """
     selections = [selected_images(args, image_set) for image_set in image_sets]
     check_checkpoint_file(args.base_classifier)
+    main_process = os.environ.get("RANK", "0") == "0"
+    # the first layer the checkpoint's model needs is a setting of the rows (checkpoint_info)
+    args.input_layer, lines = checkpoint_info.usage(load_checkpoint(args.base_classifier, dataset=dataset),
+                                                    args.base_classifier, dataset, args.input_layer, args.sigma)
+    for line in [*notes, *lines] if main_process else []:
+        print(line, file=sys.stderr)
     provenance = Provenance.of_run(script, dataset, vars(args), file_sha256(args.base_classifier), torch.__version__,
                                    sequential_scheme)
     for image_set in image_sets:
@@ -298,18 +328,26 @@ def run_on_image_sets(args, dataset: str, image_sets: Sequence[ImageSet], evalua
     # Nothing has been written yet, so every torchrun process finds the same outputs complete.
     complete = [image_set.output.complete(indices) for image_set, indices in zip(image_sets, selections)]
     if not all(complete):
-        dist = Distributed()
-        model = load_base_classifier(args.base_classifier, dataset, dist.device)
-        smooth = Smooth(model, get_num_classes(dataset), args.sigma, images_per_batch=args.batch_images,
-                        channels_last=args.channels_last, bf16=args.bf16, compile=args.compile)
-        evaluations = [Evaluation(output=image_set.output, indices=indices, load=image_set.images.__getitem__,
-                                  evaluate=lambda xs, generators: evaluate(smooth, xs, generators),
-                                  format_row=format_row, record=record, description=image_set.description,
-                                  noise_key=tuple(image_set.noise_key))
-                       for image_set, indices, done in zip(image_sets, selections, complete) if not done]
-        run_evaluations(evaluations, args, dist)
-        dist.close()
-    if os.environ.get("RANK", "0") == "0":
+        # one writer per output (rank 0 holds the locks for the processes of its run)
+        locks = OutputLocks([s.output.path for s, done in zip(image_sets, complete) if not done and main_process])
+        locks.acquire()   # (``OutputBusy``, a ``UserError``, names the run that holds one)
+        try:
+            for image_set in image_sets:   # what was checked may have changed before the lock was ours
+                image_set.output.check()
+            dist = Distributed()
+            model = load_base_classifier(args.base_classifier, dataset, dist.device, input_layer=args.input_layer)
+            smooth = Smooth(model, get_num_classes(dataset), args.sigma, images_per_batch=args.batch_images,
+                            channels_last=args.channels_last, bf16=args.bf16, compile=args.compile)
+            evaluations = [Evaluation(output=image_set.output, indices=indices, load=image_set.images.__getitem__,
+                                      evaluate=lambda xs, generators: evaluate(smooth, xs, generators),
+                                      format_row=format_row, record=record, description=image_set.description,
+                                      noise_key=tuple(image_set.noise_key))
+                           for image_set, indices, done in zip(image_sets, selections, complete) if not done]
+            run_evaluations(evaluations, args, dist)
+            dist.close()
+        finally:
+            locks.release()
+    if main_process:
         for image_set, done in zip(image_sets, complete):
             image_set.output.report(already_complete=done)
 

@@ -18,7 +18,7 @@ import sequential
 from common import ArgumentParser, run_cli
 from eval_utils import (ImageSet, add_engine_arguments, add_image_arguments, add_model_arguments,
                         add_sampling_arguments, add_sequential_arguments, check_sequential_arguments,
-                        evaluation_dataset, run_on_image_sets, sequential_n_max)
+                        evaluation_dataset, run_on_image_sets, sequential_n_max, warn_if_too_few_samples)
 from result_files import ResultFile
 from rows import PREDICT_HEADER, SEQUENTIAL_PREDICT_HEADER, format_predict_row, format_sequential_predict_row
 
@@ -36,6 +36,7 @@ def build_parser() -> ArgumentParser:
 def run(argv=None):
     args = build_parser().parse_args(argv)
     check_sequential_arguments(args)
+    warn_if_too_few_samples(args, certify=False)
     dataset = evaluation_dataset(args.dataset, args.split)
     if args.sequential:
         header, row = SEQUENTIAL_PREDICT_HEADER, format_sequential_predict_row

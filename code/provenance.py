@@ -12,8 +12,11 @@ row: a JSON object with
   settings without further ado. A run that finds an existing output compares
   them before any work (result_files.py) and analyze.py compares them before
   combining rows.
-* ``environment``: recorded, not compared: the input paths, the code version
-  (``code_version``), the torch version, the command.
+* ``environment``: recorded, not compared: the input paths and the command
+  (paths relative to the repository root when inside it, so that records
+  name no machine: ``repository_path``; a record written before that names
+  them absolute, and is resumed all the same), the code version
+  (``code_version``), the torch version.
 * ``unverified_rows``: the rows the output already had when its record was
   written, adopted with ``--resume-unverified``.
 
@@ -72,11 +75,17 @@ def _shown(key: str, value) -> str:
     return json.dumps(value)
 
 
+#: Settings that records written before they existed lack, with the value such a record was made with.
+LATER_SETTINGS = {"input_layer": "normalize"}
+
+
 def settings_differences(old: Dict[str, object], new: Dict[str, object]) -> List[str]:
-    """``key old -> new`` for each setting that differs (a key recorded on one side only differs too)."""
-    return [f"{key} {_shown(key, old.get(key, _ABSENT))} -> {_shown(key, new.get(key, _ABSENT))}"
-            for key in sorted(set(old) | set(new))
-            if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+    """``key old -> new`` for each setting that differs (a key recorded on one side only differs too,
+    except a key of ``LATER_SETTINGS`` at the value it stands for)."""
+    def value(settings, key):
+        return settings.get(key, LATER_SETTINGS.get(key, _ABSENT))
+    return [f"{key} {_shown(key, value(old, key))} -> {_shown(key, value(new, key))}"
+            for key in sorted(set(old) | set(new)) if value(old, key) != value(new, key)]
 
 
 def write_sidecar(path: str, record: dict):
@@ -86,9 +95,45 @@ def write_sidecar(path: str, record: dict):
 
 
 CODE_FOLDER = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.dirname(CODE_FOLDER)
 
-#: Options that name input files: recorded (as absolute paths) in the environment under these keys, not
-#: compared (the checkpoint is compared by the SHA-256 of its content).
+
+def repository_path(path: str, root: str = REPOSITORY) -> str:
+    """``path`` relative to the repository root ``root`` when it lies inside it, else absolute.
+
+    Records of results kept in the repository then name no machine's folders; a file outside the
+    repository is named as it is on this machine.
+    """
+    absolute = os.path.abspath(os.path.join(root, path))
+    relative = os.path.relpath(absolute, root)
+    return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def repository_command(argv: List[str], root: str = REPOSITORY) -> List[str]:
+    """``argv`` with each absolute path inside ``root`` (also in ``--option=PATH``) relative to ``root``."""
+    def relative(token: str) -> str:
+        name, equals, value = token.partition("=") if token.startswith("-") else ("", "", token)
+        if os.path.isabs(value):
+            return name + equals + repository_path(value, root)
+        return token
+    return [relative(token) for token in argv]
+
+
+def relative_record(record: dict, root: str = REPOSITORY) -> dict:
+    """``record`` with the paths of its environment relative to ``root`` where they lie inside it (for records
+    written with absolute paths); its settings are left as they are."""
+    environment = dict(record.get("environment", {}))
+    for key in INPUT_PATHS.values():
+        if isinstance(environment.get(key), str):
+            environment[key] = repository_path(environment[key], root)
+    if isinstance(environment.get("command"), str):
+        environment["command"] = shlex.join(repository_command(shlex.split(environment["command"]), root))
+    return {**record, "environment": environment}
+
+
+#: Options that name input files: recorded (relative to the repository root where inside it,
+#: ``repository_path``) in the environment under these keys, not compared (the checkpoint is compared
+#: by the SHA-256 of its content).
 INPUT_PATHS = {"base_classifier": "checkpoint", "base_c_path": "base_c_path"}
 
 #: Options that never change the value of a row, so they are neither part of the
@@ -155,10 +200,11 @@ class Provenance:
         if sequential_scheme is not None:
             # the confidence sequence and looks decide the rows: a file of another scheme is not resumed
             settings["sequential_scheme"] = sequential_scheme
-        paths = {INPUT_PATHS[name]: os.path.abspath(str(value)) for name, value in options.items()
+        paths = {INPUT_PATHS[name]: repository_path(os.path.abspath(str(value))) for name, value in options.items()
                  if name in INPUT_PATHS and value}
+        command = [os.path.basename(sys.argv[0])] + repository_command(sys.argv[1:])
         environment = {"checkpoint": paths.pop("checkpoint", None), **code_version(), "torch": torch_version,
-                       "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]), **paths}
+                       "command": shlex.join(command), **paths}
         return cls(_json_value(settings), _json_value(environment))
 
     def with_settings(self, **extra) -> "Provenance":

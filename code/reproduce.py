@@ -40,7 +40,6 @@ are removed.
 """
 import argparse
 import fnmatch
-import fcntl
 import gzip
 import json
 import os
@@ -52,7 +51,10 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from common import UserError, cli_status
+import filelock
+
+from common import DefaultsHelpFormatter, UserError, cli_status
+from provenance import SIDECAR_SUFFIX, relative_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = os.path.join(REPO, "scripts", "published_settings.tsv")
@@ -218,7 +220,7 @@ def _slim_checkpoint(source: str, target: str):
     """The weights and arguments of a training checkpoint, without optimizer or random states."""
     import torch
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    kept = {key: checkpoint[key] for key in ("epoch", "arch", "state_dict", "args") if key in checkpoint}
+    kept = {key: checkpoint[key] for key in ("epoch", "arch", "state_dict", "args", "input_layer") if key in checkpoint}
     torch.save(kept, target)
 
 
@@ -240,10 +242,18 @@ def _rows_seconds(tsv_path: str) -> float:
     return total
 
 
+def _copy_record(source: str, target: str):
+    """A settings record, its paths made relative to the repository (a record kept in it names no machine)."""
+    with open(source) as handle:
+        record = json.load(handle)
+    with open(target, "w") as handle:
+        handle.write(json.dumps(relative_record(record, REPO), indent=1) + "\n")
+
+
 def _copy_result(source: str, folder: str, name: str):
     """``source`` gzipped as ``name.gz``, with its settings record as ``name.meta.json``."""
     _gzip_copy(source, os.path.join(folder, name + ".gz"))
-    shutil.copyfile(source + ".meta.json", os.path.join(folder, name + ".meta.json"))
+    _copy_record(source + SIDECAR_SUFFIX, os.path.join(folder, name + SIDECAR_SUFFIX))
 
 
 def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started: float) -> dict:
@@ -267,8 +277,8 @@ def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started
         if step == "smooth_prediction":
             for npy in _smooth_prediction_arrays(source, cell.sigma):
                 _gzip_copy(npy, os.path.join(staging, os.path.basename(npy) + ".gz"))
-                if os.path.exists(npy + ".meta.json"):
-                    shutil.copyfile(npy + ".meta.json", os.path.join(staging, os.path.basename(npy) + ".meta.json"))
+                if os.path.exists(npy + SIDECAR_SUFFIX):
+                    _copy_record(npy + SIDECAR_SUFFIX, os.path.join(staging, os.path.basename(npy) + SIDECAR_SUFFIX))
     record = {"cell": cell.name, "commands": commands, "seconds": seconds,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "driver_seconds": round(time.time() - started, 1)}
     with open(os.path.join(staging, "cell.json"), "w") as handle:
@@ -327,9 +337,13 @@ def progress_files(commands: Dict[str, List[str]], root: Optional[str] = None) -
 
 
 def _copy_whole(source: str, target: str):
-    """Copy to a temporary name, then rename: the target is the whole file or absent."""
+    """Copy to a temporary name, then rename: the target is the whole file or absent (a settings record with
+    its paths relative to the repository)."""
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copyfile(source, target + ".tmp")
+    if source.endswith(SIDECAR_SUFFIX):
+        _copy_record(source, target + ".tmp")
+    else:
+        shutil.copyfile(source, target + ".tmp")
     os.replace(target + ".tmp", target)
 
 
@@ -454,16 +468,25 @@ def time_left(pending, dataset, measured) -> str:
 
 # --------------------------------------------------------------------------- running
 
-def hold(lock_dir: str, cell: Cell):
-    """An exclusive lock on the cell, or None when another driver holds it."""
+class _CellLock:
+    """A held cell lock; ``close`` releases it (the operating system does when the driver ends)."""
+
+    def __init__(self, lock: filelock.BaseFileLock):
+        self.lock = lock
+
+    def close(self):
+        self.lock.release()
+
+
+def hold(lock_dir: str, cell: Cell) -> Optional[_CellLock]:
+    """An exclusive lock on the cell, or None when another driver holds it (``filelock``: any platform)."""
     os.makedirs(lock_dir, exist_ok=True)
-    handle = open(os.path.join(lock_dir, cell.name.replace(":", "_") + ".lock"), "w")
+    lock = filelock.FileLock(os.path.join(lock_dir, cell.name.replace(":", "_") + ".lock"))
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
         return None
-    return handle
+    return _CellLock(lock)
 
 
 def run_step(command: List[str], python: str, dry_run: bool, procs: int = 1):
@@ -576,7 +599,8 @@ def reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train, certify and keep the cells of a paper table (resumable).")
+    parser = argparse.ArgumentParser(description="Train, certify and keep the cells of a paper table (resumable).",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("dataset", choices=sorted(ARCHITECTURE))
     parser.add_argument("--cells", default=os.environ.get("CELLS"),
                         help='cells to run, "method:sigma" globs or "pretrain" (default $CELLS, else all), '

@@ -222,6 +222,7 @@ class ResultFile:
         self.store = store or RecordStore()
         self.provenance: Optional[Provenance] = None   # set by ``expect``
         self.resume_unverified = False
+        self._warned = set()   # outputs whose other software was reported
 
     # files ---------------------------------------------------------------
     def part_path(self, rank: int) -> str:
@@ -297,7 +298,8 @@ class ResultFile:
                                 "settings to continue it, choose another output, or pass --overwrite to start over")
             old, new = record.get("environment", {}), self.provenance.environment
             software_changed = old.get("code_sha256") != new.get("code_sha256") or old.get("torch") != new.get("torch")
-            if software_changed and os.environ.get("RANK", "0") == "0":
+            if software_changed and os.environ.get("RANK", "0") == "0" and path not in self._warned:
+                self._warned.add(path)   # (the run checks again once it holds the output's lock)
                 keys = ("git_commit", "code_sha256", "torch")
                 changed = settings_differences({k: old.get(k) for k in keys}, {k: new.get(k) for k in keys})
                 print(f"warning: '{path}' was started with other software ({', '.join(changed)}); continuing it "

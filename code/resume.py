@@ -5,7 +5,8 @@ data order) of every process, and the arguments. ``--resume`` restores the state
 with ``--seed`` the final weights equal those of an uninterrupted run, and first compares the
 arguments (``check_resume_arguments``): only ``RESUME_FREE_ARGUMENTS`` may differ, unless
 ``--resume-changed-args`` is given, which is then recorded in the run folder's
-``resume_overrides.txt``.
+``resume_overrides.txt``. The arguments that name files are stored relative to the repository root
+(``stored_arguments``) and compared by the file they name.
 """
 import os
 import random
@@ -17,6 +18,7 @@ import torch
 
 from common import UserError
 from distributed import Distributed
+from provenance import REPOSITORY, repository_path
 
 
 # --------------------------------------------------------------------------- random states
@@ -80,6 +82,8 @@ def gather_rng_states(dist: Distributed, loader_generator: torch.Generator) -> L
 # which random stream) crops a given CIFAR image, not the distribution of the crops.
 RESUME_FREE_ARGUMENTS = frozenset({"epochs", "workers", "print_freq", "logdir", "id", "resume",
                                    "resume_changed_args"})
+# Arguments that name files: stored relative to the repository root, compared by the file they name.
+PATH_ARGUMENTS = frozenset({"pretrained_model", "smooth_prediction", "logdir"})
 OVERRIDES_NAME = "resume_overrides.txt"
 _ABSENT = "<absent>"
 
@@ -97,9 +101,22 @@ def changed_arguments(stored: dict, current: dict, defaults: dict) -> List[str]:
             continue
         old = stored.get(key, defaults.get(key, _ABSENT))
         new = current.get(key, _ABSENT)
-        if old != new:
+        if old != new and not (key in PATH_ARGUMENTS and _same_file(old, new)):
             changes.append(f"{key}: {old!r} -> {new!r}")
     return changes
+
+
+def _same_file(stored, current) -> bool:
+    """Whether a stored path (relative to the repository root, or absolute) names the file ``current`` names."""
+    if not (isinstance(stored, str) and isinstance(current, str) and stored and current):
+        return False
+    return os.path.realpath(os.path.join(REPOSITORY, stored)) == os.path.realpath(current)
+
+
+def stored_arguments(args) -> dict:
+    """The arguments a checkpoint stores: as given, with paths relative to the repository root where inside it."""
+    return {key: repository_path(os.path.abspath(value)) if key in PATH_ARGUMENTS and isinstance(value, str) and value
+            else value for key, value in vars(args).items()}
 
 
 def check_resume_arguments(checkpoint: dict, args, defaults: dict, checkpoint_path: str) -> List[str]:

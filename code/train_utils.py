@@ -17,8 +17,14 @@ epoch.
 
 Under ``torchrun --nproc_per_node K`` the model is wrapped in
 DistributedDataParallel, each process takes ``--batch / K`` examples of
-every batch, and only rank 0 writes logs and checkpoints (whose keys are
-those of the unwrapped model).
+every batch (a ``--batch`` that K does not divide is refused), and only
+rank 0 writes logs and checkpoints (whose keys are those of the unwrapped
+model). One run writes a run folder at a time (``output_lock``).
+
+Checkpoints also record the model's first layer (``input_layer``, see
+checkpoint_info.py) and store the paths among the arguments relative to the
+repository root (``resume.stored_arguments``); a resume compares paths by
+the file they name.
 """
 import os
 import random
@@ -35,20 +41,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+import checkpoint_info
 from architectures import ARCHITECTURES, check_architecture, get_architecture
 from checkpoints import atomic_save, load_checkpoint
 from common import (ArgumentParser, UserError, replace_atomic, nonnegative_float, nonnegative_int, positive_float,
                     positive_int, run_cli, RESUME_TRAINING)
-from datasets import DATASETS, WithSmoothPrediction, get_dataset
+from datasets import DATASETS, DEFAULT_SMOOTH_PREDICTION, WithSmoothPrediction, get_dataset
 from distributed import Distributed
 from fast_path import (ON_DEVICE_AUGMENTED, TensorLoader, add_fast_path_arguments, check_cuda_graphs,
                        check_data_on_device, compile_model, data_on_device, use_channels_last)
 # the method-facing API and the resume state, re-exported under their earlier home
 from method import (AverageMeter, Method, TrainingContext, accuracy, attack_mode,  # noqa: F401
                     chunk_minibatches, noise_copies)
+from output_lock import OutputLock
 from resume import (OVERRIDES_NAME, RESUME_FREE_ARGUMENTS, apply_optimizer_arguments, changed_arguments,  # noqa: F401
                     check_resume_arguments, gather_rng_states, loader_seed, record_overrides, seed_everything,
-                    set_rng_state)
+                    set_rng_state, stored_arguments)
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_HEADER = "epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"
@@ -90,8 +98,10 @@ def build_parser(method: Method) -> ArgumentParser:
     parser.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
                         help="use only the first N test examples")
     parser.add_argument("--smooth-prediction", type=str, default=None, metavar="PATH",
-                        help="smoothed prediction .npy for the train_t{sigma} split")
+                        help="smoothed prediction .npy for the train_t{sigma} split (default: "
+                             f"{DEFAULT_SMOOTH_PREDICTION})")
     parser.add_argument("--logdir", type=str, default="logs", help="where run folders go")
+    checkpoint_info.add_input_layer_argument(parser, default=checkpoint_info.DEFAULT_INPUT_LAYER)
     add_fast_path_arguments(parser)
     method.add_arguments(parser)
     parser.set_defaults(**method.defaults)
@@ -100,6 +110,14 @@ def build_parser(method: Method) -> ArgumentParser:
 
 def run_folder(args, method_path: str) -> str:
     return os.path.join(args.logdir, args.dataset, method_path, args.arch, str(args.id))
+
+
+def check_batch_split(batch: int, world_size: int):
+    """Refuse a ``--batch`` that the torchrun processes cannot share equally (the remainder would be dropped)."""
+    if batch % world_size:
+        low, high = batch // world_size * world_size, -(-batch // world_size) * world_size
+        raise UserError(f"--batch {batch} does not split evenly over {world_size} processes; give a multiple of "
+                        f"{world_size}" + (f" ({low} or {high})" if low else f" ({high})"))
 
 
 # --------------------------------------------------------------------------- data
@@ -260,10 +278,12 @@ class _Run:
     folder: str
     log_rows: List[str]
     writer: object = None
+    lock: Optional[OutputLock] = None   # rank 0's hold on the run folder
 
 
 def _train(method: Method, args):
     check_data_on_device(args)
+    check_batch_split(args.batch, int(os.environ.get("WORLD_SIZE", "1")))
     dist = Distributed()
     check_cuda_graphs(args, method.supports_cuda_graphs, dist.device, dist.enabled)
     folder = run_folder(args, method.method_path(args))
@@ -277,8 +297,12 @@ def _train(method: Method, args):
         dist.close()
         return
     run, start_epoch = _start(method, args, dist, folder, checkpoint, overrides)
-    for epoch in range(start_epoch, args.epochs):
-        _run_epoch(run, epoch)
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            _run_epoch(run, epoch)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
     if run.writer is not None:
         run.writer.close()
     if dist.is_main:
@@ -315,11 +339,15 @@ def _read_checkpoint(method: Method, args, folder: str, dist: Distributed):
 
 def _build_model(args, device: torch.device) -> Tuple[torch.nn.Module, bool]:
     """The model (initial or ``--pretrained-model`` weights, memory format, compiled) and channels-last."""
-    model = get_architecture(args.arch, args.dataset, device)
+    model = get_architecture(args.arch, args.dataset, device, args.input_layer)
     if args.pretrained_model:
-        pretrained = load_checkpoint(args.pretrained_model, map_location=device)
+        pretrained = load_checkpoint(args.pretrained_model, map_location=device, dataset=args.dataset)
         if pretrained["arch"] != args.arch:
             raise UserError(f"--pretrained-model '{args.pretrained_model}' is a {pretrained['arch']}, not a {args.arch}")
+        recorded = checkpoint_info.recorded_input_layer(pretrained, args.pretrained_model)
+        if recorded not in (None, args.input_layer):
+            raise UserError(f"--pretrained-model '{args.pretrained_model}' was trained with the input layer "
+                            f"'{recorded}'; add --input-layer {recorded}")
         model.load_state_dict(pretrained["state_dict"])
     # resolved apart from ``args``, which the checkpoint stores as given (a resume compares them)
     channels_last = use_channels_last(args.channels_last, device, args.bf16)
@@ -359,11 +387,18 @@ def _start(method: Method, args, dist: Distributed, folder: str, checkpoint: Opt
                       f"{os.path.join(folder, OVERRIDES_NAME)}", file=sys.stderr, flush=True)
     if dist.enabled:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = _prepare_folder(method, folder, log_rows, start_epoch, overrides) if dist.is_main else None
+    writer, lock = None, None
+    if dist.is_main:   # one run writes a run folder at a time
+        lock = OutputLock(_checkpoint_path(folder)).acquire()   # (``OutputBusy`` names the run that holds it)
+        try:
+            writer = _prepare_folder(method, folder, log_rows, start_epoch, overrides)
+        except BaseException:
+            lock.release()
+            raise
     ctx = TrainingContext(args=args, model=model, optimizer=optimizer, device=device, dist=dist,
                           channels_last=channels_last)
     return _Run(method, ctx, scheduler, train_loader, test_loader, loader_generator, folder, log_rows,
-                writer), start_epoch
+                writer, lock), start_epoch
 
 
 def _restore(checkpoint: dict, model: torch.nn.Module, scheduler, loader_generator: torch.Generator,
@@ -426,7 +461,8 @@ def _record_epoch(run: _Run, epoch: int, lr: float, seconds: float, values, rngs
           f"({seconds:.1f}s)", flush=True)
     atomic_save({"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                 "rng": rngs, "args": vars(args), "log": run.log_rows}, _checkpoint_path(run.folder))
+                 "rng": rngs, "args": stored_arguments(args), "log": run.log_rows,
+                 checkpoint_info.INPUT_LAYER_KEY: args.input_layer}, _checkpoint_path(run.folder))
     write_log(os.path.join(run.folder, "log.txt"), run.log_rows)
     if run.writer is not None:
         for name, value in (("loss/train", train_loss), ("loss/test", test_loss), ("accuracy/train", train_acc),

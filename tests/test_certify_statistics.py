@@ -128,7 +128,7 @@ def linear_script(monkeypatch, tmp_path):
     """
     data, distances = points(repeats=50)
     monkeypatch.setattr(eval_utils, "get_dataset", lambda dataset, split, *a, **k: data)
-    monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device: Linear().to(device))
+    monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device, **_: Linear().to(device))
     checkpoint = tmp_path / "linear.pth.tar"
     torch.save({"arch": "linear", "state_dict": Linear().state_dict()}, checkpoint)
     return data, distances, str(checkpoint)

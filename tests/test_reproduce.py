@@ -183,7 +183,8 @@ def test_driver_keeps_a_cell_skips_it_when_finished_and_refuses_other_settings(t
                                         "checkpoint.pth.tar", "log.txt"]
     import torch
     checkpoint = torch.load(kept / "checkpoint.pth.tar", weights_only=True)
-    assert set(checkpoint) == {"epoch", "arch", "state_dict", "args"}   # no optimizer state
+    assert set(checkpoint) == {"epoch", "arch", "state_dict", "args", "input_layer"}   # no optimizer state
+    assert checkpoint["input_layer"] == "normalize"
     with gzip.open(kept / "certify.tsv.gz", "rt") as handle:
         assert [line.split("\t")[0] for line in handle.read().splitlines()[1:]] == ["0", "2500", "5000", "7500"]
     with gzip.open(kept / "certify_sequential.tsv.gz", "rt") as handle:

@@ -549,7 +549,7 @@ def linear_script(monkeypatch, tmp_path):
     folder (its content goes into the output's settings record)."""
     data, distances = points(repeats=30, seed=6)
     monkeypatch.setattr(eval_utils, "get_dataset", lambda dataset, split, *a, **k: data)
-    monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device: Linear().to(device))
+    monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device, **_: Linear().to(device))
     torch.save({"arch": "linear", "state_dict": Linear().state_dict()}, tmp_path / "linear")
     monkeypatch.chdir(tmp_path)
     return data, distances
