@@ -690,7 +690,7 @@ def test_certify_c_rows_are_certify_of_the_images_scaled_to_unit_interval(layout
         shape, where = (28, 28, 1), (0, 5, 17)
         base = tmp_path / "MNIST-C"
     model = PixelReader(*where)
-    monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device: model.to(device))
+    monkeypatch.setattr(eval_utils, "load_base_classifier", lambda path, dataset, device, **_: model.to(device))
     checkpoint = tmp_path / "reader.pth.tar"
     torch.save({"arch": "reader", "state_dict": {}}, checkpoint)
     names, arrays, labels = ["fog", "zigzag"], {}, None
