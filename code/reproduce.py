@@ -296,10 +296,14 @@ def _train_folder(commands: Dict[str, List[str]]) -> str:
     return os.path.dirname(commands[step][3])
 
 
-def _smooth_prediction_arrays(tsv: str, sigma: str) -> List[str]:
+def _smooth_prediction_array_paths(tsv: str, sigma: str) -> List[str]:
+    """The ``.npy`` of a smoothed prediction's frequencies and its coverage, next to its TSV."""
     folder = os.path.dirname(tsv)
-    names = [f"model_conf_{sigma}_train.npy", f"model_conf_{sigma}_train.covered.npy"]
-    return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+    return [os.path.join(folder, f"model_conf_{sigma}_train{suffix}") for suffix in (".npy", ".covered.npy")]
+
+
+def _smooth_prediction_arrays(tsv: str, sigma: str) -> List[str]:
+    return [path for path in _smooth_prediction_array_paths(tsv, sigma) if os.path.exists(path)]
 
 
 # --------------------------------------------------------------------------- unfinished work, saved and restored
@@ -326,8 +330,8 @@ def progress_files(commands: Dict[str, List[str]], root: Optional[str] = None) -
                 files += [f"{out}.part{rank}", f"{out}.part{rank}.journal"]
             if step == "smooth_prediction":
                 # the frequencies of the rows merged so far live only in the .npy, which its coverage lists
-                npy = os.path.join(os.path.dirname(out), f"model_conf_{command[4]}_train.npy")
-                files += [npy, npy + ".meta.json", npy[:-4] + ".covered.npy"]
+                npy, covered = _smooth_prediction_array_paths(out, command[4])
+                files += [npy, npy + ".meta.json", covered]
     relative = [os.path.relpath(os.path.join(root, f), root) for f in files]
     outside = [f for f in relative if f.startswith(os.pardir + os.sep)]
     if outside:
