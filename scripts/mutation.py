@@ -29,7 +29,7 @@ GROUPS = {
     "core": (["core.py", "binomial.py"],
              ["tests/test_core.py", "tests/test_soundness.py", "tests/test_certify_statistics.py"],
              "not compile and not bf16"),
-    "sequential": (["sequential.py"],
+    "sequential": (["sequential.py", "sequential_rules.py", "confidence_sequence.py"],
                    ["tests/test_soundness.py", "tests/test_sequential.py"],
                    "not script and not certify_c and not analyze and not clairvoyant and not wald "
                    "and not acr_simulation"),
