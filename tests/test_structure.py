@@ -1,4 +1,4 @@
-"""The floor plan of code/: no module is part of an import cycle.
+"""The floor plan of code/: no import cycle, modules and functions of a readable size, short front pages.
 
 The graph is read statically from the source (``ast``), with every ``import`` and ``from ... import``
 of a module of code/, those inside functions (lazy imports) included, so a cycle cannot hide behind a
@@ -116,3 +116,46 @@ def test_design_lists_entry_scripts_and_library_as_they_are():
     entry, library = design_tables()
     assert entry == scripts
     assert library == set(modules) - scripts
+
+
+# --------------------------------------------------------------------------- sizes a reader can take in
+
+MODULE_LINES = 500     # a module read in one sitting
+FUNCTION_LINES = 60    # a function seen whole on one screen
+README_LINES = 170
+BENCHMARKS_LINES = 300
+
+
+def too_long(paths, module_lines=MODULE_LINES, function_lines=FUNCTION_LINES):
+    """'path: N lines' for each module over the limit, 'path:line name: N lines' for each function."""
+    found = []
+    for path in paths:
+        source = open(path).read()
+        lines = source.count("\n")
+        if lines > module_lines:
+            found.append(f"{path}: {lines} lines")
+        for node in ast.walk(ast.parse(source, path)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1   # decorators excluded, docstring included
+                if length > function_lines:
+                    found.append(f"{path}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_size_checker_finds_long_modules_and_functions(tmp_path):
+    (tmp_path / "long.py").write_text("def f():\n" + "    x = 1\n" * 4 + "\n" * 3)
+    (tmp_path / "short.py").write_text("def g():\n    return 1\n")
+    found = too_long([str(tmp_path / "long.py"), str(tmp_path / "short.py")], module_lines=6, function_lines=4)
+    assert found == [f"{tmp_path / 'long.py'}: 8 lines", f"{tmp_path / 'long.py'}:1 f: 5 lines"]
+
+
+def test_no_module_of_code_over_500_lines_nor_function_over_60():
+    assert too_long(sorted(local_modules().values())) == []
+
+
+def test_readme_and_benchmarks_stay_short():
+    root = os.path.dirname(CODE)
+    for name, limit in (("README.md", README_LINES), (os.path.join("docs", "BENCHMARKS.md"), BENCHMARKS_LINES)):
+        with open(os.path.join(root, name)) as handle:
+            lines = handle.read().count("\n")
+        assert lines <= limit, f"{name}: {lines} lines, at most {limit}"
