@@ -12,27 +12,14 @@ run (a run with other settings is refused); ``torchrun --nproc_per_node K``
 shares the images among K processes and leaves one file (see result_files.py).
 
 ``--sequential`` (opt-in; not the published algorithm) certifies with the
-same guarantee and far fewer samples (``sequential.SequentialCertifier``): the same
-selection step, then estimation samples in rounds, at most ``--N-max``
-(default ``--N``), stopping as soon as the answer is decided:
-
-* ``--radii R1 R2 ...``: decided is the largest listed radius certified (or
-  abstain). The ``radius`` column holds the certified radius at stopping,
-  which lies between the largest listed radius decided and the next one, so
-  the certified accuracy at every listed radius is the decided one (and the
-  radius is a valid certificate at every radius below it).
-* otherwise: the radius is within ``--radius-tol`` (default 0.1 * sigma) of
-  the best ``N-max`` samples could give (for ACR).
-
-Sequential rows have the published columns and a last column ``samples``:
-the samples drawn for the image, selection (N0) included, i.e. the number of
-forward passes (fixed-N CERTIFY draws N0 + N). Their radius is rounded down
-to 3 significant digits (never up, so a printed radius is always certified).
-Each row is a false certificate with probability at most alpha over the whole
-procedure, not conditionally on its ``samples``: rows that ran to N-max are
-near a decision and are wrong more often, so rows selected by ``samples`` are
-not each at level 1 - alpha. With ``--radii``, analyze.py shows the certified
-accuracy at the listed radii only, and no ACR.
+same guarantee and far fewer samples: the same selection step, then
+estimation samples in rounds, at most ``--N-max`` (default ``--N``), stopping
+once the largest certified radius among ``--radii`` is decided, or, without
+``--radii``, once the radius is within ``--radius-tol`` of the best ``N-max``
+samples could give. Its rows add a last column ``samples`` (the samples drawn,
+N0 included) and round the radius down. The scheme, why it is valid and why
+rows selected by ``samples`` are not each at level 1 - alpha:
+docs/SEQUENTIAL.md.
 """
 from certify_rows import certify_images, result_header, row_formatter
 from common import ArgumentParser, run_cli

@@ -53,9 +53,9 @@ from provenance import Provenance
 from result_files import ResultFile
 from rows import (CERTIFY_HEADER, PREDICT_HEADER, SEQUENTIAL_CERTIFY_HEADER,  # noqa: F401 (re-exported)
                   SEQUENTIAL_PREDICT_HEADER, SMOOTH_PREDICTION_HEADER, format_time)
-from sequential import RADII_SHARES_SPLIT, RADII_SHARES_UNANIMOUS, SEQUENTIAL_FINAL_SHARE, STOP_ALPHA, sequential_scheme
+from sequential import STOP_ALPHA, sequential_scheme
 
-# --sequential's default --radius-tol, in units of sigma (why 0.1: docs/DESIGN.md)
+# --sequential's default --radius-tol, in units of sigma (why 0.1: docs/SEQUENTIAL.md)
 DEFAULT_RADIUS_TOL_SIGMAS = 0.1
 
 # Barriers wait for the slowest process, which may be hours behind on a big job.
@@ -116,20 +116,10 @@ def add_engine_arguments(parser: ArgumentParser):
 def add_sequential_arguments(parser: ArgumentParser, certify: bool = True):
     """``--sequential`` and its options (``sequential.certify_sequential`` / ``predict_sequential``)."""
     group = parser.add_argument_group("sequential mode: same guarantee, fewer samples")
-    final, unanimous, split = SEQUENTIAL_FINAL_SHARE, RADII_SHARES_UNANIMOUS, RADII_SHARES_SPLIT
-    how = (f"with --radii, a look after every --batch, the lower bound the largest of a mixture confidence "
-           f"sequence (anytime-valid), Clopper-Pearson at fixed geometric looks and Clopper-Pearson at N-max, "
-           f"at {unanimous.mixture:g}, {unanimous.checkpoints:g} and {unanimous.final:g} alpha when all N0 "
-           f"selection samples are the selected class, else at {split.mixture:g}, {split.checkpoints:g} and "
-           f"{split.final:g} alpha; without --radii, Clopper-Pearson at the fixed geometric looks only "
-           f"({round(1 - final, 10):g} alpha shared equally by those before N-max, {final:g} alpha at N-max), "
-           f"stopping once the radius is within --radius-tol of the radius N-max samples would give if pA were "
-           f"its {1 - STOP_ALPHA:g} upper bound; "
-           f"N-max at most one batch is a single look, Clopper-Pearson at alpha" if certify else
-           "the test at alpha / K at each of K fixed geometric looks")
     group.add_argument("--sequential", action="store_true",
-                       help="draw samples in rounds and stop as soon as the result is decided, valid whatever "
-                            f"the look it stops at ({how}); adds a column 'samples'")
+                       help="draw samples in rounds and stop as soon as the result is decided, with the guarantee "
+                            "of the fixed-N algorithm whatever the look it stops at (docs/SEQUENTIAL.md); adds a "
+                            "column 'samples'")
     group.add_argument("--N-max", dest="N_max", type=positive_int, default=None,
                        help="with --sequential: the most estimation samples per image (default: --N)")
     if certify:

@@ -13,15 +13,8 @@ Resumable result files (``ResultFile``)
 
 Settings on resume (``ResultFile.check_settings``)
     Each output has a settings record (provenance.py), written before its
-    first row. A run that finds an existing output compares, before any work:
-
-    * a record with other settings: stop, one line naming each key
-      ``old -> new`` (``--overwrite`` starts over); a larger ``--max``, another
-      ``--skip``/``--start`` only add images and are allowed;
-    * another code or torch version: a warning line, the run continues;
-    * rows without a record (the published code): stop unless
-      ``--resume-unverified``, which writes a record counting the rows it
-      adopted (``unverified_rows``).
+    first row; a run that finds an existing output compares the records
+    before any work (what stops it, what continues: docs/RESUMING.md).
 
 Several processes (``torchrun --nproc_per_node K``)
     Rank 0 first merges what an interrupted run left into the result file and

@@ -158,7 +158,7 @@ def test_streams_with_few_failures_stop_where_the_plain_martingale_reaches_its_l
     stops = [plain_stopping_sample(f, top, 0.001 * shares.mixture, shares.point_weight)
              for f in range(sequential.FEW_FAILURES + 1)]
     assert certifier.few_failures_looks() == stops
-    assert stops[0] == (5329 if unanimous else 7120)   # the figures test_sequential.py and DESIGN quote
+    assert stops[0] == (5329 if unanimous else 7120)   # the figures test_sequential.py and docs/SEQUENTIAL.md quote
     # an all-correct stream stops there, certified at 0.75, and not one batch look before
     counts_so_far = np.array([0])
     for look, num in enumerate(certifier.looks):
