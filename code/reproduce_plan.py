@@ -151,8 +151,8 @@ def output_of(command: List[str]) -> str:
     return command[5]
 
 
-
 def train_folder(commands: Dict[str, List[str]]) -> str:
+    """The run folder of the cell's training (the folder of the checkpoint its evaluation steps read)."""
     step = "certify" if "certify" in commands else "smooth_prediction"
     return os.path.dirname(commands[step][3])
 

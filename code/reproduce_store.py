@@ -128,7 +128,6 @@ def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started
     return record
 
 
-
 # --------------------------------------------------------------------------- unfinished work, saved and restored
 
 PROGRESS = "progress"
