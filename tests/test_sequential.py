@@ -768,3 +768,17 @@ def test_acr_simulation_steers_by_the_stop_alpha_bound_and_stops_no_later_than_b
     assert 100 < samples["current"] < samples["previous"] <= 100100
     for row in rows.values():   # the ACR stays within the tolerance of fixed-N's on the same streams
         assert abs(float(row[5].split("(")[1].rstrip(") "))) <= 0.1 * 0.25
+
+
+def test_real_run_against_simulated_uses_the_images_of_both_and_the_sd_of_one_run(tmp_path, capsys):
+    """Two images, simulated 100/300 and 1,000/3,000: mean 1,100, sd sqrt((20,000 + 2,000,000) 1.5) / 2."""
+    bench_sequential = bench_sequential_module()
+    real = tmp_path / "seq.tsv"
+    real.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples\n0\t1\t1\t0.5\t1\t0:00:01\t400\n"
+                    "7\t1\t1\t0.5\t1\t0:00:01\t9\n100\t2\t2\t0.5\t1\t0:00:01\t2600\n")
+    fixed = bench_sequential.load_results(str(real)).iloc[[0, 2]].reset_index(drop=True)
+    bench_sequential.real_against_simulated(fixed, str(real), np.array([[100.0, 300.0], [1000.0, 3000.0]]))
+    sd = math.sqrt((20000 + 2000000) * 1.5) / 2
+    out = capsys.readouterr().out
+    assert "2 images, real run 1,500 samples per image, simulated 1,100" in out
+    assert f"sd of a real run's mean {sd:,.0f}; difference {400 / sd:+.1f} sd" in out
