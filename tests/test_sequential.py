@@ -782,3 +782,15 @@ def test_real_run_against_simulated_uses_the_images_of_both_and_the_sd_of_one_ru
     out = capsys.readouterr().out
     assert "2 images, real run 1,500 samples per image, simulated 1,100" in out
     assert f"sd of a real run's mean {sd:,.0f}; difference {400 / sd:+.1f} sd" in out
+
+
+def test_betabinom_sf_is_scipys_summed_over_the_far_side():
+    """The predictive stop's beta-binomial tail against scipy's, on both sides of the mean and at the ends."""
+    from scipy.stats import betabinom
+    cases = [(k, n, c + 0.5, m - c + 0.5) for m, n in ((100, 900), (10000, 90000)) for c in (m // 2, m - 30, m)
+             for k in (-1, 0, n // 2, round(c / m * n) - 40, round(c / m * n) + 10, n - 3, n - 1, n)]
+    cases += [(3, 10, 1.5, 2.5), (9, 10, 0.5, 1.5)]
+    k, n, a, b = map(np.array, zip(*cases))
+    assert sequential.betabinom_sf(k, n, a, b) == pytest.approx(betabinom.sf(k, n, a, b), rel=1e-8, abs=1e-12)
+    # by hand: n = 2, a = b = 1 is uniform on {0, 1, 2}
+    assert sequential.betabinom_sf(np.array([-1, 0, 1, 2]), 2, 1.0, 1.0) == pytest.approx([1, 2 / 3, 1 / 3, 0])
