@@ -1,4 +1,4 @@
-"""Binomial statistics of Monte Carlo certification: Clopper-Pearson bounds and PREDICT's test.
+"""Binomial statistics of Monte Carlo certification: Clopper-Pearson bounds, PREDICT's test, a beta-binomial tail.
 
 Pure functions of counts, vectorised over arrays, used by fixed-N CERTIFY and PREDICT (core.py)
 and by their sequential variants (sequential.py).
