@@ -39,7 +39,7 @@ prints the least mean sample count at which such a clairvoyant certifier
 bound, n a multiple of 100) keeps the ACR within T of fixed-N's: a
 Lagrangian (dual) lower bound on that knapsack problem.
 
-    python benchmarks/bench_sequential.py FIXED.tsv --simulate --sigma S --radii 0 0.25 0.5 ... [--reps 40 --held-out]
+    python benchmarks/bench_sequential.py FIXED.tsv [SEQUENTIAL.tsv] --simulate --sigma S --radii 0 0.25 0.5 ... [--reps 40 --held-out]
 
 simulates the radii mode (the rule ``certify.py --sequential --radii``
 runs, decision by decision through ``SequentialCertifier.step``) on the
@@ -58,7 +58,10 @@ fixed-N's, the certified accuracy at each listed radius minus fixed-N's
 (points; an image counts where fixed-N's prediction is correct), the same
 by pA group, and the best published scheme's samples over this project's.
 ``--held-out`` keeps the images no scheme was chosen on (idx a multiple of
-97 and not of 100).
+97 and not of 100). With SEQUENTIAL.tsv (a real ``certify.py --sequential
+--radii`` run of the same model) it also prints that run's samples per
+image against the simulated ones on the same images, in standard
+deviations of a real run's mean.
 
     python benchmarks/bench_sequential.py FIXED.tsv --simulate --acr --sigma S [--reps 10 --acr-tol 0.02]
 
@@ -390,6 +393,28 @@ def simulate(args):
               for name, mask in groups.items() if mask.any()]
     print(f"\nthe best published scheme with the same stopping aids ({best}) over this project: "
           f"{runs[best].mean() / runs['this project'].mean():.2f}x overall; by group {', '.join(ratios)}")
+    for path in args.sequential:
+        real_against_simulated(fixed, path, runs["this project"].reshape(len(shares), args.reps))
+
+
+def real_against_simulated(fixed, path, simulated):
+    """A real run's samples per image (SEQUENTIAL.tsv) against the simulated runs of the same images.
+
+    ``simulated``: [images x reps] samples of the project's rule, N0 included. A real run draws one
+    stream per image, so its mean over the images lies within a few ``sd`` of the simulated mean,
+    sd^2 = (sum over images of the per-image variance of the samples) (1 + 1 / reps) / images^2.
+    """
+    real = load_results(path).set_index("idx")
+    keep = np.isin(fixed["idx"].to_numpy(), real.index.to_numpy())
+    if not keep.any():
+        sys.exit(f"error: '{path}' has none of the simulated images")
+    simulated = simulated[keep]
+    count, reps = simulated.shape
+    samples = real.loc[fixed["idx"].to_numpy()[keep], "samples"].to_numpy(dtype=float)
+    sd = math.sqrt(simulated.var(axis=1, ddof=1).sum() * (1 + 1 / reps)) / count
+    print(f"\n{os.path.basename(path)}: {count} images, real run {samples.mean():,.0f} samples per image, "
+          f"simulated {simulated.mean():,.0f} (sd of a real run's mean {sd:,.0f}; "
+          f"difference {(samples.mean() - simulated.mean()) / sd:+.1f} sd)")
 
 
 def simulate_acr(args):

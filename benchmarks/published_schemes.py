@@ -44,8 +44,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 from scipy.special import betaln
-from scipy.stats import betabinom, norm
+from scipy.stats import norm
 
+from binomial import betabinom_sf
 from sequential import cp_lower, cp_upper
 
 # --------------------------------------------------------------------------- the KT betting sequence
@@ -197,7 +198,7 @@ def run_published(rule, counts, thresholds, aids: Optional[StoppingAids] = None)
             count = counts[active, look]
             more = needed[following] - count
             if num >= aids.futility_from and num < rule.n_max:
-                reach = np.where(more <= 0, 1.0, betabinom.sf(more - 1, rule.n_max - num, count + 0.5,
+                reach = np.where(more <= 0, 1.0, betabinom_sf(more - 1, rule.n_max - num, count + 0.5,
                                                                 num - count + 0.5))
                 stop |= reach < aids.futility
             if num in checkpoints:

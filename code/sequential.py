@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 # the statistics, re-exported: the scripts, benchmarks and tests use them as sequential.NAME
-from binomial import cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401
+from binomial import betabinom_sf, cp_lower, cp_upper, two_sided_binomial_pvalue  # noqa: F401
 from confidence_sequence import (MIXTURE_ALTERNATIVES, MIXTURE_POINT_WEIGHT, batch_looks,  # noqa: F401
                                  look_schedule, mixture_log_martingale, mixture_lower, mixture_weights)
 from core import Generators, Smooth

@@ -18,9 +18,9 @@ from fractions import Fraction
 from typing import List, Optional, Sequence
 
 import numpy as np
-from scipy.stats import betabinom, norm
+from scipy.stats import norm
 
-from binomial import cp_lower, cp_upper, two_sided_binomial_pvalue
+from binomial import betabinom_sf, cp_lower, cp_upper, two_sided_binomial_pvalue
 from confidence_sequence import batch_looks, look_schedule, mixture_lower
 
 # --------------------------------------------------------------------------- the scheme of certify.py --sequential
@@ -340,7 +340,7 @@ class SequentialCertifier:
         """
         num, count = self.looks[look], np.asarray(count)
         more = self.needed_counts()[level] - count   # cA samples still to come
-        return np.where(more <= 0, 1.0, betabinom.sf(more - 1, self.n_max - num, count + 0.5, num - count + 0.5))
+        return np.where(more <= 0, 1.0, betabinom_sf(more - 1, self.n_max - num, count + 0.5, num - count + 0.5))
 
     def _best_lower(self, look: int, count):
         """The best lower bound n_max samples could give if pA were its upper bound at this look."""

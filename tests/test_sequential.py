@@ -768,3 +768,29 @@ def test_acr_simulation_steers_by_the_stop_alpha_bound_and_stops_no_later_than_b
     assert 100 < samples["current"] < samples["previous"] <= 100100
     for row in rows.values():   # the ACR stays within the tolerance of fixed-N's on the same streams
         assert abs(float(row[5].split("(")[1].rstrip(") "))) <= 0.1 * 0.25
+
+
+def test_real_run_against_simulated_uses_the_images_of_both_and_the_sd_of_one_run(tmp_path, capsys):
+    """Two images, simulated 100/300 and 1,000/3,000: mean 1,100, sd sqrt((20,000 + 2,000,000) 1.5) / 2."""
+    bench_sequential = bench_sequential_module()
+    real = tmp_path / "seq.tsv"
+    real.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples\n0\t1\t1\t0.5\t1\t0:00:01\t400\n"
+                    "7\t1\t1\t0.5\t1\t0:00:01\t9\n100\t2\t2\t0.5\t1\t0:00:01\t2600\n")
+    fixed = bench_sequential.load_results(str(real)).iloc[[0, 2]].reset_index(drop=True)
+    bench_sequential.real_against_simulated(fixed, str(real), np.array([[100.0, 300.0], [1000.0, 3000.0]]))
+    sd = math.sqrt((20000 + 2000000) * 1.5) / 2
+    out = capsys.readouterr().out
+    assert "2 images, real run 1,500 samples per image, simulated 1,100" in out
+    assert f"sd of a real run's mean {sd:,.0f}; difference {400 / sd:+.1f} sd" in out
+
+
+def test_betabinom_sf_is_scipys_summed_over_the_far_side():
+    """The predictive stop's beta-binomial tail against scipy's, on both sides of the mean and at the ends."""
+    from scipy.stats import betabinom
+    cases = [(k, n, c + 0.5, m - c + 0.5) for m, n in ((100, 900), (10000, 90000)) for c in (m // 2, m - 30, m)
+             for k in (-1, 0, n // 2, round(c / m * n) - 40, round(c / m * n) + 10, n - 3, n - 1, n)]
+    cases += [(3, 10, 1.5, 2.5), (9, 10, 0.5, 1.5)]
+    k, n, a, b = map(np.array, zip(*cases))
+    assert sequential.betabinom_sf(k, n, a, b) == pytest.approx(betabinom.sf(k, n, a, b), rel=1e-8, abs=1e-12)
+    # by hand: n = 2, a = b = 1 is uniform on {0, 1, 2}
+    assert sequential.betabinom_sf(np.array([-1, 0, 1, 2]), 2, 1.0, 1.0) == pytest.approx([1, 2 / 3, 1 / 3, 0])
