@@ -690,6 +690,17 @@ def test_certify_c_refuses_images_or_labels_it_cannot_read_as_the_data_set(tmp_p
 
 
 def test_certify_c_names_a_missing_or_unreadable_file(tmp_path):
+    """A missing folder, a folder of neither layout, a missing or unreadable file: each message names it and
+    says what --base_c_path should hold."""
+    with pytest.raises(certify_c.UserError) as refused:
+        certify_c.find_corrupted_sets(str(tmp_path / "none"), None)
+    assert str(refused.value) == (f"corruption folder '{tmp_path / 'none'}' not found; give --base_c_path the "
+                                  "folder of MNIST-C (one sub-folder per corruption) or CIFAR-10-C (one .npy per "
+                                  "corruption and labels.npy)")
+    with pytest.raises(certify_c.UserError) as refused:
+        certify_c.find_corrupted_sets(str(tmp_path), None)
+    assert str(refused.value) == (f"'{tmp_path}' holds neither MNIST-C ({{corruption}}/test_images.npy) nor "
+                                  "CIFAR-10-C ({corruption}.npy and labels.npy); check --base_c_path")
     missing, broken = tmp_path / "missing.npy", tmp_path / "broken.npy"
     broken.write_text("not an array")
     with pytest.raises(certify_c.UserError, match=re.escape(f"'{missing}' not found; check --base_c_path")):
