@@ -306,23 +306,27 @@ def smoothmix_by_hand(weight, bias, init, mixed, y, noise, lam, weight_factor):
     return ce + weight_factor * np.mean(correct[None] * kl(target[None], z_mix)), correct
 
 
-@pytest.mark.parametrize("epoch, warmup_factor", [(1, 0.5), (5, 1.0)])
-def test_smoothmix_step_mixes_init_and_adversary_and_weights_the_mixup_term(epoch, warmup_factor):
-    """init and adv from SmoothMix_PGD on the step's own noise (maxnorm_s = w_e alpha mix_step), the mixed points
-    (1 - lam) init + lam adv with lam in [0, 1/2], and the loss CE + eta w_e mean([pbar top = y] KL) by hand."""
+@pytest.mark.parametrize("epoch, warmup_factor, maxnorm", [(1, 0.5, None), (5, 1.0, None), (5, 1.0, 0.4)])
+def test_smoothmix_step_mixes_init_and_adversary_and_weights_the_mixup_term(epoch, warmup_factor, maxnorm):
+    """init and adv from SmoothMix_PGD on the step's own noise (maxnorm_s = w_e alpha mix_step, the adversary
+    within --maxnorm if given), the mixed points (1 - lam) init + lam adv with lam in [0, 1/2], and the loss
+    CE + eta w_e mean([pbar top = y] KL) by hand."""
     torch.manual_seed(8)
     b, m, alpha, eta = 8, 2, 0.3, 2.0
     model, x, y = problem(9, b)
     ctx = context(model, train_smoothmix.METHOD,
-                  f"--noise 0.4 --num-noise-vec {m} --num-steps 3 --mix_step 1 --alpha {alpha} --eta {eta} --warmup 4")
+                  f"--noise 0.4 --num-noise-vec {m} --num-steps 3 --mix_step 1 --alpha {alpha} --eta {eta} --warmup 4"
+                  + (f" --maxnorm {maxnorm}" if maxnorm else ""))
     loss, logged, accuracy = train_smoothmix.batch_loss(ctx, epoch, x, y)
     assert logged is loss and accuracy is None
     attack_passes = model.attack_calls()
     assert len(attack_passes) == 3
     noise = copies_of(attack_passes[0], x)        # the attack starts at adv = x
     with Unrecorded(model) as plain:
-        init, adv = SmoothMix_PGD(steps=3, mix_step=1, alpha=alpha, maxnorm_s=warmup_factor * alpha).attack(
-            plain, x, y, as_noises(noise, x))
+        init, adv = SmoothMix_PGD(steps=3, mix_step=1, alpha=alpha, maxnorm_s=warmup_factor * alpha,
+                                  maxnorm=maxnorm).attack(plain, x, y, as_noises(noise, x))
+    if maxnorm:      # the bound binds: three steps of alpha reach beyond it
+        assert (adv - x).flatten(1).norm(dim=1).max().item() == pytest.approx(maxnorm, rel=1e-4)
     init_pass, mix_pass = model.train_calls()
     init_np, adv_np = init.double().flatten(1).numpy(), adv.double().flatten(1).numpy()
     assert np.allclose(copies_of(init_pass, init), noise, atol=1e-6)
