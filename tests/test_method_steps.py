@@ -493,8 +493,9 @@ def test_consistency_step_adds_the_consistency_term_of_its_copies(adv_training):
     assert accuracy.item() == pytest.approx(100.0 * np.mean(z.argmax(-1) == y.numpy()[None]))
 
 
-@pytest.mark.parametrize("attack, epsilon", [("PGD", 64), ("DDN", 256)])
-def test_smoothadv_step_trains_on_the_attack_of_its_own_noise_at_the_warmed_up_radius(attack, epsilon):
+@pytest.mark.parametrize("attack, epsilon, option", [("PGD", 64, ""), ("DDN", 256, ""),
+                                                     ("DDN", 256, "--gamma-DDN 0.2"), ("PGD", 64, "--no-grad-attack")])
+def test_smoothadv_step_trains_on_the_attack_of_its_own_noise_at_the_warmed_up_radius(attack, epsilon, option):
     """The training pass is at x + d + e_j, d the attack (PGD or DDN at radius eps * (epoch + 1) / warmup) on the
     step's own noise; the loss is the cross-entropy there, above the cross-entropy at x + e_j. (DDN keeps the
     smallest d that misclassifies, so its radius is larger here, for some examples to be misclassified.)"""
@@ -502,16 +503,17 @@ def test_smoothadv_step_trains_on_the_attack_of_its_own_noise_at_the_warmed_up_r
     m, b, epoch = 2, 6, 1
     model, x, y = problem(21, b)
     ctx = context(model, train_salman.METHOD,
-                  f"--noise 0.3 --attack {attack} --epsilon {epsilon} --num-steps 3 --warmup 4 --num-noise-vec {m}")
+                  f"--noise 0.3 --attack {attack} --epsilon {epsilon} --num-steps 3 --warmup 4 --num-noise-vec {m} "
+                  + option)
     loss, logged, accuracy = train_salman.batch_loss(ctx, epoch, x, y)
     assert logged is loss
     radius = epsilon / 256 * (epoch + 1) / 4
     copies = x.repeat(m, 1, 1, 1)
     noise = torch.tensor(copies_of(model.attack_calls()[0], x), dtype=torch.float32).reshape(copies.shape)
     attacker = PGD_L2(steps=3, max_norm=radius) if attack == "PGD" else \
-        DDN(steps=3, gamma=0.05, init_norm=radius, max_norm=radius)
+        DDN(steps=3, gamma=0.2 if "gamma" in option else 0.05, init_norm=radius, max_norm=radius)
     with Unrecorded(model) as plain:
-        attacked = attacker.attack(plain, copies, y, noise=noise, num_noise_vectors=m)
+        attacked = attacker.attack(plain, copies, y, noise=noise, num_noise_vectors=m, no_grad="no-grad" in option)
     training_pass, = model.train_calls()
     assert torch.allclose(training_pass, attacked + noise, atol=1e-6)
     d = (attacked - copies)[:b].flatten(1).norm(dim=1)

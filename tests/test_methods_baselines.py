@@ -440,6 +440,22 @@ def macer_loss_on_noise(weight, bias, x, y, noise, **options):
     return train_macer.macer_loss(logits, torch.tensor(y), m, **options)[0].item()
 
 
+def test_macer_loss_gradient_stays_finite_when_examples_are_dropped_from_the_robustness_term():
+    """Examples left out of the hinge (here a wrong top class, and a top-2 share of 0) give no infinite or
+    undefined quantile to the backward pass: the gradient is finite, while the kept examples do add a hinge."""
+    m = 2
+    z = torch.tensor([[2.0, 0.5, 0.1], [0.3, 1.0, 0.2], [40.0, -40.0, -40.0], [0.2, 0.1, 0.9]]).repeat(m, 1)
+    y = torch.tensor([0, 0, 0, 2])
+    losses = []
+    for lbd in (3.0, 0.0):
+        logits = z.clone().requires_grad_()
+        loss, classification = train_macer.macer_loss(logits, y, m, beta=1.0, margin=8.0, sigma=0.5, lbd=lbd)
+        loss.backward()
+        assert torch.isfinite(logits.grad).all()
+        losses.append(loss.item() - classification.item())
+    assert losses[0] > 0 and losses[1] == 0
+
+
 def test_macer_loss_per_example_equals_the_formula_on_given_noise_whatever_the_order_of_the_copies():
     """Per-example noise values e_ij (example i, copy j) for a linear model: MACER's loss of each example alone
     and of the batch equal the formula on z_ij = W (x_i + e_ij) + b, and are unchanged when the copies of
