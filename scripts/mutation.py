@@ -1,6 +1,6 @@
 """Mutation testing of the modules that decide results (``make mutation``; the page docs/MUTATION.md).
 
-    python scripts/mutation.py [GROUP ...] [--max-children N] [--keep]
+    python scripts/mutation.py [GROUP ...] [--max-children N] [--keep] [--timeout-multiplier X]
 
 For each group (default: all of ``GROUPS``) mutmut changes the group's modules one small edit at a
 time (an operator, a constant, an argument) and runs the tests that reach the changed function,
@@ -52,28 +52,32 @@ GROUPS = {
 }
 
 
-def prepare(group: str, keep: bool) -> str:
-    """The group's folder: the modules in src/, the tests, the benchmarks, pytest.ini and mutmut's setup.cfg."""
+def prepare(group: str, keep: bool, timeout_multiplier: float) -> str:
+    """The group's folder: the modules in src/, the tests, the benchmarks, pytest.ini and mutmut's setup.cfg.
+
+    With ``keep`` an existing folder keeps its mutants and results, and gets the repository's tests and
+    the setup.cfg of these options (a changed timeout makes mutmut check the mutants that timed out again).
+    """
     modules, tests, selection = GROUPS[group]
     folder = os.path.join(WORK, group)
     if os.path.isdir(folder) and not keep:
         shutil.rmtree(folder)
-    if os.path.isdir(folder):
-        return folder
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(os.path.join(REPO, "code"), os.path.join(folder, "src"), ignore=ignore)
-    shutil.copytree(os.path.join(REPO, "tests"), os.path.join(folder, "tests"), ignore=ignore)
-    shutil.copytree(os.path.join(REPO, "benchmarks"), os.path.join(folder, "benchmarks"), ignore=ignore)
-    shutil.copy(os.path.join(REPO, "pytest.ini"), folder)
+    if not os.path.isdir(folder):
+        shutil.copytree(os.path.join(REPO, "code"), os.path.join(folder, "src"), ignore=ignore)
+        shutil.copytree(os.path.join(REPO, "benchmarks"), os.path.join(folder, "benchmarks"), ignore=ignore)
+        shutil.copy(os.path.join(REPO, "pytest.ini"), folder)
+        # the tests read the data from the repository's folder (their conftest's REPO is mutants/)
+        os.makedirs(os.path.join(folder, "mutants"), exist_ok=True)
+        os.symlink(os.path.join(REPO, "dataset_cache"), os.path.join(folder, "mutants", "dataset_cache"))
+    shutil.copytree(os.path.join(REPO, "tests"), os.path.join(folder, "tests"), ignore=ignore, dirs_exist_ok=True)
     lines = ["[mutmut]", "source_paths=src", "also_copy=", "    pytest.ini", "    benchmarks/",
              "only_mutate="] + [f"    src/{m}" for m in modules] + \
             ["pytest_add_cli_args_test_selection="] + [f"    {t}" for t in tests] + \
-            ["pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -k", f"    {selection}"]
+            ["pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -k", f"    {selection}",
+             f"timeout_multiplier={timeout_multiplier:g}"]
     with open(os.path.join(folder, "setup.cfg"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    # the tests read the data from the repository's folder (their conftest's REPO is mutants/)
-    os.makedirs(os.path.join(folder, "mutants"), exist_ok=True)
-    os.symlink(os.path.join(REPO, "dataset_cache"), os.path.join(folder, "mutants", "dataset_cache"))
     return folder
 
 
@@ -85,8 +89,8 @@ def mutmut() -> str:
     return path
 
 
-def run_group(group: str, max_children: int, keep: bool) -> dict:
-    folder = prepare(group, keep)
+def run_group(group: str, max_children: int, keep: bool, timeout_multiplier: float = 15.0) -> dict:
+    folder = prepare(group, keep, timeout_multiplier)
     env = dict(os.environ, OMP_NUM_THREADS="1", DATASET_CACHE=os.path.join(REPO, "dataset_cache"))
     started = time.time()
     with open(os.path.join(folder, "run.log"), "w") as log:
@@ -121,12 +125,16 @@ def main(argv=None):
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2,
                         help="mutants tested at once (default: the number of cores)")
     parser.add_argument("--keep", action="store_true", help="continue the previous run of each group")
+    parser.add_argument("--timeout-multiplier", type=float, default=15.0,
+                        help="a mutant times out after this many times its tests' first duration, in wall time "
+                             "(default: mutmut's 15); raise it on cores shared with other work, where slowness "
+                             "is no sign of a mutant")
     args = parser.parse_args(argv)
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
         parser.error(f"unknown group {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     for group in args.groups:
-        run_group(group, args.max_children, args.keep)
+        run_group(group, args.max_children, args.keep, args.timeout_multiplier)
 
 
 if __name__ == "__main__":

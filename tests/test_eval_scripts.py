@@ -651,6 +651,64 @@ def test_certify_c_on_cifar10_c(tmp_path, capsys):
                                           "gaussian_noise.tsv.meta.json"]
 
 
+@pytest.mark.parametrize("dataset, shape, dtype, labels_shape", [
+    ("mnist", (4, 28, 28, 3), np.uint8, (4,)),     # MNIST-C with three channels
+    ("mnist", (4, 32, 32), np.uint8, (4,)),        # a grey image of the wrong size
+    ("cifar10", (4, 32, 32), np.uint8, (4,)),       # CIFAR-10-C without its channels
+    ("mnist", (4, 28, 28, 1), np.float32, (4,)),   # the right shape, but not uint8
+    ("mnist", (4, 28, 28, 1), np.uint8, (4, 1)),   # one label per image, as a column
+    ("cifar10", (4, 32, 32, 3), np.uint8, (3,)),    # a label short
+])
+def test_certify_c_refuses_images_or_labels_it_cannot_read_as_the_data_set(tmp_path, dataset, shape, dtype,
+                                                                            labels_shape):
+    """A corruption's file is refused, naming the file and what the data set needs, unless its images are uint8
+    (n, H, W, C), or (n, H, W) for one channel, and its labels one per image; the files it accepts load as
+    memory maps (a CIFAR-10-C folder holds about 3 GB), and the images as C x H x W in [0, 1]."""
+    images_path, labels_path = tmp_path / "images.npy", tmp_path / "labels.npy"
+    np.save(images_path, np.zeros(shape, dtype=dtype))
+    np.save(labels_path, np.zeros(labels_shape, dtype=np.int64))
+    with pytest.raises(certify_c.UserError) as refused:
+        certify_c.CorruptedSet("fog", str(images_path), str(labels_path), dataset)
+    message = str(refused.value)
+    if labels_shape == (4,):
+        channels, size = (3, 32) if dataset == "cifar10" else (1, 28)
+        assert message.startswith(f"'{images_path}' holds {np.dtype(dtype)} images of shape {shape}; ")
+        assert message.endswith(f"needs uint8 images of shape (n, {size}, {size}, {channels})")
+    else:
+        assert message == (f"'{labels_path}' has shape {labels_shape}, but there are 4 images in '{images_path}'; "
+                           "give one label per image")
+    # the same folder with readable files
+    for good_shape in [(4, 32, 32, 3)] if dataset == "cifar10" else [(4, 28, 28, 1), (4, 28, 28)]:
+        pixels = np.arange(np.prod(good_shape)).reshape(good_shape) % 256
+        np.save(images_path, pixels.astype(np.uint8))
+        np.save(labels_path, np.array([7, 1, 0, 3]))
+        corrupted = certify_c.CorruptedSet("fog", str(images_path), str(labels_path), dataset)
+        assert isinstance(corrupted.images, np.memmap) and isinstance(corrupted.labels, np.memmap)
+        image, label = corrupted[3]
+        chw = pixels[3] if pixels.ndim == 4 else pixels[3][..., None]
+        assert label == 3 and torch.equal(image, torch.from_numpy(chw.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)))
+
+
+def test_certify_c_names_a_missing_or_unreadable_file(tmp_path):
+    """A missing folder, a folder of neither layout, a missing or unreadable file: each message names it and
+    says what --base_c_path should hold."""
+    with pytest.raises(certify_c.UserError) as refused:
+        certify_c.find_corrupted_sets(str(tmp_path / "none"), None)
+    assert str(refused.value) == (f"corruption folder '{tmp_path / 'none'}' not found; give --base_c_path the "
+                                  "folder of MNIST-C (one sub-folder per corruption) or CIFAR-10-C (one .npy per "
+                                  "corruption and labels.npy)")
+    with pytest.raises(certify_c.UserError) as refused:
+        certify_c.find_corrupted_sets(str(tmp_path), None)
+    assert str(refused.value) == (f"'{tmp_path}' holds neither MNIST-C ({{corruption}}/test_images.npy) nor "
+                                  "CIFAR-10-C ({corruption}.npy and labels.npy); check --base_c_path")
+    missing, broken = tmp_path / "missing.npy", tmp_path / "broken.npy"
+    broken.write_text("not an array")
+    with pytest.raises(certify_c.UserError, match=re.escape(f"'{missing}' not found; check --base_c_path")):
+        certify_c.CorruptedSet("fog", str(missing), str(broken), "mnist")
+    with pytest.raises(certify_c.UserError, match=re.escape(f"'{broken}' is not a readable .npy file")):
+        certify_c.CorruptedSet("fog", str(broken), str(broken), "mnist")
+
+
 class PixelReader(torch.nn.Module):
     """Class k when pixel (channel, row, col) is nearest to (k + 1/2) / 10: a model that reads one value only."""
 

@@ -306,23 +306,27 @@ def smoothmix_by_hand(weight, bias, init, mixed, y, noise, lam, weight_factor):
     return ce + weight_factor * np.mean(correct[None] * kl(target[None], z_mix)), correct
 
 
-@pytest.mark.parametrize("epoch, warmup_factor", [(1, 0.5), (5, 1.0)])
-def test_smoothmix_step_mixes_init_and_adversary_and_weights_the_mixup_term(epoch, warmup_factor):
-    """init and adv from SmoothMix_PGD on the step's own noise (maxnorm_s = w_e alpha mix_step), the mixed points
-    (1 - lam) init + lam adv with lam in [0, 1/2], and the loss CE + eta w_e mean([pbar top = y] KL) by hand."""
+@pytest.mark.parametrize("epoch, warmup_factor, maxnorm", [(1, 0.5, None), (5, 1.0, None), (5, 1.0, 0.4)])
+def test_smoothmix_step_mixes_init_and_adversary_and_weights_the_mixup_term(epoch, warmup_factor, maxnorm):
+    """init and adv from SmoothMix_PGD on the step's own noise (maxnorm_s = w_e alpha mix_step, the adversary
+    within --maxnorm if given), the mixed points (1 - lam) init + lam adv with lam in [0, 1/2], and the loss
+    CE + eta w_e mean([pbar top = y] KL) by hand."""
     torch.manual_seed(8)
     b, m, alpha, eta = 8, 2, 0.3, 2.0
     model, x, y = problem(9, b)
     ctx = context(model, train_smoothmix.METHOD,
-                  f"--noise 0.4 --num-noise-vec {m} --num-steps 3 --mix_step 1 --alpha {alpha} --eta {eta} --warmup 4")
+                  f"--noise 0.4 --num-noise-vec {m} --num-steps 3 --mix_step 1 --alpha {alpha} --eta {eta} --warmup 4"
+                  + (f" --maxnorm {maxnorm}" if maxnorm else ""))
     loss, logged, accuracy = train_smoothmix.batch_loss(ctx, epoch, x, y)
     assert logged is loss and accuracy is None
     attack_passes = model.attack_calls()
     assert len(attack_passes) == 3
     noise = copies_of(attack_passes[0], x)        # the attack starts at adv = x
     with Unrecorded(model) as plain:
-        init, adv = SmoothMix_PGD(steps=3, mix_step=1, alpha=alpha, maxnorm_s=warmup_factor * alpha).attack(
-            plain, x, y, as_noises(noise, x))
+        init, adv = SmoothMix_PGD(steps=3, mix_step=1, alpha=alpha, maxnorm_s=warmup_factor * alpha,
+                                  maxnorm=maxnorm).attack(plain, x, y, as_noises(noise, x))
+    if maxnorm:      # the bound binds: three steps of alpha reach beyond it
+        assert (adv - x).flatten(1).norm(dim=1).max().item() == pytest.approx(maxnorm, rel=1e-4)
     init_pass, mix_pass = model.train_calls()
     init_np, adv_np = init.double().flatten(1).numpy(), adv.double().flatten(1).numpy()
     assert np.allclose(copies_of(init_pass, init), noise, atol=1e-6)
@@ -489,8 +493,9 @@ def test_consistency_step_adds_the_consistency_term_of_its_copies(adv_training):
     assert accuracy.item() == pytest.approx(100.0 * np.mean(z.argmax(-1) == y.numpy()[None]))
 
 
-@pytest.mark.parametrize("attack, epsilon", [("PGD", 64), ("DDN", 256)])
-def test_smoothadv_step_trains_on_the_attack_of_its_own_noise_at_the_warmed_up_radius(attack, epsilon):
+@pytest.mark.parametrize("attack, epsilon, option", [("PGD", 64, ""), ("DDN", 256, ""),
+                                                     ("DDN", 256, "--gamma-DDN 0.2"), ("PGD", 64, "--no-grad-attack")])
+def test_smoothadv_step_trains_on_the_attack_of_its_own_noise_at_the_warmed_up_radius(attack, epsilon, option):
     """The training pass is at x + d + e_j, d the attack (PGD or DDN at radius eps * (epoch + 1) / warmup) on the
     step's own noise; the loss is the cross-entropy there, above the cross-entropy at x + e_j. (DDN keeps the
     smallest d that misclassifies, so its radius is larger here, for some examples to be misclassified.)"""
@@ -498,16 +503,17 @@ def test_smoothadv_step_trains_on_the_attack_of_its_own_noise_at_the_warmed_up_r
     m, b, epoch = 2, 6, 1
     model, x, y = problem(21, b)
     ctx = context(model, train_salman.METHOD,
-                  f"--noise 0.3 --attack {attack} --epsilon {epsilon} --num-steps 3 --warmup 4 --num-noise-vec {m}")
+                  f"--noise 0.3 --attack {attack} --epsilon {epsilon} --num-steps 3 --warmup 4 --num-noise-vec {m} "
+                  + option)
     loss, logged, accuracy = train_salman.batch_loss(ctx, epoch, x, y)
     assert logged is loss
     radius = epsilon / 256 * (epoch + 1) / 4
     copies = x.repeat(m, 1, 1, 1)
     noise = torch.tensor(copies_of(model.attack_calls()[0], x), dtype=torch.float32).reshape(copies.shape)
     attacker = PGD_L2(steps=3, max_norm=radius) if attack == "PGD" else \
-        DDN(steps=3, gamma=0.05, init_norm=radius, max_norm=radius)
+        DDN(steps=3, gamma=0.2 if "gamma" in option else 0.05, init_norm=radius, max_norm=radius)
     with Unrecorded(model) as plain:
-        attacked = attacker.attack(plain, copies, y, noise=noise, num_noise_vectors=m)
+        attacked = attacker.attack(plain, copies, y, noise=noise, num_noise_vectors=m, no_grad="no-grad" in option)
     training_pass, = model.train_calls()
     assert torch.allclose(training_pass, attacked + noise, atol=1e-6)
     d = (attacked - copies)[:b].flatten(1).norm(dim=1)

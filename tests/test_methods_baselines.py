@@ -10,6 +10,7 @@ train_salman.py, train_macer.py, consistency.py, train_consistency.py).
 * each script trains one epoch on a small Fashion-MNIST subset and writes a
   finite loss and a checkpoint; bad input ends with one ``error:`` line.
 """
+import argparse
 import math
 import os
 
@@ -439,6 +440,22 @@ def macer_loss_on_noise(weight, bias, x, y, noise, **options):
     return train_macer.macer_loss(logits, torch.tensor(y), m, **options)[0].item()
 
 
+def test_macer_loss_gradient_stays_finite_when_examples_are_dropped_from_the_robustness_term():
+    """Examples left out of the hinge (here a wrong top class, and a top-2 share of 0) give no infinite or
+    undefined quantile to the backward pass: the gradient is finite, while the kept examples do add a hinge."""
+    m = 2
+    z = torch.tensor([[2.0, 0.5, 0.1], [0.3, 1.0, 0.2], [40.0, -40.0, -40.0], [0.2, 0.1, 0.9]]).repeat(m, 1)
+    y = torch.tensor([0, 0, 0, 2])
+    losses = []
+    for lbd in (3.0, 0.0):
+        logits = z.clone().requires_grad_()
+        loss, classification = train_macer.macer_loss(logits, y, m, beta=1.0, margin=8.0, sigma=0.5, lbd=lbd)
+        loss.backward()
+        assert torch.isfinite(logits.grad).all()
+        losses.append(loss.item() - classification.item())
+    assert losses[0] > 0 and losses[1] == 0
+
+
 def test_macer_loss_per_example_equals_the_formula_on_given_noise_whatever_the_order_of_the_copies():
     """Per-example noise values e_ij (example i, copy j) for a linear model: MACER's loss of each example alone
     and of the batch equal the formula on z_ij = W (x_i + e_ij) + b, and are unchanged when the copies of
@@ -561,6 +578,49 @@ def test_published_command_lines_name_their_run_folder(tmp_path, module, options
     assert (folder / "log.txt").read_text().splitlines()[0] == LOG_HEADER
     found = [root for root, _, files in os.walk(tmp_path) if "log.txt" in files]
     assert found == [str(folder)]
+
+
+@pytest.mark.parametrize("module, options, path", PUBLISHED)
+def test_published_command_lines_parse_to_their_run_folder(module, options, path):
+    """The run folders of the command lines above from the parsed options alone (no training: quick)."""
+    args = parse_args(module.METHOD, ["fmnist", "lenet", *options.split()])
+    assert module.METHOD.method_path(args) == path
+
+
+@pytest.mark.parametrize("options, refused", [
+    ("--attack PGD --num-noise-vec 2 --no-grad-attack --batch 2", None),
+    ("--attack PGD --num-noise-vec 4 --batch 4", None),
+    ("--num-noise-vec 3 --batch 8", None),
+    ("--attack PGD --num-noise-vec 1 --no-grad-attack", "--no-grad-attack needs --attack PGD and --num-noise-vec "
+                                                        "of 2 or more"),
+    ("--num-noise-vec 2 --no-grad-attack", "--no-grad-attack needs --attack PGD and --num-noise-vec of 2 or more"),
+    ("--attack PGD --num-noise-vec 5 --batch 4", "--num-noise-vec 5 exceeds --batch 4; each batch is split into "
+                                                 "that many mini-batches"),
+])
+def test_smoothadv_and_consistency_accept_the_options_they_can_run(options, refused):
+    """--no-grad-attack needs PGD and m >= 2; m may equal the batch (mini-batches of one example), not exceed it."""
+    args = parse_args(train_salman.METHOD, ["fmnist", "lenet", *options.split()])
+    if refused is None:
+        train_salman.check_arguments(args)
+    else:
+        with pytest.raises(train_salman.UserError) as error:
+            train_salman.check_arguments(args)
+        assert str(error.value) == refused
+    if "--no-grad-attack" not in options:
+        consistency = parse_args(train_consistency.METHOD,
+                                 ["fmnist", "lenet", *options.replace("--attack PGD", "").split(), "--noise", "0.25"])
+        if refused is None:
+            assert train_consistency.METHOD.method_path(consistency).startswith("consistency/cohen/num_")
+        else:
+            with pytest.raises(train_consistency.UserError, match=f"^{refused}$"):
+                train_consistency.METHOD.method_path(consistency)
+
+
+def test_smoothadv_random_start_reads_the_published_spellings():
+    spellings = ["True", "yes", "1", " TRUE ", "False", "no", "0", "NO"]
+    assert [train_salman.str_to_bool(t) for t in spellings] == [True] * 4 + [False] * 4
+    with pytest.raises(argparse.ArgumentTypeError, match="^'maybe' is not a boolean: write True or False$"):
+        train_salman.str_to_bool("maybe")
 
 
 def test_published_options_parse_to_their_values():

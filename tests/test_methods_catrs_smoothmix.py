@@ -315,6 +315,9 @@ def test_smoothmix_folder_names_optional_parts():
     assert train_smoothmix.METHOD.method_path(args) == "smix_1.0_8_m0/eta_1.0/num_1/noise_0.25"
     args = parser.parse_args(["fmnist", "lenet", "--noise", "0.25", "--maxnorm_s", "0.5", "--maxnorm", "2"])
     assert train_smoothmix.METHOD.method_path(args) == "smix_1.0_8_m0_ms0.5_max2.0/eta_1.0/num_1/noise_0.25"
+    args = parser.parse_args(["fmnist", "lenet", "--noise", "0.25", "--maxnorm_s", "1", "--mix_step", "2"])
+    assert train_smoothmix.METHOD.method_path(args) == "smix_1.0_8_m2_ms1.0/eta_1.0/num_1/noise_0.25"
+    assert train_smoothmix.base_maxnorm_s(args) == 1.0      # given, not alpha * mix_step
     args = parser.parse_args(["fmnist", "lenet", "--noise", "1.0", "--maxnorm", "4", "--alpha", "2", "--eta", "5"])
     assert train_smoothmix.METHOD.method_path(args) == "smix_2.0_8_m0_max4.0/eta_5.0/num_1/noise_1.0"
 
