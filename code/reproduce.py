@@ -24,10 +24,14 @@ import filelock
 
 from common import DefaultsHelpFormatter, cli_status
 # the names tests and other code use as reproduce.NAME
-from reproduce_plan import (ARCHITECTURE, REPO, Cell, ReproduceError, Scale, cell_commands,  # noqa: F401
+from reproduce_plan import (ARCHITECTURE, Cell, ReproduceError, Scale, cell_commands,  # noqa: F401
                             select_cells, table_cells, train_folder)
 from reproduce_store import (MAX_PROCS, PROGRESS, _copy_record, data_folder, drop_progress,  # noqa: F401
                              finished_record, keep_cell, restore_progress, save_progress, take_saved)
+
+# The checkout of this script: the steps run and are kept here. Not reproduce_plan.REPO, which names the
+# folder the modules were imported from (through a symlinked copy of code/, another checkout).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Minutes per cell (training and both certifications) for LeNet on one CPU core, with a second driver on the
 # other, for the estimate of the time left until a cell of the same method has been measured: the measured
