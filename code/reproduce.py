@@ -179,7 +179,9 @@ def reproduce(args) -> int:
     cells = select_cells(table_cells(args.dataset), args.cells)
     scale = Scale(shlex.split(args.train_args), args.N, args.fixed_skip, args.sequential_skip, args.max,
                   args.smooth_N, args.smooth_max, not args.no_smooth_compile)
-    data_dir = args.data_dir or os.path.join("data", args.dataset)
+    # relative paths are the repository's, where the steps run, whatever the working directory
+    data_dir = os.path.join(REPO, args.data_dir or os.path.join("data", args.dataset))
+    lock_dir = os.path.join(REPO, args.outdir, "reproduce", args.dataset)
     plans = [(cell, cell_commands(args.dataset, cell, scale, args.logdir, args.outdir)) for cell in cells]
     pending = []
     for cell, commands in plans:   # each cell.json read once: finished cells are reported, the others run
@@ -188,16 +190,16 @@ def reproduce(args) -> int:
         else:
             print(f"[reproduce] {cell.name}: finished, in {data_folder(data_dir, cell)}", flush=True)
     if args.save_progress:
-        return save_all_progress(data_dir, pending, os.path.join(args.outdir, "reproduce", args.dataset))
+        return save_all_progress(data_dir, pending, lock_dir)
     if args.take_saved:
-        return take_all_saved(data_dir, pending, os.path.join(args.outdir, "reproduce", args.dataset))
+        return take_all_saved(data_dir, pending, lock_dir)
     saved_work = os.path.isdir(os.path.join(data_dir, PROGRESS))
     measured = measured_seconds(data_dir)
     for k, (cell, commands) in enumerate(pending, 1):
         left = time_left(pending[k - 1:], args.dataset, measured)
         print(f"[reproduce] cell {k} of {len(pending)}: {cell.name} ({', '.join(commands)}); "
               f"time left for the selected cells: {left}", flush=True)
-        lock = None if args.dry_run else hold(os.path.join(args.outdir, "reproduce", args.dataset), cell)
+        lock = None if args.dry_run else hold(lock_dir, cell)
         if lock is None and not args.dry_run:
             print(f"[reproduce] {cell.name}: another reproduce.py runs it; skipped", flush=True)
             continue
@@ -245,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--procs", type=int, default=1, choices=range(1, MAX_PROCS + 1), metavar="K",
                         help="run the smoothed prediction and certification steps as K torchrun processes "
                              "(say, one per core with OMP_NUM_THREADS=1); same rows as one process (default 1)")
-    parser.add_argument("--data-dir", default=None, help="where finished cells are kept (default data/DATASET)")
+    parser.add_argument("--data-dir", default=None,
+                        help="where finished cells are kept; relative paths here and below are the repository's "
+                             "(default data/DATASET)")
     parser.add_argument("--logdir", default="logs", help="training runs (default logs)")
     parser.add_argument("--outdir", default="test", help="certification outputs (default test)")
     small = parser.add_argument_group("scale (for trials; the defaults are the paper's)")

@@ -8,8 +8,10 @@ folder without it is an unfinished copy. ``data/{dataset}/progress/`` holds
 what unfinished cells have computed so far, under the paths the files have in
 the repository (docs/RESUMING.md says how work moves between machines).
 
-Settings records are copied with their paths made relative to the repository
-(``root``), so a record kept in it names no machine.
+Every function takes the repository root (``root``): the steps run there, so
+the relative paths in a cell's commands are relative to it, and settings
+records are copied with their paths made relative to it, so a record kept in
+the repository names no machine.
 """
 import gzip
 import json
@@ -20,8 +22,8 @@ import time
 from typing import Dict, List, Optional
 
 from provenance import SIDECAR_SUFFIX, relative_record
-from reproduce_plan import (REPO, Cell, ReproduceError, output_of, smooth_prediction_array_paths,
-                            smooth_prediction_arrays, train_folder)
+from reproduce_plan import (Cell, ReproduceError, output_of, smooth_prediction_array_paths, smooth_prediction_arrays,
+                            train_folder)
 
 # --------------------------------------------------------------------------- the kept results
 
@@ -76,12 +78,12 @@ def _rows_seconds(tsv_path: str) -> float:
     return total
 
 
-def _copy_record(source: str, target: str, root: Optional[str] = None):
+def _copy_record(source: str, target: str, root: str):
     """A settings record, its paths made relative to ``root`` (a record kept in it names no machine)."""
     with open(source) as handle:
         record = json.load(handle)
     with open(target, "w") as handle:
-        handle.write(json.dumps(relative_record(record, root or REPO), indent=1) + "\n")
+        handle.write(json.dumps(relative_record(record, root), indent=1) + "\n")
 
 
 def _copy_result(source: str, folder: str, name: str, root: str):
@@ -90,22 +92,20 @@ def _copy_result(source: str, folder: str, name: str, root: str):
     _copy_record(source + SIDECAR_SUFFIX, os.path.join(folder, name + SIDECAR_SUFFIX), root)
 
 
-def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started: float,
-              root: Optional[str] = None) -> dict:
+def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started: float, root: str) -> dict:
     """Copy a finished cell into the data folder; ``cell.json`` is written last, so a torn copy is redone."""
-    root = root or REPO
     target = data_folder(data_dir, cell)
     staging = target + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    run = train_folder(commands)
+    run = os.path.join(root, train_folder(commands))
     _slim_checkpoint(os.path.join(run, "checkpoint.pth.tar"), os.path.join(staging, "checkpoint.pth.tar"))
     shutil.copyfile(os.path.join(run, "log.txt"), os.path.join(staging, "log.txt"))
     seconds = {"train": _log_seconds(os.path.join(run, "log.txt"))}
     for step in commands:
         if step == "train":
             continue
-        source = output_of(commands[step])
+        source = os.path.join(root, output_of(commands[step]))
         name = {"certify": "certify.tsv", "sequential": "certify_sequential.tsv",
                 "smooth_prediction": "smooth_prediction_train.tsv"}[step]
         _copy_result(source, staging, name, root)
@@ -135,13 +135,12 @@ PROGRESS = "progress"
 MAX_PROCS = 16
 
 
-def progress_files(commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
+def progress_files(commands: Dict[str, List[str]], root: str) -> List[str]:
     """The files that hold a cell's unfinished work, existing or not, relative to ``root``.
 
     The training checkpoint and ``log.txt`` and, for each evaluation step, its result file, settings
     record and row journal. The steps run in ``root``, so relative paths in the commands are relative to it.
     """
-    root = root or REPO
     files = [os.path.join(train_folder(commands), name) for name in ("checkpoint.pth.tar", "log.txt")]
     for step, command in commands.items():
         if step != "train":
@@ -173,13 +172,12 @@ def _copy_whole(source: str, target: str, root: str):
     os.replace(target + ".tmp", target)
 
 
-def save_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
+def save_progress(data_dir: str, commands: Dict[str, List[str]], root: str) -> List[str]:
     """Copy the cell's unfinished work under ``data_dir/progress/``; returns the files copied.
 
     Saved files of the cell that no longer exist here are removed, so the saved set is one moment's. A cell
     with no file here (never restored nor started in this checkout) keeps its saved work as it is.
     """
-    root = root or REPO
     files = progress_files(commands, root)
     if not any(os.path.exists(os.path.join(root, f)) for f in files):
         return []
@@ -194,13 +192,12 @@ def save_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[
     return copied
 
 
-def restore_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[str] = None) -> List[str]:
+def restore_progress(data_dir: str, commands: Dict[str, List[str]], root: str) -> List[str]:
     """Copy saved work back where the scripts look for it, when this checkout has none of the cell's files.
 
     A cell with any file here already has work of its own, which is never replaced; returns the files
     restored.
     """
-    root = root or REPO
     files = progress_files(commands, root)
     saved = [f for f in files if os.path.exists(os.path.join(data_dir, PROGRESS, f))]
     if not saved or any(os.path.exists(os.path.join(root, f)) for f in files):
@@ -210,12 +207,11 @@ def restore_progress(data_dir: str, commands: Dict[str, List[str]], root: Option
     return saved
 
 
-def take_saved(data_dir: str, commands: Dict[str, List[str]], aside: str, root: Optional[str] = None) -> List[str]:
+def take_saved(data_dir: str, commands: Dict[str, List[str]], aside: str, root: str) -> List[str]:
     """Replace the cell's work here by its saved work (say, work brought back from another machine).
 
     The files of the cell here are moved under ``aside`` first (never deleted); returns the files restored.
     """
-    root = root or REPO
     files = progress_files(commands, root)
     if not any(os.path.exists(os.path.join(data_dir, PROGRESS, f)) for f in files):
         return []
@@ -227,9 +223,8 @@ def take_saved(data_dir: str, commands: Dict[str, List[str]], aside: str, root: 
     return restore_progress(data_dir, commands, root)
 
 
-def drop_progress(data_dir: str, commands: Dict[str, List[str]], root: Optional[str] = None):
+def drop_progress(data_dir: str, commands: Dict[str, List[str]], root: str):
     """Remove a kept cell's saved work, and the folders that become empty."""
-    root = root or REPO
     top = os.path.join(data_dir, PROGRESS)
     for relative in progress_files(commands, root):
         path = os.path.join(top, relative)

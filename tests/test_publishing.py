@@ -105,7 +105,7 @@ def test_records_name_inputs_relative_to_the_repository(tmp_path, monkeypatch):
     source, target = tmp_path / "r.meta.json", tmp_path / "kept.meta.json"
     kept = {**old, "environment": {**old["environment"], "checkpoint": f"{reproduce.REPO}/logs/a/c.pth.tar"}}
     source.write_text(json.dumps(kept))
-    reproduce._copy_record(str(source), str(target))
+    reproduce._copy_record(str(source), str(target), reproduce.REPO)
     assert json.loads(target.read_text())["environment"]["checkpoint"] == "logs/a/c.pth.tar"
 
 

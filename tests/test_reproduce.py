@@ -213,9 +213,13 @@ def _checkout(tmp_path, name):
 
 
 def _drive_in(monkeypatch, root, *arguments, cells="cohen:0.25"):
+    """The driver of the checkout ``root``, started from another working directory: its relative paths
+    (the data folder here, the run folders and outputs in the commands) are the checkout's."""
     monkeypatch.setattr(reproduce, "REPO", str(root))
-    monkeypatch.chdir(root)
-    return reproduce.main(["fmnist", "--cells", cells, "--data-dir", str(root / "data"), *arguments])
+    elsewhere = root.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    monkeypatch.chdir(elsewhere)
+    return reproduce.main(["fmnist", "--cells", cells, "--data-dir", "data", *arguments])
 
 
 def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_path, monkeypatch, capsys):
