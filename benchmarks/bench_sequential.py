@@ -56,7 +56,11 @@ stopping aids; Horvath et al.'s staged test). Prints mean samples per
 image, the clairvoyant bound, how often the certified listed radius equals
 fixed-N's, the certified accuracy at each listed radius minus fixed-N's
 (points; an image counts where fixed-N's prediction is correct), the same
-by pA group, and the best published scheme's samples over this project's.
+by pA group, and the best published scheme's samples over this project's;
+last, per pA group, Wald's lower bound on the mean samples of any valid
+certifier that certifies each listed radius of each image as often as KT +
+aids does, as this project does, or as fixed-N does on the same streams
+(``wald_table``), and each scheme's samples over it.
 ``--held-out`` keeps the images no scheme was chosen on (idx a multiple of
 97 and not of 100). With SEQUENTIAL.tsv (a real ``certify.py --sequential
 --radii`` run of the same model) it also prints that run's samples per
@@ -183,6 +187,64 @@ def binary_kl(p, q):
         ones = np.where(p > 0, p * np.log(p / q), 0.0)
         zeros = np.where(p < 1, (1 - p) * np.log((1 - p) / (1 - q)), 0.0)
     return ones + zeros
+
+
+def wald_image_bound(p, thresholds, certified, alpha: float, n_max: int) -> np.ndarray:
+    """Per image: the least mean number of draws of any valid certifier that certifies as often (N0 excluded).
+
+    ``p``: each image's pA (the draws are i.i.d. Bernoulli(p)); ``thresholds``: the pA each level needs,
+    increasing; ``certified[i, j]``: how often the certifier in question certifies threshold j of image i.
+    A certifier is valid when, for every q <= t, it certifies t with probability at most alpha. Its
+    stopping time N, at most ``n_max``, ends a test of q = t against q = p, so by Wald's change of measure
+    (Wald 1945; the data-processing form, Kaufmann, Cappe and Garivier, JMLR 2016, lemma 1)
+    E_p[N] KL(p || t) >= kl(P_p[certify t] || P_t[certify t]) >= kl(c || alpha) for c = certified >= alpha,
+    i.e. E_p[N] >= (c log(c / alpha) + (1 - c) log((1 - c) / (1 - alpha))) / KL(p || t). Every threshold
+    t < p gives such a bound; the largest, capped at ``n_max``, is returned. Declining a threshold (giving
+    up, a predictive stop, N-max) is free: the bound prices only the certificates a run reaches.
+    """
+    p = np.asarray(p, dtype=float)[:, None]
+    thresholds = np.asarray(thresholds, dtype=float)[None, :]
+    certified = np.clip(np.asarray(certified, dtype=float), 0.0, 1.0)
+    evidence = np.where(certified > alpha, binary_kl(certified, alpha), 0.0)
+    divergence = binary_kl(p, thresholds)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        draws = np.where((p > thresholds) & (evidence > 0), evidence / divergence, 0.0)
+    return np.minimum(draws.max(axis=1), n_max)
+
+
+def crossfit_wald_bound(p, thresholds, certified, alpha: float, n_max: int) -> np.ndarray:
+    """Per image, from simulated runs: an unbiased estimate of a number below ``wald_image_bound`` at the true rates.
+
+    ``certified[i, k, j]``: whether run k of image i certified threshold j. The plug-in bound (the runs'
+    shares in ``wald_image_bound``) errs upwards, kl(. || alpha) being convex; so the runs are split in two
+    halves A and B: A picks the threshold j and a point c0 = (certified in A + 1/2) / (|A| + 1), and B's
+    share c enters the tangent of kl(. || alpha) at c0, which lies below kl(. || alpha) (and below 0 for
+    c < alpha). Its mean over B's draws is the tangent at the true rate, at most the bound of threshold j,
+    hence at most ``wald_image_bound``. The two halves swap, and the mean of both estimates is returned.
+    """
+    certified = np.asarray(certified, dtype=bool)
+    images, reps, _ = certified.shape
+    half = reps // 2
+    if half < 1:
+        raise ValueError("the cross-fitted bound needs at least 2 runs per image")
+    rows = np.arange(images)
+    p = np.asarray(p, dtype=float)[:, None]
+    thresholds = np.asarray(thresholds, dtype=float)[None, :]
+    divergence = binary_kl(p, thresholds)
+    halves = (certified[:, :half], certified[:, half:2 * half])
+    estimates = []
+    for choose, judge in (halves, halves[::-1]):
+        share = choose.mean(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where((p > thresholds) & (share > alpha), binary_kl(share, alpha) / divergence, -1.0)
+        level = np.argmax(score, axis=1)
+        point = (choose[rows, :, level].sum(axis=1) + 0.5) / (half + 1)
+        slope = np.log(point / alpha) - np.log((1 - point) / (1 - alpha))
+        tangent = binary_kl(point, alpha) + slope * (judge[rows, :, level].mean(axis=1) - point)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = np.minimum(tangent / divergence[rows, level], n_max)
+        estimates.append(np.where(score.max(axis=1) > 0, value, 0.0))
+    return (estimates[0] + estimates[1]) / 2
 
 
 def level_thresholds(radii, sigma: float) -> np.ndarray:
@@ -393,8 +455,61 @@ def simulate(args):
               for name, mask in groups.items() if mask.any()]
     print(f"\nthe best published scheme with the same stopping aids ({best}) over this project: "
           f"{runs[best].mean() / runs['this project'].mean():.2f}x overall; by group {', '.join(ratios)}")
+    from sequential import cp_lower
+    levels["fixed-N"] = np.searchsorted(thresholds, cp_lower(counts[:, position[args.N]], args.N, args.alpha),
+                                        side="right")
+    wald_table(runs, levels, groups, shares, thresholds, args)
     for path in args.sequential:
         real_against_simulated(fixed, path, runs["this project"].reshape(len(shares), args.reps))
+
+
+def wald_table(runs, levels, groups, shares, thresholds, args):
+    """Per pA group: KT + aids and this project against Wald's bound at certification rates.
+
+    A scheme's rates are, per image, how often its runs certify each threshold: KT + aids's, this
+    project's, and fixed-N CERTIFY's (its Clopper-Pearson bound at N on the same streams,
+    ``levels["fixed-N"]``). The bound (``crossfit_wald_bound``, N0 added: every scheme draws the pilot and
+    is valid given it, so the bound holds given the pilot and, kl being convex, on average) is below the
+    least mean sample count of any valid certifier that certifies every threshold of every image at least
+    as often; giving up costs nothing in it.
+    """
+    kt = next(name for name in runs if name.startswith("KT") and name.endswith("stopping aids"))
+    images, reps = len(shares), args.reps
+
+    def bound(name):
+        certified = levels[name].reshape(images, reps)[:, :, None] > np.arange(len(thresholds))
+        return np.repeat(args.N0 + crossfit_wald_bound(shares, thresholds, certified, args.alpha, args.N), reps)
+    bounds = {"KT + aids's": bound(kt), "this project's": bound("this project"), "fixed-N's": bound("fixed-N")}
+    columns = {"all": np.ones(images * reps, dtype=bool), **groups}
+
+    def row(label, values, spec):
+        print(f"| {label} | " + " | ".join(format(values(mask), spec) if mask.any() else "-"
+                                           for mask in columns.values()) + " |")
+    print("\nWald's lower bound (samples/image) for any valid certifier that certifies each threshold of each "
+          "image as often as the named scheme; last rows: samples / bound")
+    print("| | " + " | ".join(f"{name} ({int(mask.sum()) // reps})" for name, mask in columns.items()) + " |")
+    print("|---|" + "---:|" * len(columns))
+    row("KT + aids", lambda mask: runs[kt][mask].mean(), ",.0f")
+    row("this project", lambda mask: runs["this project"][mask].mean(), ",.0f")
+    for label, values in bounds.items():
+        row(f"bound at {label} rates", lambda mask: values[mask].mean(), ",.0f")
+    print("| samples / bound (se over images) |" + " |" * len(columns))
+    for label, name, at in (("KT + aids", kt, "KT + aids's"), ("KT + aids", kt, "this project's"),
+                            ("KT + aids", kt, "fixed-N's"), ("this project", "this project", "this project's"),
+                            ("this project", "this project", "fixed-N's")):
+        print(f"| {label} / bound at {at} | " + " | ".join(
+            "-" if not mask.any() else "{:.2f} ({:.2f})".format(*ratio_se(runs[name], bounds[at], mask, reps))
+            for mask in columns.values()) + " |")
+
+
+def ratio_se(samples, bound, mask, reps):
+    """mean(samples) / mean(bound) over the runs in ``mask``, and its standard error over the images (delta method)."""
+    per_image = samples[mask].reshape(-1, reps).mean(axis=1), bound[mask].reshape(-1, reps).mean(axis=1)
+    ratio = per_image[0].mean() / per_image[1].mean()
+    count = len(per_image[0])
+    if count < 2:
+        return ratio, float("nan")
+    return ratio, float(np.std(per_image[0] - ratio * per_image[1], ddof=1) / per_image[1].mean() / math.sqrt(count))
 
 
 def real_against_simulated(fixed, path, simulated):

@@ -754,6 +754,47 @@ def test_wald_bound_of_an_all_correct_image_is_its_sequential_probability_ratio_
     assert float(bench_sequential.binary_kl(1.0, 0.5)) == pytest.approx(math.log(2))
 
 
+def test_wald_image_bound_on_hand_computed_cases():
+    """p = 0.9 against t = 0.5 at alpha = 0.001: KL = 0.9 ln 1.8 + 0.1 ln 0.2 = 0.368064 nats; certified always,
+    kl(1 || alpha) = ln 1000 = 6.907755, so at least 18.768 draws; certified 9 times in 10, kl(0.9 || alpha) =
+    0.9 ln 900 + 0.1 ln(0.1 / 0.999) = 5.891997, so 16.008. The largest threshold bound counts, a threshold at
+    or above p and one certified at most alpha of the time add nothing, and N-max caps it."""
+    bound = bench_sequential_module().wald_image_bound
+    assert float(bound([0.9], [0.5], [[1.0]], 0.001, 10 ** 5)[0]) == pytest.approx(18.768, abs=1e-3)
+    assert float(bound([0.9], [0.5], [[0.9]], 0.001, 10 ** 5)[0]) == pytest.approx(16.008, abs=1e-3)
+    # a second threshold 0.8 < 0.9 certified half the time: kl(0.5 || alpha) / KL(0.9 || 0.8)
+    kl_half = 0.5 * math.log(500) + 0.5 * math.log(0.5 / 0.999)
+    near = 0.9 * math.log(0.9 / 0.8) + 0.1 * math.log(0.1 / 0.2)
+    assert float(bound([0.9], [0.5, 0.8], [[1.0, 0.5]], 0.001, 10 ** 5)[0]) == pytest.approx(kl_half / near)
+    assert float(bound([0.9], [0.5, 0.95], [[1.0, 0.3]], 0.001, 10 ** 5)[0]) == pytest.approx(18.768, abs=1e-3)
+    assert float(bound([0.9], [0.5], [[0.001]], 0.001, 10 ** 5)[0]) == 0.0
+    assert float(bound([0.5], [0.5], [[1.0]], 0.001, 10 ** 5)[0]) == 0.0
+    assert float(bound([0.9], [0.5], [[1.0]], 0.001, 10)[0]) == 10
+    # p = 1 (every draw the top class): ln(1 / alpha) / -ln t
+    assert float(bound([1.0], [0.99865], [[1.0]], 0.001, 10 ** 5)[0]) == pytest.approx(math.log(1000) / -math.log(0.99865))
+
+
+def test_crossfit_wald_bound_stays_below_the_bound_at_the_true_rates():
+    """The plug-in errs upwards (kl is convex); the cross-fitted tangent estimate does not, on average."""
+    bench_sequential = bench_sequential_module()
+    # always certified: the tangent of kl(. || alpha) at 5.5 / 6 taken at 1, a little below ln(1000) / KL
+    point, alpha = 5.5 / 6, 0.001
+    tangent = float(bench_sequential.binary_kl(point, alpha)) + (1 - point) * (
+        math.log(point / alpha) - math.log((1 - point) / (1 - alpha)))
+    always = np.ones((1, 10, 1), dtype=bool)
+    kl_09_05 = 0.9 * math.log(1.8) + 0.1 * math.log(0.2)
+    assert float(bench_sequential.crossfit_wald_bound([0.9], [0.5], always, alpha, 10 ** 5)[0]) \
+        == pytest.approx(tangent / kl_09_05)
+    assert 0.98 * 18.768 < tangent / kl_09_05 < 18.768
+    rng = np.random.default_rng(0)
+    for rate in (0.1, 0.6):
+        runs = rng.random((4000, 10, 2)) < np.array([1.0, rate])
+        estimate = bench_sequential.crossfit_wald_bound(np.full(4000, 0.9), [0.5, 0.8], runs, alpha, 10 ** 9)
+        true = float(bench_sequential.wald_image_bound([0.9], [0.5, 0.8], [[1.0, rate]], alpha, 10 ** 9)[0])
+        plug_in = bench_sequential.wald_image_bound(np.full(4000, 0.9), [0.5, 0.8], runs.mean(axis=1), alpha, 10 ** 9)
+        assert estimate.mean() + 3 * estimate.std() / math.sqrt(4000) < true < plug_in.mean()
+
+
 def test_acr_simulation_steers_by_the_stop_alpha_bound_and_stops_no_later_than_before(tmp_path, capsys):
     """On the same streams the (1 - STOP_ALPHA) upper bound stops every run at or before each look's own level."""
     bench_sequential = bench_sequential_module()
