@@ -54,9 +54,13 @@ def test_help_shows_every_default(name):
 
 # --------------------------------------------------------------------------- N too small for alpha
 
-@pytest.mark.parametrize("alpha", [0.001, 0.01, 0.05, 0.1, 1e-6, 0.3])
+@pytest.mark.parametrize("alpha", [0.001, 0.01, 0.05, 0.1, 1e-6, 0.3, 2.0 ** -4, 2.0 ** -10])
 def test_smallest_n_is_the_closed_form(alpha):
-    """N of N samples of one class: CERTIFY's lower bound is alpha^(1/N), PREDICT's p-value 2^(1 - N)."""
+    """N of N samples of one class: CERTIFY's lower bound is alpha^(1/N), PREDICT's p-value 2^(1 - N).
+
+    At alpha = 2^-k both reach their threshold exactly (bound 1/2 at N = k, p-value alpha at N = k + 1),
+    where CERTIFY certifies (radius 0) and PREDICT predicts: N is k and k + 1, not one more.
+    """
     certify_n, predict_n = smallest_certifying_n(alpha), smallest_predicting_n(alpha)
     assert certify_n == math.ceil(math.log2(1 / alpha))
     assert predict_n == math.ceil(math.log2(2 / alpha))

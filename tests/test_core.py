@@ -492,6 +492,11 @@ def test_bad_arguments():
         Smooth(PixelArgmax(), 5, 0.5, forward_batch=0)
     with pytest.raises(ValueError):
         Smooth(PixelArgmax(), 5, 0.5).sample_counts_many(torch.zeros(2, 5), 10, 5, [None])
+    for num, batch_size in ((0, 5), (5, 0)):   # no samples, or batches of none
+        with pytest.raises(ValueError):
+            Smooth(PixelArgmax(), 5, 0.5).sample_counts(torch.zeros(5), num, batch_size)
+    # the least valid settings: one sample, in batches (and forward passes) of one
+    assert Smooth(PixelArgmax(), 5, 0.5, forward_batch=1).sample_counts(torch.zeros(5), 1, 1).sum() == 1
     assert Smooth.ABSTAIN == core.Smooth.ABSTAIN == -1
 
 

@@ -835,3 +835,12 @@ def test_betabinom_sf_is_scipys_summed_over_the_far_side():
     assert sequential.betabinom_sf(k, n, a, b) == pytest.approx(betabinom.sf(k, n, a, b), rel=1e-8, abs=1e-12)
     # by hand: n = 2, a = b = 1 is uniform on {0, 1, 2}
     assert sequential.betabinom_sf(np.array([-1, 0, 1, 2]), 2, 1.0, 1.0) == pytest.approx([1, 2 / 3, 1 / 3, 0])
+
+
+def test_betabinom_sf_sums_a_heavy_tail_over_several_chunks():
+    """A first look of 0 (or all) of 100 samples cA: the posterior's tail reaches far beyond 6 sd of the
+    predictive law, so the sum goes on chunk after chunk (upwards, or downwards for the mirror image)."""
+    from scipy.stats import betabinom
+    k = np.array([1000, 3000, 88999, 86999])
+    a, b = np.array([0.5, 0.5, 100.5, 100.5]), np.array([100.5, 100.5, 0.5, 0.5])
+    assert sequential.betabinom_sf(k, 90000, a, b) == pytest.approx(betabinom.sf(k, 90000, a, b), rel=1e-7, abs=0)
