@@ -435,6 +435,78 @@ def test_sequential_predictor_predicts_a_clear_winner_at_the_first_look():
     assert SequentialPredictor(0.001, looks).step(0, 560, 440) == (False, False)  # undecided yet
 
 
+def test_sequential_predictor_step_by_hand():
+    """Each decision of ``step`` from scipy's binomial test and Clopper-Pearson bound, at alpha_k = alpha / K."""
+    from scipy.stats import binomtest
+
+    def expected(looks, alpha, look, a, b):
+        a_k = alpha / len(looks)
+        decided = a + b > 0 and binomtest(a, a + b).pvalue <= a_k
+        if look == len(looks) - 1:
+            return True, decided
+        upper = beta.ppf(1 - a_k, a + 1, a + b - a) if a < a + b else 1.0
+        final_total = round((a + b) * looks[-1] / looks[look])
+        final_a = math.floor(upper * final_total)
+        hopeless = final_total == 0 or binomtest(final_a, final_total).pvalue > a_k
+        return decided or hopeless, decided
+
+    cases = [((10, 20), 0.01, 0, 10, 0), ((10, 20), 0.01, 0, 9, 1), ((10, 20), 0.01, 1, 15, 5),
+             ((10, 11), 0.01, 0, 5, 5), ((10, 11), 0.01, 0, 8, 2), ((10, 11), 0.01, 1, 11, 0),
+             ((10, 40), 0.01, 0, 7, 3), ((10, 40), 0.01, 0, 6, 4), ((10, 20, 40), 0.03, 1, 12, 8),
+             ((10, 20, 40), 0.03, 1, 15, 5), ((10, 20, 40), 0.03, 0, 0, 0), ((10, 20, 40), 0.03, 2, 0, 0)]
+    for looks, alpha, look, a, b in cases:
+        assert SequentialPredictor(alpha, looks).step(look, a, b) == expected(looks, alpha, look, a, b), \
+            (looks, alpha, look, a, b)
+    # at the threshold: 10 of 10 has p-value 2^-9 = alpha_k, which decides (the test rejects at p <= alpha_k)
+    assert SequentialPredictor(2.0 ** -8, [10, 20]).step(0, 10, 0) == (True, True)
+    assert SequentialPredictor(2.0 ** -8, [10, 20]).step(1, 10, 0) == (True, True)
+    assert SequentialPredictor(2.0 ** -9, [10, 20]).step(1, 10, 0) == (True, False)
+
+
+def test_predict_sequential_returns_a_sure_class_at_the_first_look():
+    """Every sample class 0 (a margin of 10 against noise of sigma 0.01): 100 of 100 at the first look
+    has p-value 2^-99, far below alpha / K, so PREDICT stops there with class 0."""
+    smooth = Smooth(_FirstValues(), 2, 0.01)
+    xs = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    assert sequential.predict_sequential(smooth, xs, 1000, 0.001, 100, generators) == [(0, 100), (1, 100)]
+
+
+class _FirstValues(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :2]
+
+
+def test_alpha_shares_by_hand():
+    """``spending``: the last look gets alpha * final_share, the others the rest in equal parts; a final
+    share of 0 or 1 is refused. ``mixture`` without a checkpoint share: only the two parts' levels."""
+    two = SequentialCertifier(SIGMA, 0.01, [100, 200], final_share=0.9, sequence="spending")
+    assert [two.look_alpha(k) for k in (0, 1)] == pytest.approx([0.001, 0.009])
+    assert SequentialCertifier(SIGMA, 0.01, [100], final_share=0.9, sequence="spending").look_alpha(0) == 0.01
+    for share in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError):
+            SequentialCertifier(SIGMA, 0.01, [100, 200, 300], final_share=share, sequence="spending")
+    mixture = SequentialCertifier(SIGMA, 0.01, [100, 200, 300], final_share=0.5, mixture_share=0.5)
+    assert mixture.union_levels() == pytest.approx([0.005, 0.005])
+
+
+def test_certify_sequential_draws_at_every_look_of_both_rules(monkeypatch):
+    """The looks handed to ``draw_in_rounds``: the geometric ones of growth 1.5 (by default) or of the
+    growth given; with radii, those of the rule of a unanimous pilot and of the other rule together."""
+    seen = []
+    monkeypatch.setattr(sequential, "draw_in_rounds", lambda smooth, xs, looks, *rest: seen.append(looks) or [])
+    smooth = Smooth(_FirstValues(), 2, 0.25)
+    xs = torch.tensor([[10.0, 0.0]])
+    sequential.certify_sequential(smooth, xs, 10, 1000, 0.001, 100, [None])
+    sequential.certify_sequential(smooth, xs, 10, 1000, 0.001, 100, [None], growth=2.0)
+    # 1, 1.5, 2.25, 3.375, 5.06, 7.59 batches, rounded up; 1, 2, 4, 8 batches; n_max last
+    assert seen == [[100, 200, 300, 400, 600, 800, 1000], [100, 200, 400, 800, 1000]]
+    sequential.certify_sequential(smooth, xs, 10, 1000, 0.001, 100, [None], radii=[0.25, 0.5])
+    rules = [sequential.sequential_certifier(0.25, 0.001, 1000, 100, [0.25, 0.5], pilot_unanimous=flag).looks
+             for flag in (False, True)]
+    assert set(rules[0]) != set(rules[1]) and seen[2] == sorted(set(rules[0]) | set(rules[1]))
+
+
 # --------------------------------------------------------------------------- exact false-certificate rates
 
 def bench_sequential_module():
