@@ -453,7 +453,8 @@ def test_sequential_predictor_step_by_hand():
     cases = [((10, 20), 0.01, 0, 10, 0), ((10, 20), 0.01, 0, 9, 1), ((10, 20), 0.01, 1, 15, 5),
              ((10, 11), 0.01, 0, 5, 5), ((10, 11), 0.01, 0, 8, 2), ((10, 11), 0.01, 1, 11, 0),
              ((10, 40), 0.01, 0, 7, 3), ((10, 40), 0.01, 0, 6, 4), ((10, 20, 40), 0.03, 1, 12, 8),
-             ((10, 20, 40), 0.03, 1, 15, 5), ((10, 20, 40), 0.03, 0, 0, 0), ((10, 20, 40), 0.03, 2, 0, 0)]
+             ((10, 20, 40), 0.03, 1, 15, 5), ((10, 20, 40), 0.03, 0, 0, 0), ((10, 20, 40), 0.03, 2, 0, 0),
+             ((10, 100), 0.01, 0, 1, 0)]   # one top-two sample: its upper bound is 1, so 10 of 10 at the end
     for looks, alpha, look, a, b in cases:
         assert SequentialPredictor(alpha, looks).step(look, a, b) == expected(looks, alpha, look, a, b), \
             (looks, alpha, look, a, b)
@@ -461,6 +462,13 @@ def test_sequential_predictor_step_by_hand():
     assert SequentialPredictor(2.0 ** -8, [10, 20]).step(0, 10, 0) == (True, True)
     assert SequentialPredictor(2.0 ** -8, [10, 20]).step(1, 10, 0) == (True, True)
     assert SequentialPredictor(2.0 ** -9, [10, 20]).step(1, 10, 0) == (True, False)
+    # 5 of 5, at best 10 of 10 at the end: p-value 2^-9 = alpha_k there, not hopeless (it could still decide)
+    assert SequentialPredictor(2.0 ** -8, [5, 10]).step(0, 5, 0) == (False, False)
+    # numbers give bools, arrays give arrays
+    assert all(type(value) is bool for value in SequentialPredictor(0.01, [10, 20]).step(0, 10, 0))
+    for look, stops, decisions in ((0, [True, False], [True, False]), (1, [True, True], [True, False])):
+        stop, decided = SequentialPredictor(0.01, [10, 20]).step(look, np.array([10, 9]), np.array([0, 1]))
+        assert stop.tolist() == stops and decided.tolist() == decisions
 
 
 def test_predict_sequential_returns_a_sure_class_at_the_first_look():
