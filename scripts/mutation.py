@@ -39,8 +39,9 @@ GROUPS = {
              "and not radii_match and not decision_boundary and not lenet_counts and not few_failures "
              "and not mixture_lower"),
     # sequential: the exact checks (the worst-case false-certificate rate by dynamic programming at one alpha,
-    # the stopping looks, needed counts, the predictive probability, the engine's rounds); the Monte-Carlo
-    # simulations of soundness and stopping (thousands of streams each) and the benchmark scripts are left out.
+    # the stopping looks, needed counts, the predictive probability, the engine's rounds, the predictor's
+    # decisions by hand); the Monte-Carlo simulations of soundness and stopping (thousands of streams each)
+    # and the benchmark scripts are left out.
     "sequential": (["sequential.py", "sequential_rules.py", "confidence_sequence.py"],
                    ["tests/test_soundness.py", "tests/test_sequential.py"],
                    "not script and not certify_c and not analyze and not clairvoyant and not wald "

@@ -500,6 +500,26 @@ def test_bad_arguments():
     assert Smooth.ABSTAIN == core.Smooth.ABSTAIN == -1
 
 
+def test_sample_counts_many_checks_batches_fill_and_integer_counts(monkeypatch):
+    """The groups of work items fill ``batch_size * images_per_batch`` exactly, never more; the
+    counts are integers; one sample in batches of one is accepted, none or batches of none refused."""
+    smooth = Smooth(PixelArgmax(), 5, 0.5, images_per_batch=2)
+    for num, batch_size in ((0, 4), (4, 0)):
+        with pytest.raises(ValueError):
+            smooth.sample_counts_many(torch.zeros(2, 5), num, batch_size)
+    assert smooth.sample_counts_many(torch.zeros(2, 5), 1, 1).sum(axis=1).tolist() == [1, 1]
+    # three single-value images and no generators: one (None) stream per image, not per channel
+    counts = smooth.sample_counts_many(torch.zeros(3, 1, 5), 3, 3)
+    assert counts.dtype.kind == "i" and counts.sum(axis=1).tolist() == [3, 3, 3]
+    totals = []
+    original = Smooth._count_batch
+    monkeypatch.setattr(Smooth, "_count_batch", lambda self, xs, batch, generators, counts_:
+                        totals.append([size for _, size in batch]) or original(self, xs, batch, generators, counts_))
+    # chunks of 4, 4 and 1 for each of two images, chunk-major, in groups of at most 2 x 4 samples
+    smooth.sample_counts_many(torch.zeros(2, 5), 9, 4)
+    assert totals == [[4, 4], [4, 4], [1, 1]]
+
+
 @pytest.fixture(scope="module")
 def trained_lenet():
     """A LeNet trained for a few seconds on noisy Fashion-MNIST, and 20 test images."""

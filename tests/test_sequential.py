@@ -435,6 +435,110 @@ def test_sequential_predictor_predicts_a_clear_winner_at_the_first_look():
     assert SequentialPredictor(0.001, looks).step(0, 560, 440) == (False, False)  # undecided yet
 
 
+def predictor_step_by_hand(looks, alpha, look, a, b):
+    """(stop, decided) of sequential PREDICT from scipy's binomial test and beta quantile, at alpha / K."""
+    from scipy.stats import binomtest
+    a_k = alpha / len(looks)
+    decided = a + b > 0 and binomtest(a, a + b).pvalue <= a_k
+    if look == len(looks) - 1:
+        return True, decided
+    upper = beta.ppf(1 - a_k, a + 1, a + b - a) if a < a + b else 1.0
+    final_total = round((a + b) * looks[-1] / looks[look])
+    final_a = math.floor(upper * final_total)
+    hopeless = final_total == 0 or binomtest(final_a, final_total).pvalue > a_k
+    return decided or hopeless, decided
+
+
+def test_sequential_predictor_step_by_hand():
+    """Each decision of ``step`` against ``predictor_step_by_hand``."""
+    expected = predictor_step_by_hand
+    cases = [((10, 20), 0.01, 0, 10, 0), ((10, 20), 0.01, 0, 9, 1), ((10, 20), 0.01, 1, 15, 5),
+             ((10, 11), 0.01, 0, 5, 5), ((10, 11), 0.01, 0, 8, 2), ((10, 11), 0.01, 1, 11, 0),
+             ((10, 40), 0.01, 0, 7, 3), ((10, 40), 0.01, 0, 6, 4), ((10, 20, 40), 0.03, 1, 12, 8),
+             ((10, 20, 40), 0.03, 1, 15, 5), ((10, 20, 40), 0.03, 0, 0, 0), ((10, 20, 40), 0.03, 2, 0, 0),
+             ((10, 100), 0.01, 0, 1, 0)]   # one top-two sample: its upper bound is 1, so 10 of 10 at the end
+    for looks, alpha, look, a, b in cases:
+        assert SequentialPredictor(alpha, looks).step(look, a, b) == expected(looks, alpha, look, a, b), \
+            (looks, alpha, look, a, b)
+    # at the threshold: 10 of 10 has p-value 2^-9 = alpha_k, which decides (the test rejects at p <= alpha_k)
+    assert SequentialPredictor(2.0 ** -8, [10, 20]).step(0, 10, 0) == (True, True)
+    assert SequentialPredictor(2.0 ** -8, [10, 20]).step(1, 10, 0) == (True, True)
+    assert SequentialPredictor(2.0 ** -9, [10, 20]).step(1, 10, 0) == (True, False)
+    # 5 of 5, at best 10 of 10 at the end: p-value 2^-9 = alpha_k there, not hopeless (it could still decide)
+    assert SequentialPredictor(2.0 ** -8, [5, 10]).step(0, 5, 0) == (False, False)
+    # numbers give bools, arrays give arrays
+    assert all(type(value) is bool for value in SequentialPredictor(0.01, [10, 20]).step(0, 10, 0))
+    for look, stops, decisions in ((0, [True, False], [True, False]), (1, [True, True], [True, False])):
+        stop, decided = SequentialPredictor(0.01, [10, 20]).step(look, np.array([10, 9]), np.array([0, 1]))
+        assert stop.tolist() == stops and decided.tolist() == decisions
+
+
+def test_predict_sequential_returns_a_sure_class_at_the_first_look():
+    """Every sample class 0 (a margin of 10 against noise of sigma 0.01): 100 of 100 at the first look
+    has p-value 2^-99, far below alpha / K, so PREDICT stops there with class 0."""
+    smooth = Smooth(_FirstValues(), 2, 0.01)
+    xs = torch.tensor([[[10.0, 0.0]], [[0.0, 10.0]]])   # G x C x W: one channel for two images
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    assert sequential.predict_sequential(smooth, xs, 1000, 0.001, 100, generators) == [(0, 100), (1, 100)]
+
+
+def test_predict_sequential_counts_every_sample_to_each_look():
+    """Two images with P(class 0) = 0.62 and 0.5: at each look the first n samples of the image's stream
+    (fixed-N counts from the same seed) are judged by hand; the run ends at the first look that stops."""
+    smooth, looks = Smooth(_FirstValues(), 3, 1.0), [100, 200, 300, 400, 600, 800, 1000]
+    xs = torch.tensor([[0.43, 0.0, -9.0], [0.0, 0.0, -9.0]])   # Phi(0.43 / sqrt 2) = 0.62
+    expected = []
+    for i in range(2):
+        for look, n in enumerate(looks):
+            counts = np.sort(smooth.sample_counts(xs[i], n, 100, torch.Generator().manual_seed(i)))[::-1]
+            stop, decided = predictor_step_by_hand(looks, 0.001, look, int(counts[0]), int(counts[1]))
+            if stop:
+                expected.append((0 if decided else Smooth.ABSTAIN, n))
+                break
+    # neither stops at the first look (so the counts must add up over looks); one predicts, one abstains
+    assert [result[0] for result in expected] == [0, Smooth.ABSTAIN] and min(n for _, n in expected) > 100, expected
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    assert sequential.predict_sequential(smooth, xs, 1000, 0.001, 100, generators) == expected
+
+
+class _FirstValues(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def test_alpha_shares_by_hand():
+    """``spending``: the last look gets alpha * final_share, the others the rest in equal parts; a final
+    share of 0 or 1 is refused. ``mixture`` without a checkpoint share: only the two parts' levels."""
+    two = SequentialCertifier(SIGMA, 0.01, [100, 200], final_share=0.9, sequence="spending")
+    assert [two.look_alpha(k) for k in (0, 1)] == pytest.approx([0.001, 0.009])
+    assert SequentialCertifier(SIGMA, 0.01, [100], final_share=0.9, sequence="spending").look_alpha(0) == 0.01
+    for share in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError):
+            SequentialCertifier(SIGMA, 0.01, [100, 200, 300], final_share=share, sequence="spending")
+    mixture = SequentialCertifier(SIGMA, 0.01, [100, 200, 300], final_share=0.5, mixture_share=0.5)
+    assert mixture.union_levels() == pytest.approx([0.005, 0.005])
+
+
+def test_certify_sequential_draws_at_every_look_of_both_rules(monkeypatch):
+    """The looks handed to ``draw_in_rounds`` by CERTIFY and PREDICT: the geometric ones of growth 1.5 (by
+    default) or of the growth given; with radii, those of the rule of a unanimous pilot and of the other rule together."""
+    seen = []
+    monkeypatch.setattr(sequential, "draw_in_rounds", lambda smooth, xs, looks, *rest: seen.append(looks) or [])
+    smooth = Smooth(_FirstValues(), 2, 0.25)
+    xs = torch.tensor([[10.0, 0.0]])
+    sequential.certify_sequential(smooth, xs, 10, 1000, 0.001, 100, [None])
+    sequential.certify_sequential(smooth, xs, 10, 1000, 0.001, 100, [None], growth=2.0)
+    # 1, 1.5, 2.25, 3.375, 5.06, 7.59 batches, rounded up; 1, 2, 4, 8 batches; n_max last
+    sequential.predict_sequential(smooth, xs, 1000, 0.001, 100, [None])
+    sequential.predict_sequential(smooth, xs, 1000, 0.001, 100, [None], growth=2.0)
+    assert seen == [[100, 200, 300, 400, 600, 800, 1000], [100, 200, 400, 800, 1000]] * 2
+    seen.clear()
+    sequential.certify_sequential(smooth, xs, 10, 1000, 0.001, 100, [None], radii=[0.25, 0.5])
+    rules = [sequential.sequential_certifier(0.25, 0.001, 1000, 100, [0.25, 0.5], pilot_unanimous=flag).looks
+             for flag in (False, True)]
+    assert set(rules[0]) != set(rules[1]) and seen[0] == sorted(set(rules[0]) | set(rules[1]))
+
+
 # --------------------------------------------------------------------------- exact false-certificate rates
 
 def bench_sequential_module():
