@@ -205,11 +205,15 @@ def wald_image_bound(p, thresholds, certified, alpha: float, n_max: int) -> np.n
     p = np.asarray(p, dtype=float)[:, None]
     thresholds = np.asarray(thresholds, dtype=float)[None, :]
     certified = np.clip(np.asarray(certified, dtype=float), 0.0, 1.0)
-    evidence = np.where(certified > alpha, binary_kl(certified, alpha), 0.0)
-    divergence = binary_kl(p, thresholds)
+    draws = _draws_per_threshold(p, thresholds, certified, alpha, binary_kl(p, thresholds))
+    return np.minimum(np.maximum(draws.max(axis=1), 0.0), n_max)
+
+
+def _draws_per_threshold(p, thresholds, certified, alpha: float, divergence) -> np.ndarray:
+    """kl(c || alpha) / KL(p || t) per image and threshold where t < p and c > alpha (Wald's bound of that
+    threshold, ``wald_image_bound``); -1 where the threshold gives no bound."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        draws = np.where((p > thresholds) & (evidence > 0), evidence / divergence, 0.0)
-    return np.minimum(draws.max(axis=1), n_max)
+        return np.where((p > thresholds) & (certified > alpha), binary_kl(certified, alpha) / divergence, -1.0)
 
 
 def crossfit_wald_bound(p, thresholds, certified, alpha: float, n_max: int) -> np.ndarray:
@@ -234,9 +238,7 @@ def crossfit_wald_bound(p, thresholds, certified, alpha: float, n_max: int) -> n
     halves = (certified[:, :half], certified[:, half:2 * half])
     estimates = []
     for choose, judge in (halves, halves[::-1]):
-        share = choose.mean(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            score = np.where((p > thresholds) & (share > alpha), binary_kl(share, alpha) / divergence, -1.0)
+        score = _draws_per_threshold(p, thresholds, choose.mean(axis=1), alpha, divergence)
         level = np.argmax(score, axis=1)
         point = (choose[rows, :, level].sum(axis=1) + 0.5) / (half + 1)
         slope = np.log(point / alpha) - np.log((1 - point) / (1 - alpha))
