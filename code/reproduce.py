@@ -10,6 +10,7 @@ continue interrupted work, so the driver can be stopped at any moment and run ag
 is skipped, one finished with other commands is refused, never replaced. Two drivers may run at once
 on different cells (``--cells``): a cell another driver holds is skipped. ``--save-progress`` and
 ``--take-saved`` move unfinished work between checkouts through the data folder (docs/RESUMING.md).
+``--recertify`` certifies the finished cells' sequential step again where the scheme has changed since.
 """
 import argparse
 import json
@@ -27,7 +28,9 @@ from common import DefaultsHelpFormatter, cli_status
 from reproduce_plan import (ARCHITECTURE, Cell, ReproduceError, Scale, cell_commands,  # noqa: F401
                             select_cells, table_cells, train_folder)
 from reproduce_store import (MAX_PROCS, PROGRESS, _copy_record, data_folder, drop_progress,  # noqa: F401
-                             finished_record, keep_cell, restore_progress, save_progress, take_saved)
+                             finished_record, keep_cell, kept_sequential_settings, recertify_command,
+                             replace_sequential, restore_progress, save_progress, take_saved)
+from sequential_rules import scheme_of_mode, sequential_scheme
 
 # The checkout of this script: the steps run and are kept here. Not reproduce_plan.REPO, which names the
 # folder the modules were imported from (through a symlinked copy of code/, another checkout).
@@ -175,6 +178,33 @@ def take_all_saved(data_dir: str, pending, lock_dir: str) -> int:
     return 0
 
 
+def recertify_all(data_dir: str, finished, lock_dir: str, args) -> int:
+    """Certify the sequential step of each finished cell again, from its kept checkpoint, where its kept file was
+    made by another rule than today's for its mode, and replace that file (``reproduce_store.replace_sequential``), so that
+    a table's sequential columns come from one scheme. Interrupted, it continues where it stopped."""
+    for cell, commands in finished:
+        if "sequential" not in commands:
+            continue
+        settings = kept_sequential_settings(data_dir, cell)
+        radii = bool(settings.get("radii"))   # a rule change of the other mode leaves the file's rows as they are
+        current = sequential_scheme(settings["N_max"], settings["batch"])
+        if scheme_of_mode(settings.get("sequential_scheme") or "", radii) == scheme_of_mode(current, radii):
+            print(f"[reproduce] {cell.name}: its sequential file is of the current scheme", flush=True)
+            continue
+        lock = None if args.dry_run else hold(lock_dir, cell)
+        if lock is None and not args.dry_run:
+            print(f"[reproduce] {cell.name}: another reproduce.py holds it; skipped", flush=True)
+            continue
+        command = recertify_command(data_dir, cell, commands, REPO)
+        print(f"[reproduce] {cell.name}: its sequential file is of an older scheme; certified again", flush=True)
+        run_step(command, args.python, args.dry_run, args.procs)
+        if not args.dry_run:
+            replace_sequential(data_dir, cell, command, REPO)
+            print(f"[reproduce] {cell.name}: sequential file replaced in {data_folder(data_dir, cell)}", flush=True)
+            lock.close()
+    return 0
+
+
 def reproduce(args) -> int:
     cells = select_cells(table_cells(args.dataset), args.cells)
     scale = Scale(shlex.split(args.train_args), args.N, args.fixed_skip, args.sequential_skip, args.max,
@@ -193,6 +223,8 @@ def reproduce(args) -> int:
         return save_all_progress(data_dir, pending, lock_dir)
     if args.take_saved:
         return take_all_saved(data_dir, pending, lock_dir)
+    if args.recertify:
+        return recertify_all(data_dir, [p for p in plans if p not in pending], lock_dir, args)
     saved_work = os.path.isdir(os.path.join(data_dir, PROGRESS))
     measured = measured_seconds(data_dir)
     for k, (cell, commands) in enumerate(pending, 1):
@@ -243,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace this checkout's work on each unfinished cell by the work saved in "
                              "DATA_DIR/progress/ (brought back from another machine, say) and stop; the files "
                              "replaced are moved under OUTDIR/reproduce/DATASET/superseded/")
+    parser.add_argument("--recertify", action="store_true",
+                        help="for each finished cell whose kept sequential file was made by an older sequential "
+                             "scheme, certify again from the kept checkpoint (into OUTDIR/.../recertified/) and "
+                             "replace that file; then stop")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the steps (default: this one)")
     parser.add_argument("--procs", type=int, default=1, choices=range(1, MAX_PROCS + 1), metavar="K",
                         help="run the smoothed prediction and certification steps as K torchrun processes "

@@ -234,3 +234,59 @@ def drop_progress(data_dir: str, commands: Dict[str, List[str]], root: str):
         while os.path.isdir(folder) and not os.listdir(folder) and os.path.abspath(folder) != os.path.abspath(data_dir):
             os.rmdir(folder)
             folder = os.path.dirname(folder)
+
+
+# --------------------------------------------------------------------------- a kept cell certified again
+
+SEQUENTIAL_RESULT = "certify_sequential.tsv"
+
+
+def kept_sequential_settings(data_dir: str, cell: Cell) -> dict:
+    """The settings record of a kept cell's sequential file (its ``sequential_scheme`` names the scheme)."""
+    with open(os.path.join(data_folder(data_dir, cell), SEQUENTIAL_RESULT + SIDECAR_SUFFIX)) as handle:
+        return json.load(handle)["settings"]
+
+
+def recertify_command(data_dir: str, cell: Cell, commands: Dict[str, List[str]], root: str) -> List[str]:
+    """The cell's sequential command on its kept checkpoint, writing under ``recertified/`` beside its output.
+
+    The kept checkpoint holds the trained weights without the optimizer state, so the rows equal those
+    of the training run's checkpoint (the settings record then names the kept file's SHA-256).
+    """
+    command = list(commands["sequential"])
+    checkpoint = os.path.join(data_folder(data_dir, cell), "checkpoint.pth.tar")
+    inside = os.path.abspath(checkpoint).startswith(os.path.abspath(root) + os.sep)
+    command[3] = os.path.relpath(checkpoint, root) if inside else checkpoint
+    output = output_of(command)
+    command[5] = os.path.join(os.path.dirname(output), "recertified", os.path.basename(output))
+    return command
+
+
+def replace_sequential(data_dir: str, cell: Cell, command: List[str], root: str) -> dict:
+    """Replace a kept cell's sequential file by the output of ``command`` (its ``recertify_command``).
+
+    The old settings record, which names the old scheme, is replaced last: a replacement torn at any
+    point leaves it, so the next ``--recertify`` does the cell again (its output is complete by then, so
+    only the copy is redone). ``cell.json`` keeps the commands of the cell's plan and records the command
+    that made the file now kept under ``recertified``.
+    """
+    folder = data_folder(data_dir, cell)
+    source = os.path.join(root, output_of(command))
+    old_scheme = kept_sequential_settings(data_dir, cell).get("sequential_scheme")
+    staged = os.path.join(folder, SEQUENTIAL_RESULT + ".gz.partial")
+    _gzip_copy(source, staged)
+    os.replace(staged, os.path.join(folder, SEQUENTIAL_RESULT + ".gz"))
+    with open(os.path.join(folder, "cell.json")) as handle:
+        record = json.load(handle)
+    record["seconds"]["sequential"] = _rows_seconds(source)
+    record["recertified"] = {"sequential": command, "replaced_scheme": old_scheme,
+                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    staged = os.path.join(folder, "cell.json.partial")
+    with open(staged, "w") as handle:
+        json.dump(record, handle, indent=1)
+        handle.write("\n")
+    os.replace(staged, os.path.join(folder, "cell.json"))
+    staged = os.path.join(folder, SEQUENTIAL_RESULT + SIDECAR_SUFFIX + ".partial")
+    _copy_record(source + SIDECAR_SUFFIX, staged, root)
+    os.replace(staged, os.path.join(folder, SEQUENTIAL_RESULT + SIDECAR_SUFFIX))
+    return record

@@ -67,16 +67,26 @@ RADII_FUTILITY = 0.1
 RADII_FUTILITY_FROM = 0.1
 # what ``certify_sequential`` computes, recorded with its results (a change of scheme must not continue a
 # file of another one); written from the constants above, so that changing one changes it
+_ACR_PART = "; ACR: "
 SEQUENTIAL_SCHEME = (
     f"radii: if all N0 pilot samples are the selected class, {RADII_SHARES_UNANIMOUS.describe()}; else "
     f"{RADII_SHARES_SPLIT.describe()}; stop also once the predictive probability of the next level at the last "
-    f"look is below {RADII_FUTILITY:g}, from {RADII_FUTILITY_FROM:g} N-max samples on; ACR: Clopper-Pearson "
+    f"look is below {RADII_FUTILITY:g}, from {RADII_FUTILITY_FROM:g} N-max samples on{_ACR_PART}Clopper-Pearson "
     f"{Fraction(1 - SEQUENTIAL_FINAL_SHARE)} over geometric looks + {Fraction(SEQUENTIAL_FINAL_SHARE)} "
     f"at the last look, stop once the radius is within the tolerance of the radius N-max samples would give "
     f"if pA were its {1 - STOP_ALPHA:g} upper bound")
 # what it computes when N-max is at most one batch: a single look, where both modes report CERTIFY's
 # Clopper-Pearson bound at the whole of alpha (recorded instead of SEQUENTIAL_SCHEME)
 SEQUENTIAL_SINGLE_LOOK_SCHEME = "single look: Clopper-Pearson at alpha"
+
+
+def scheme_of_mode(scheme: str, radii: bool) -> str:
+    """The part of a recorded scheme that a run of one mode computes (the radii mode's or the ACR mode's rule):
+    two files whose parts are equal were made by the same rule, even if the other mode's has changed since."""
+    if not scheme.startswith("radii: ") or _ACR_PART not in scheme:
+        return scheme
+    radii_part, acr_part = scheme[len("radii: "):].split(_ACR_PART, 1)
+    return radii_part if radii else acr_part
 
 
 def sequential_scheme(n_max: int, batch_size: int) -> str:

@@ -203,6 +203,46 @@ def test_driver_keeps_a_cell_skips_it_when_finished_and_refuses_other_settings(t
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "another" in refused.stderr
     assert json.loads((kept / "cell.json").read_text()) == record
 
+    # --recertify: a file of an older scheme is certified again from the kept checkpoint alone (the training
+    # run is gone), with the same rows
+    def without_time(path):
+        with gzip.open(path, "rt") as handle:
+            return [line.split("\t")[:5] + line.split("\t")[6:] for line in handle.read().splitlines()]
+    meta_path = kept / "certify_sequential.tsv.meta.json"
+    meta, rows = json.loads(meta_path.read_text()), without_time(kept / "certify_sequential.tsv.gz")
+    current = meta["settings"]["sequential_scheme"]   # N-max 100 is one batch: a single look
+    meta["settings"]["sequential_scheme"] = "single look: an older rule"
+    meta_path.write_text(json.dumps(meta))
+    shutil.rmtree(tmp_path / "logs")
+    recertify = ("fmnist", "--cells", "catrs:0.25", "--recertify", *toy_paths(tmp_path), *TOY)
+    result = driver(*recertify, env=python_env(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "catrs:0.25: its sequential file is of an older scheme" in result.stdout
+    assert "pretrain: its" not in result.stdout   # a cell without a sequential step is left
+    new_meta = json.loads(meta_path.read_text())
+    assert new_meta["settings"]["sequential_scheme"] == current
+    import hashlib
+    assert new_meta["settings"]["checkpoint_sha256"] == hashlib.sha256((kept / "checkpoint.pth.tar").read_bytes()).hexdigest()
+    assert without_time(kept / "certify_sequential.tsv.gz") == rows   # the same weights and seed: the same rows
+    new_record = json.loads((kept / "cell.json").read_text())
+    assert new_record["commands"] == record["commands"]   # still the plan's cell: the driver reports it finished
+    assert new_record["recertified"]["sequential"][3] == str(kept / "checkpoint.pth.tar")
+    assert new_record["recertified"]["replaced_scheme"] == "single look: an older rule"
+    assert not [name for name in os.listdir(kept) if name.endswith(".partial")]
+    done = driver(*recertify, env=python_env(tmp_path))
+    assert done.returncode == 0 and "+ " not in done.stdout and "catrs:0.25: its sequential file is of the current" in done.stdout
+
+
+def test_a_scheme_change_of_one_mode_leaves_the_other_modes_rule():
+    from sequential_rules import SEQUENTIAL_SCHEME, SEQUENTIAL_SINGLE_LOOK_SCHEME, scheme_of_mode
+    radii_rule, acr_rule = scheme_of_mode(SEQUENTIAL_SCHEME, True), scheme_of_mode(SEQUENTIAL_SCHEME, False)
+    assert SEQUENTIAL_SCHEME == f"radii: {radii_rule}; ACR: {acr_rule}" and "predictive" in radii_rule
+    older_acr = f"radii: {radii_rule}; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look"
+    assert scheme_of_mode(older_acr, True) == radii_rule and scheme_of_mode(older_acr, False) != acr_rule
+    older_radii = f"radii: mixture 0.35 at every batch; ACR: {acr_rule}"
+    assert scheme_of_mode(older_radii, True) != radii_rule and scheme_of_mode(older_radii, False) == acr_rule
+    assert scheme_of_mode(SEQUENTIAL_SINGLE_LOOK_SCHEME, True) == SEQUENTIAL_SINGLE_LOOK_SCHEME
+
 
 def _checkout(tmp_path, name):
     """A folder standing for another clone: the code, and nothing computed."""
