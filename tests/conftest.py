@@ -33,3 +33,16 @@ def python_env(temp_dir=None):
     if temp_dir is not None:
         env["TMPDIR"] = str(temp_dir)
     return env
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rules_under_mutation():
+    """Under mutation testing (mutmut sets MUTANT_UNDER_TEST), rebuild the cached sequential rules in each test.
+
+    mutmut runs each mutant in a process forked from one that already ran the tests, so the rules built
+    then (``sequential_rules._certifier`` keeps them per process) would hide a mutant of their construction.
+    """
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        import sequential_rules
+        sequential_rules._certifier.cache_clear()
+    yield

@@ -233,16 +233,6 @@ def test_driver_keeps_a_cell_skips_it_when_finished_and_refuses_other_settings(t
     assert done.returncode == 0 and "+ " not in done.stdout and "catrs:0.25: its sequential file is of the current" in done.stdout
 
 
-def test_a_scheme_change_of_one_mode_leaves_the_other_modes_rule():
-    from sequential_rules import SEQUENTIAL_SCHEME, SEQUENTIAL_SINGLE_LOOK_SCHEME, scheme_of_mode
-    radii_rule, acr_rule = scheme_of_mode(SEQUENTIAL_SCHEME, True), scheme_of_mode(SEQUENTIAL_SCHEME, False)
-    assert SEQUENTIAL_SCHEME == f"radii: {radii_rule}; ACR: {acr_rule}" and "predictive" in radii_rule
-    older_acr = f"radii: {radii_rule}; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look"
-    assert scheme_of_mode(older_acr, True) == radii_rule and scheme_of_mode(older_acr, False) != acr_rule
-    older_radii = f"radii: mixture 0.35 at every batch; ACR: {acr_rule}"
-    assert scheme_of_mode(older_radii, True) != radii_rule and scheme_of_mode(older_radii, False) == acr_rule
-    assert scheme_of_mode(SEQUENTIAL_SINGLE_LOOK_SCHEME, True) == SEQUENTIAL_SINGLE_LOOK_SCHEME
-
 
 def _checkout(tmp_path, name):
     """A folder standing for another clone: the code, and nothing computed."""

@@ -948,3 +948,14 @@ def test_betabinom_sf_sums_a_heavy_tail_over_several_chunks():
     k = np.array([1000, 3000, 88999, 86999])
     a, b = np.array([0.5, 0.5, 100.5, 100.5]), np.array([100.5, 100.5, 0.5, 0.5])
     assert sequential.betabinom_sf(k, 90000, a, b) == pytest.approx(betabinom.sf(k, 90000, a, b), rel=1e-7, abs=0)
+
+
+def test_a_scheme_change_of_one_mode_leaves_the_other_modes_rule():
+    from sequential_rules import SEQUENTIAL_SCHEME, SEQUENTIAL_SINGLE_LOOK_SCHEME, scheme_of_mode
+    radii_rule, acr_rule = scheme_of_mode(SEQUENTIAL_SCHEME, True), scheme_of_mode(SEQUENTIAL_SCHEME, False)
+    assert SEQUENTIAL_SCHEME == f"radii: {radii_rule}; ACR: {acr_rule}" and "predictive" in radii_rule
+    older_acr = f"radii: {radii_rule}; ACR: Clopper-Pearson 1/2 over geometric looks + 1/2 at the last look"
+    assert scheme_of_mode(older_acr, True) == radii_rule and scheme_of_mode(older_acr, False) != acr_rule
+    older_radii = f"radii: mixture 0.35 at every batch; ACR: {acr_rule}"
+    assert scheme_of_mode(older_radii, True) != radii_rule and scheme_of_mode(older_radii, False) == acr_rule
+    assert scheme_of_mode(SEQUENTIAL_SINGLE_LOOK_SCHEME, True) == SEQUENTIAL_SINGLE_LOOK_SCHEME
