@@ -32,6 +32,7 @@ import pandas as pd
 from common import ArgumentParser, UserError, cli_status
 from reporting import pyplot
 from results import ResultsFileError, load_results
+from sequential_rules import scheme_of_mode
 
 METHODS = ["cohen", "stab", "salman", "macer", "consistency", "smoothmix", "catrs"]
 NAMES = {"cohen": "Gaussian", "stab": "Stability", "salman": "SmoothAdv", "macer": "MACER",
@@ -202,7 +203,9 @@ def schemes_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
         record = os.path.join(data_dir, f"noise_{cell.sigma}", cell.method, "certify_sequential.tsv.meta.json")
         if cell.ran and os.path.exists(record):
             with open(record) as handle:
-                scheme = json.load(handle).get("settings", {}).get("sequential_scheme", "not recorded")
+                scheme = json.load(handle).get("settings", {}).get("sequential_scheme")
+            # the radii mode's rule only: a later change of the ACR mode's rule does not change these files
+            scheme = "not recorded" if scheme is None else "radii mode: " + scheme_of_mode(scheme, radii=True)
             by_scheme.setdefault(scheme, []).append(f"{NAMES[cell.method]} {cell.sigma}")
     if not by_scheme:
         return []

@@ -409,11 +409,11 @@ def test_compare_pairs_the_same_images_and_says_not_run(tmp_path):
     assert os.path.exists(data / "noise_0.25.png")
     assert "Sequential scheme" not in text   # no settings record: nothing to say
 
-    # the scheme of each cell's sequential file is stated, so that cells of two schemes are not read as one
+    # the radii rule of each cell's sequential file is stated, so that cells of two rules are not read as one
     (data / "noise_0.25" / "cohen" / "certify_sequential.tsv.meta.json").write_text(
-        json.dumps({"settings": {"sequential_scheme": "scheme A"}}))
+        json.dumps({"settings": {"sequential_scheme": "radii: rule A; ACR: rule B"}}))
     text = open(comparison.compare(str(data), str(published), None, "compare")).read()
-    assert "## Sequential scheme of the certified accuracies\n\n- Gaussian 0.25: scheme A\n" in text
+    assert "## Sequential scheme of the certified accuracies\n\n- Gaussian 0.25: radii mode: rule A\n" in text
 
 
 def test_compare_interval_and_verdict_on_a_cell_that_misses(tmp_path):
