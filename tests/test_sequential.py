@@ -37,7 +37,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from scipy.stats import beta, binom, norm
+from scipy.stats import beta, betabinom, binom, norm
 from statsmodels.stats.proportion import proportion_confint
 
 import analyze
@@ -959,3 +959,258 @@ def test_a_scheme_change_of_one_mode_leaves_the_other_modes_rule():
     older_radii = f"radii: mixture 0.35 at every batch; ACR: {acr_rule}"
     assert scheme_of_mode(older_radii, True) != radii_rule and scheme_of_mode(older_radii, False) == acr_rule
     assert scheme_of_mode(SEQUENTIAL_SINGLE_LOOK_SCHEME, True) == SEQUENTIAL_SINGLE_LOOK_SCHEME
+
+
+# --------------------------------------------------------------------------- the certifier's decisions, exactly
+# Each rule restated from docs/SEQUENTIAL.md in plain numpy and scipy, and compared with ``step`` at every count of
+# a few looks: the upper-bound and predictive stops, the top level, the ACR mode's radius tolerance.
+
+def _scipy_cp_lower(count, num, alpha):
+    count = np.asarray(count, dtype=float)
+    return np.where(count > 0, beta.ppf(alpha, np.maximum(count, 1), num - count + 1), 0.0)
+
+
+def _scipy_cp_upper(count, num, alpha):
+    count = np.asarray(count, dtype=float)
+    return np.where(count < num, beta.isf(alpha, count + 1, np.maximum(num - count, 1)), 1.0)
+
+
+def _radius(sigma, lower):
+    return np.where(lower >= 0.5, sigma * norm.ppf(np.maximum(lower, 0.5)), 0.0)
+
+
+def _mixture(count, num, rule):
+    return sequential.mixture_lower(np.asarray(count, dtype=float), num, rule.sequence_alpha,
+                                    point_weight=rule.point_weight)
+
+
+def _expected_radii_stops(rule, look, counts):
+    """The radii mode's stop at look k for each count: the top reachable level reached; or, at a checkpoint,
+    the next level out of reach of N-max samples even if pA were its 0.95 upper bound; or, from
+    ``futility_from`` samples on, the predictive probability of the next level at N-max below ``futility``."""
+    n, n_max = rule.looks[look], rule.n_max
+    thresholds = np.array([0.5] + [norm.cdf(r / rule.sigma) for r in rule.radii if r > 0])
+    lower = rule.anytime_lower(look, counts)
+
+    def last_look(count):   # what the last look reports for this count: the mixture and Clopper-Pearson
+        return np.maximum(_mixture(count, n_max, rule), _scipy_cp_lower(count, n_max, rule.final_alpha))
+    ceiling = float(last_look([n_max])[0])
+    reached = (lower[:, None] >= thresholds[None, :]).sum(axis=1)
+    top = reached >= max(int((thresholds <= ceiling).sum()), 1)
+    following = thresholds[np.minimum(reached, len(thresholds) - 1)]
+    stop = top.copy()
+    if n in rule.checkpoints:
+        stop |= last_look(np.floor(_scipy_cp_upper(counts, n, 0.05) * n_max)) < following
+    if rule.futility is not None and n >= rule.futility_from:
+        every = last_look(np.arange(n_max + 1))
+        needed = np.array([np.argmax(every >= t) if every[-1] >= t else n_max + 1 for t in following])
+        more = needed - counts
+        chance = np.where(more <= 0, 1.0, betabinom.sf(more - 1, n_max - n, counts + 0.5, n - counts + 0.5))
+        stop |= chance < rule.futility
+    return stop
+
+
+@pytest.mark.parametrize("unanimous,radii", [(False, [0.25, 0.5, 0.75]), (True, [0.25, 0.5, 0.75]), (False, [0.25, 0.5]),
+                                             (True, [0.25, 0.5, 0.628])])
+def test_radii_stops_by_hand_at_every_count(unanimous, radii):
+    """Radius 0.75 (3 sigma) is out of reach of 1,000 samples: the top is radius 0.5, as it is when 0.5 is
+    the last level listed (then the level after the one reached is never out of the list). Radius 0.628
+    (Phi = 0.994) is reached at N-max by the mixture alone (0.9951, Clopper-Pearson at 0.1 alpha: 0.9931), so
+    whether it is out of reach depends on the mixture part of the best bound."""
+    shares = sequential.RADII_SHARES_UNANIMOUS if unanimous else sequential.RADII_SHARES_SPLIT
+    looks = list(range(100, 1001, 100))
+    rule = SequentialCertifier(SIGMA, 0.01, looks, radii=radii, final_share=shares.final,
+                               stop_alpha=0.05, futility=0.1, futility_from=500, sequence="mixture",
+                               checkpoints=[200, 400, 800], mixture_share=shares.mixture,
+                               point_weight=shares.point_weight)
+    assert norm.cdf(2) <= float(rule.final_lower([1000])[0]) < norm.cdf(3)
+    for look in (0, 1, 4, 7):   # 100 (no rule but the top), 200 (checkpoint), 500 (predictive), 800 (both)
+        counts = np.arange(looks[look] + 1)
+        stop, lower = rule.step(look, counts)
+        assert np.array_equal(lower, rule.anytime_lower(look, counts))
+        expected = _expected_radii_stops(rule, look, counts)
+        assert np.array_equal(stop, expected), (look, np.flatnonzero(stop != expected))
+        assert look == 0 or 0 < expected.sum() < len(counts)   # both decisions occur (at 100, none stops)
+    stop, lower = rule.step(len(looks) - 1, np.array([990, 1000]))
+    assert stop.tolist() == [True, True] and np.array_equal(lower, rule.final_lower(np.array([990, 1000])))
+
+
+def test_a_rule_whose_n_max_reaches_only_one_half_stops_once_it_is_reached():
+    """With 20 samples at alpha = 0.01 the last look reaches 1/2 but not Phi(1): the top is radius 0."""
+    rule = SequentialCertifier(SIGMA, 0.01, [5, 10, 15, 20], radii=[0.25], final_share=0.5, stop_alpha=0.05,
+                               sequence="mixture", mixture_share=0.1, point_weight=0.5, checkpoints=[5])
+    assert 0.5 <= float(rule.final_lower([20])[0]) < norm.cdf(1)
+    for look in range(3):
+        counts = np.arange(rule.looks[look] + 1)
+        assert np.array_equal(rule.step(look, counts)[0], _expected_radii_stops(rule, look, counts))
+
+
+def test_acr_stops_by_hand_at_every_count():
+    """The ACR mode stops once the radius is within ``radius_tol`` of the radius N-max samples would give
+    if pA were its 0.95 upper bound (which also stops an image whose best bound is below 1/2)."""
+    sigma, alpha, looks = 0.5, 0.01, [100, 200, 400, 800, 1000]
+    rule = SequentialCertifier(sigma, alpha, looks, radius_tol=0.1, final_share=0.5, stop_alpha=0.05,
+                               sequence="spending")
+    for look in range(4):
+        n = looks[look]
+        counts = np.arange(n + 1)
+        lower = _scipy_cp_lower(counts, n, alpha * 0.5 / 4)
+        best = _scipy_cp_lower(np.floor(_scipy_cp_upper(counts, n, 0.05) * 1000), 1000, alpha * 0.5)
+        expected = _radius(sigma, lower) >= _radius(sigma, best) - 0.1
+        stop, got = rule.step(look, counts)
+        assert np.allclose(got, lower, rtol=1e-12, atol=0)
+        assert np.array_equal(stop, expected), (look, np.flatnonzero(stop != expected))
+        assert 0 < expected.sum() < len(counts)
+    assert np.any(expected & (_radius(sigma, lower) > 0))   # at 800 samples, radii settled within the tolerance
+
+
+def test_radius_is_zero_where_the_bound_abstains():
+    rule = SequentialCertifier(SIGMA, 0.01, [100, 200], radii=[0.25], final_share=0.5)
+    assert rule.radius(np.array([0.0, 0.3, 0.4999])).tolist() == [0.0, 0.0, 0.0]
+    assert rule.radius(norm.cdf(2.0)) == pytest.approx(2 * SIGMA)
+
+
+def test_needed_counts_equal_a_scan_of_every_count():
+    """Bisection against a scan, with one level whose least count is exactly N-max."""
+    base = SequentialCertifier(SIGMA, 0.01, [500, 1000, 2000], radii=[0.25], final_share=0.5, mixture_share=0.1)
+    every = base.final_lower(np.arange(2001))
+    edge = (every[-2] + every[-1]) / 2   # reached by N-max cA of N-max only
+    radii = [0.25, 0.5, 0.6, SIGMA * norm.ppf(edge), 1.0]
+    rule = SequentialCertifier(SIGMA, 0.01, [500, 1000, 2000], radii=radii, final_share=0.5, mixture_share=0.1)
+    needed = rule.needed_counts()
+    assert needed.dtype.kind == "i"
+    expected = [int(np.argmax(every >= t)) if every[-1] >= t else 2001 for t in rule.thresholds()]
+    assert needed.tolist() == expected and 2000 in expected and expected[-1] == 2001
+
+
+def test_reach_probability_is_one_where_the_count_already_suffices_and_at_one_more():
+    """A count that already reaches the level's least count at N-max has probability 1; one short needs at least
+    one more cA among the remaining draws (the beta-binomial tail at 0)."""
+    rule = SequentialCertifier(SIGMA, 0.05, [100, 110], radii=[0.25], final_share=0.5, futility=0.1)
+    short = int(rule.needed_counts()[0])   # level 0: a bound of 1/2 at 110 samples
+    assert 50 < short <= 100
+    assert rule.reach_probability(0, np.array([short, short + 5]), 0).tolist() == [1.0, 1.0]
+    one_more = float(rule.reach_probability(0, short - 1, 0))
+    assert one_more == pytest.approx(betabinom.sf(0, 10, short - 1 + 0.5, 100 - short + 1 + 0.5), rel=1e-9)
+    assert one_more < 1
+
+
+def test_few_failures_looks_are_the_least_sizes_where_such_streams_reach_the_top():
+    """For f = 0..3 samples not cA, the least n at which n - f cA out of n reach the top (the bound grows with
+    n); fewer looks when a stream with f failures never reaches it by N-max, and the top is radius 0 where
+    N-max reaches nothing higher."""
+    for n_max, radii, size in ((3000, [0.25, 0.5, 0.75], 4), (300, [0.25, 0.5, 0.75], 1), (20, [0.25], 2)):
+        rule = SequentialCertifier(SIGMA, 0.01, list(range(n_max // 10, n_max + 1, n_max // 10)), radii=radii,
+                                   final_share=0.1, sequence="mixture", mixture_share=0.8, point_weight=0.9)
+        thresholds = rule.thresholds()
+        ceiling = max(float(_scipy_cp_lower([n_max], n_max, rule.final_alpha)[0]),
+                      float(_mixture([n_max], n_max, rule)[0]))
+        top = thresholds[max(int((thresholds <= ceiling).sum()) - 1, 0)]
+        assert top == (0.5 if n_max == 20 else norm.cdf(2))
+        looks = rule.few_failures_looks()
+        assert len(looks) == size, (n_max, looks)
+
+        def bound(n, missed):
+            return float(_mixture([n - missed], n, rule)[0])
+        for missed, n in enumerate(looks):
+            assert bound(n, missed) >= top > bound(n - 1, missed)
+        if size < 4:
+            assert bound(n_max, size) < top
+
+
+def test_refused_levels_and_shares_say_which():
+    for alpha in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            SequentialPredictor(alpha, [100, 200])
+    with pytest.raises(ValueError, match="final_share"):
+        SequentialCertifier(SIGMA, 0.01, [100, 200, 300], final_share=1.0, sequence="spending")
+
+
+def test_rules_refuse_bad_arguments_and_name_them():
+    cases = [
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], sequence="other"), "sequence"),
+        (lambda: SequentialCertifier(SIGMA, 0.0, [100, 200]), "alpha"),
+        (lambda: SequentialCertifier(SIGMA, 1.0, [100, 200]), "alpha"),
+        (lambda: SequentialCertifier(SIGMA, 1.5, [100, 200]), "alpha"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, []), "looks"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [200, 100]), "looks"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 100]), "looks"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200, 150]), "looks"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [0, 100]), "looks"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], radii=[0.25, -0.1]), "radii"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], radius_tol=-0.1, sequence="spending"), "radius_tol"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], futility=0.1), "futility"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], radii=[0.25], futility=0.0), "futility"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], radii=[0.25], futility=1.0), "futility"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], radii=[0.25], futility=1.5), "futility"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], final_share=1.0), "final_share"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], final_share=1.5, mixture_share=0.1), "final_share"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], final_share=0.5, mixture_share=0.0), "mixture_share"),
+        (lambda: SequentialCertifier(SIGMA, 0.01, [100, 200], final_share=0.5, mixture_share=0.6), "mixture_share"),
+        (lambda: look_schedule(0, 100), "n_max"),
+        (lambda: look_schedule(1000, 0), "batch_size"),
+        (lambda: look_schedule(1000, 100, growth=1.0), "growth"),
+        (lambda: sequential.batch_looks(0, 100), "n_max"),
+        (lambda: sequential.batch_looks(1000, 0), "batch_size"),
+        (lambda: sequential.mixture_weights(1.0), "point_weight"),
+        (lambda: sequential.mixture_weights(1.5), "point_weight"),
+    ]
+    for build, name in cases:
+        with pytest.raises(ValueError, match=name):
+            build()
+    # the edges that are allowed
+    assert SequentialCertifier(SIGMA, 0.01, [1, 2], radii=[0.0, 0.25], final_share=0.5).radii == [0.0, 0.25]
+    assert look_schedule(1, 1) == [1] and sequential.batch_looks(1, 1) == [1]
+    assert sequential.mixture_weights(0.0)[0] == 0.0 and sequential.mixture_weights(0.0).sum() == pytest.approx(1)
+    assert SequentialCertifier(SIGMA, 0.01, [100, 200], final_share=0.5, mixture_share=0.5).checkpoint_alpha == 0
+
+
+def test_defaults_of_the_rules():
+    rule = SequentialCertifier(SIGMA, 0.01, [100, 200, 300], sequence="spending")
+    assert (rule.radius_tol, rule.futility_from, rule.futility) == (0.0, 0, None)
+    acr = sequential.sequential_certifier(SIGMA, 0.01, 1000, 100)
+    assert acr.radius_tol == 0.0 and acr.looks == look_schedule(1000, 100, 1.5) == [100, 200, 300, 400, 600, 800, 1000]
+    radii = sequential.sequential_certifier(SIGMA, 0.01, 1000, 100, radii=[0.25])
+    assert radii.final_alpha == pytest.approx(0.01 * sequential.RADII_SHARES_SPLIT.final)   # not the unanimous rule
+
+
+def test_look_schedules_by_hand():
+    # 1, 1.5, 2.25, 3.375, 5.06, 7.59 batches of one, rounded up, then N-max
+    assert look_schedule(10, 1) == [1, 2, 3, 4, 6, 8, 10]
+    # growth 1.1 rounds up to the same batch count several times: each size once
+    assert look_schedule(500, 100, growth=1.1) == [100, 200, 300, 400, 500]
+
+
+def test_checkpoint_bounds_by_hand():
+    """At a checkpoint the anytime part is the larger of the mixture and Clopper-Pearson at the checkpoints'
+    level, alpha (1 - final - mixture) / (number of checkpoints); elsewhere the mixture alone."""
+    rule = SequentialCertifier(SIGMA, 0.01, list(range(100, 1001, 100)), radii=[0.25], final_share=0.5,
+                               mixture_share=0.1, point_weight=0.5, checkpoints=[200, 400, 800])
+    assert rule.checkpoints == [200, 400, 800] and rule.checkpoint_alpha == pytest.approx(0.01 * 0.4 / 3)
+    for look, n in enumerate(rule.looks[:-1]):
+        counts = np.arange(n + 1)
+        expected = _mixture(counts, n, rule)
+        if n in (200, 400, 800):
+            expected = np.maximum(expected, _scipy_cp_lower(counts, n, 0.01 * 0.4 / 3))
+            assert np.any(_scipy_cp_lower(counts, n, 0.01 * 0.4 / 3) > _mixture(counts, n, rule))
+        assert np.allclose(rule.anytime_lower(look, counts), expected, rtol=1e-12, atol=0), n
+    # the last look is never a checkpoint, even when named
+    assert SequentialCertifier(SIGMA, 0.01, [100, 200], radii=[0.25], final_share=0.5,
+                               checkpoints=[100, 200]).checkpoints == [100]
+
+
+def test_mixture_martingale_in_plain_python():
+    """M_n(p0) = sum over p1_j > p0 of w_j (p1_j / p0)^k ((1 - p1_j) / (1 - p0))^(n - k), term by term."""
+    alternatives = sequential.MIXTURE_ALTERNATIVES.tolist()
+    for count, num, p0, weight in ((7, 10, 0.3, 0.9), (10, 10, 0.8, 0.5), (55, 100, 0.52, 0.9), (0, 3, 0.2, 0.0)):
+        weights = [weight] + [(1 - weight) / (len(alternatives) - 1)] * (len(alternatives) - 1)
+        total = sum(w * (p1 / p0) ** count * ((1 - p1) / (1 - p0)) ** (num - count)
+                    for p1, w in zip(alternatives, weights) if p1 > p0 and w > 0)
+        got = sequential.mixture_log_martingale(count, num, p0, point_weight=weight)   # a single count
+        assert np.ndim(got) == 0 and float(got) == pytest.approx(math.log(total), rel=1e-12)
+    # one sample, cA: the point mass alone decides (the others cannot reach 1 / alpha), so the bound is
+    # the p0 with 0.9 / p0 + sum of the others = 1 / alpha, found by bisection to within 1e-9
+    for alpha in (0.05, 0.9):
+        bound = float(sequential.mixture_lower(np.array([1]), 1, alpha, point_weight=0.9)[0])
+        others = lambda p0: sum(0.1 / 40 * p1 / p0 for p1 in alternatives[1:] if p1 > p0)   # noqa: E731
+        assert 0.9 / bound + others(bound) == pytest.approx(1 / alpha, rel=1e-6)
