@@ -14,6 +14,7 @@ resuming after an interruption, refusing foreign files, every kind of bad
 input, sharding with torchrun, --batch-images, and certify_c on synthetic
 MNIST-C and CIFAR-10-C folders.
 """
+import json
 import os
 import re
 import shlex
@@ -570,11 +571,20 @@ def test_certify_c_on_mnist_c(checkpoint, tmp_path, reference, capsys):
     assert len(err.splitlines()) == 1 and "brightness" in err and "--corruptions" in err
     assert not (tmp_path / "results").exists()
     assert call(certify_c, argv + ["--corruptions", "identity,fog"]) == 0
+    printed = capsys.readouterr()
+    assert "certify_c.py: sigma 0.25 (the published default; --sigma gives another)" in printed.out + printed.err
     for name in ("identity", "fog"):
         header, body = rows(prefix + name + ".tsv")
         assert header == CERTIFY_HEADER
         assert [int(r[0]) for r in body] == [0, 1, 2]
         assert [int(r[1]) for r in body] == list(labels)
+        with open(prefix + name + ".tsv.meta.json") as handle:   # each output's record names its corruption
+            settings = json.load(handle)["settings"]
+        assert (settings["corruption"], settings["script"], settings.get("sequential_scheme")) == (name, "certify_c.py",
+                                                                                             None)
+    # an image selection empty for a corruption names it
+    assert call(certify_c, argv + ["--corruptions", "fog", "--start", 5]) == 2
+    assert "(fog)" in capsys.readouterr().err
     # (the identity images are the Fashion-MNIST test images, but their noise is not certify.py's:
     # each corruption has its own streams, see test_certify_c_draws_fresh_noise_for_each_corruption)
 
@@ -687,6 +697,34 @@ def test_certify_c_refuses_images_or_labels_it_cannot_read_as_the_data_set(tmp_p
         image, label = corrupted[3]
         chw = pixels[3] if pixels.ndim == 4 else pixels[3][..., None]
         assert label == 3 and torch.equal(image, torch.from_numpy(chw.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)))
+
+
+def test_certify_c_names_missing_corruptions_keys_streams_and_needs_its_folder(tmp_path):
+    """Corruptions asked for but absent are named, in both layouts, as is a CIFAR-10-C folder with labels only;
+    each corruption's noise key is fixed by its name (files resumed later continue the same streams);
+    --base_c_path is required, and there is no --split (the corrupted sets are test sets)."""
+    import hashlib
+    assert certify_c.corruption_noise_key("fog") == (int.from_bytes(hashlib.sha256(b"fog").digest()[:16], "little"),)
+    parser = certify_c.build_parser()
+    for argv in (["m.pth.tar", "out/"], ["m.pth.tar", "out/", "--base_c_path", "c", "--split", "train"]):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(argv)
+        assert exited.value.code == 2
+    mnist = tmp_path / "mnist_c"
+    make_mnist_c(mnist, ["fog"], images_per_corruption=1)
+    with pytest.raises(certify_c.UserError) as refused:
+        certify_c.find_corrupted_sets(str(mnist), ["fog", "zigzag", "snow"])
+    assert str(refused.value) == (f"corruptions zigzag, snow not found in '{mnist}'; download them, or choose "
+                                  "others with --corruptions")
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    np.save(cifar / "labels.npy", np.zeros(2, dtype=np.int64))
+    with pytest.raises(certify_c.UserError) as refused:
+        certify_c.find_corrupted_sets(str(cifar), None)
+    assert str(refused.value) == f"no corruption found in '{cifar}'"
+    np.save(cifar / "fog.npy", np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(certify_c.UserError, match=re.escape(f"corruptions snow not found in '{cifar}'")):
+        certify_c.find_corrupted_sets(str(cifar), ["fog", "snow"])
 
 
 def test_certify_c_names_a_missing_or_unreadable_file(tmp_path):

@@ -30,6 +30,7 @@ Soundness is checked three ways.
   tests/test_certify_statistics.py, through certify.py and predict.py.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -805,6 +806,8 @@ def test_certify_c_sequential_writes_the_samples_column(tmp_path):
         body = [line.split("\t") for line in lines[1:-1]]
         assert [int(row[0]) for row in body] == list(range(len(labels)))
         assert all(20 < int(row[6]) <= 420 for row in body)
+        with open(f"{prefix}{name}.tsv.meta.json") as handle:
+            assert json.load(handle)["settings"]["sequential_scheme"] == sequential.sequential_scheme(400, 100)
 
 
 # --------------------------------------------------------------------------- the clairvoyant bound of the benchmark
