@@ -962,6 +962,7 @@ def test_a_scheme_change_of_one_mode_leaves_the_other_modes_rule():
     older_radii = f"radii: mixture 0.35 at every batch; ACR: {acr_rule}"
     assert scheme_of_mode(older_radii, True) != radii_rule and scheme_of_mode(older_radii, False) == acr_rule
     assert scheme_of_mode(SEQUENTIAL_SINGLE_LOOK_SCHEME, True) == SEQUENTIAL_SINGLE_LOOK_SCHEME
+    assert scheme_of_mode("radii: a rule of no other mode", False) == "radii: a rule of no other mode"
 
 
 # --------------------------------------------------------------------------- the certifier's decisions, exactly
