@@ -199,7 +199,7 @@ def recertify_all(data_dir: str, finished, lock_dir: str, args) -> int:
         print(f"[reproduce] {cell.name}: its sequential file is of an older scheme; certified again", flush=True)
         run_step(command, args.python, args.dry_run, args.procs)
         if not args.dry_run:
-            replace_sequential(data_dir, cell, command, REPO)
+            replace_sequential(data_dir, cell, command, REPO, settings.get("sequential_scheme"))
             print(f"[reproduce] {cell.name}: sequential file replaced in {data_folder(data_dir, cell)}", flush=True)
             lock.close()
     return 0

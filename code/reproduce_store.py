@@ -21,11 +21,14 @@ import shutil
 import time
 from typing import Dict, List, Optional
 
-from provenance import SIDECAR_SUFFIX, relative_record
+from common import replace_atomic
+from provenance import SIDECAR_SUFFIX, relative_record, repository_path
 from reproduce_plan import (Cell, ReproduceError, output_of, smooth_prediction_array_paths, smooth_prediction_arrays,
                             train_folder)
 
 # --------------------------------------------------------------------------- the kept results
+
+SEQUENTIAL_RESULT = "certify_sequential.tsv"   # the kept name of a cell's sequential file
 
 def data_folder(data_dir: str, cell: Cell) -> str:
     return os.path.join(data_dir, "pretrain" if cell.method == "pretrain" else os.path.join(f"noise_{cell.sigma}", cell.method))
@@ -106,7 +109,7 @@ def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started
         if step == "train":
             continue
         source = os.path.join(root, output_of(commands[step]))
-        name = {"certify": "certify.tsv", "sequential": "certify_sequential.tsv",
+        name = {"certify": "certify.tsv", "sequential": SEQUENTIAL_RESULT,
                 "smooth_prediction": "smooth_prediction_train.tsv"}[step]
         _copy_result(source, staging, name, root)
         seconds[step] = _rows_seconds(source)
@@ -238,8 +241,6 @@ def drop_progress(data_dir: str, commands: Dict[str, List[str]], root: str):
 
 # --------------------------------------------------------------------------- a kept cell certified again
 
-SEQUENTIAL_RESULT = "certify_sequential.tsv"
-
 
 def kept_sequential_settings(data_dir: str, cell: Cell) -> dict:
     """The settings record of a kept cell's sequential file (its ``sequential_scheme`` names the scheme)."""
@@ -255,15 +256,15 @@ def recertify_command(data_dir: str, cell: Cell, commands: Dict[str, List[str]],
     """
     command = list(commands["sequential"])
     checkpoint = os.path.join(data_folder(data_dir, cell), "checkpoint.pth.tar")
-    inside = os.path.abspath(checkpoint).startswith(os.path.abspath(root) + os.sep)
-    command[3] = os.path.relpath(checkpoint, root) if inside else checkpoint
+    command[3] = repository_path(checkpoint, root)
     output = output_of(command)
     command[5] = os.path.join(os.path.dirname(output), "recertified", os.path.basename(output))
     return command
 
 
-def replace_sequential(data_dir: str, cell: Cell, command: List[str], root: str) -> dict:
-    """Replace a kept cell's sequential file by the output of ``command`` (its ``recertify_command``).
+def replace_sequential(data_dir: str, cell: Cell, command: List[str], root: str, replaced_scheme: str) -> dict:
+    """Replace a kept cell's sequential file, made by ``replaced_scheme``, by the output of ``command`` (its
+    ``recertify_command``).
 
     The old settings record, which names the old scheme, is replaced last: a replacement torn at any
     point leaves it, so the next ``--recertify`` does the cell again (its output is complete by then, so
@@ -272,21 +273,14 @@ def replace_sequential(data_dir: str, cell: Cell, command: List[str], root: str)
     """
     folder = data_folder(data_dir, cell)
     source = os.path.join(root, output_of(command))
-    old_scheme = kept_sequential_settings(data_dir, cell).get("sequential_scheme")
     staged = os.path.join(folder, SEQUENTIAL_RESULT + ".gz.partial")
     _gzip_copy(source, staged)
     os.replace(staged, os.path.join(folder, SEQUENTIAL_RESULT + ".gz"))
     with open(os.path.join(folder, "cell.json")) as handle:
         record = json.load(handle)
     record["seconds"]["sequential"] = _rows_seconds(source)
-    record["recertified"] = {"sequential": command, "replaced_scheme": old_scheme,
+    record["recertified"] = {"sequential": command, "replaced_scheme": replaced_scheme,
                              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    staged = os.path.join(folder, "cell.json.partial")
-    with open(staged, "w") as handle:
-        json.dump(record, handle, indent=1)
-        handle.write("\n")
-    os.replace(staged, os.path.join(folder, "cell.json"))
-    staged = os.path.join(folder, SEQUENTIAL_RESULT + SIDECAR_SUFFIX + ".partial")
-    _copy_record(source + SIDECAR_SUFFIX, staged, root)
-    os.replace(staged, os.path.join(folder, SEQUENTIAL_RESULT + SIDECAR_SUFFIX))
+    replace_atomic(os.path.join(folder, "cell.json"), lambda handle: handle.write(json.dumps(record, indent=1) + "\n"))
+    _copy_whole(source + SIDECAR_SUFFIX, os.path.join(folder, SEQUENTIAL_RESULT + SIDECAR_SUFFIX), root)
     return record
