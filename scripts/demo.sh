@@ -19,7 +19,7 @@ N_MAX=${DEMO_N_MAX:-100000}     # the most estimation samples per image
 RADII="0.25 0.5 0.75 1.0"       # the table's radii: what the sequential certifier decides
 COMMON="--lr 0.01 --batch 128 --noise $SIGMA --id 0 --seed 0 --train-subset $TRAIN --test-subset 1000 --logdir $OUT/logs --print-freq 1000 --resume"
 GAUSS=$OUT/logs/fmnist/cohen/noise_$SIGMA/lenet/0
-CATRS=$OUT/logs/fmnist/catrs/adv_256.0_4/lbd_0.5/num_4/noise_$SIGMA/lenet/0
+CATRS=$OUT/logs/fmnist/catrs/adv_256.0_4/lbd_1.0/num_4/noise_$SIGMA/lenet/0
 SP=$OUT/test/smooth_prediction/fmnist/cohen/0
 CERT=$OUT/test/certify/fmnist
 start=$(date +%s)
@@ -36,7 +36,7 @@ $PY code/smooth_prediction.py fmnist $GAUSS/checkpoint.pth.tar $SIGMA $SP/noise_
 # At demo scale CAT-RS starts from the Gaussian model (the paper trains it from scratch for 150 epochs).
 step "3/5 CAT-RS training (Jeong, Kim and Shin 2023): $CATRS_EPOCHS epochs from the Gaussian model"
 OMP_NUM_THREADS=1 $PY code/train_catrs.py fmnist lenet $COMMON --epochs $CATRS_EPOCHS --lr_step_size $CATRS_EPOCHS --num-noise-vec 4 \
-    --eps 256.0 --num-steps 4 --lbd 0.5 --smooth-prediction $SP/model_conf_${SIGMA}_train.npy \
+    --eps 256.0 --num-steps 4 --lbd 1.0 --smooth-prediction $SP/model_conf_${SIGMA}_train.npy \
     --pretrained-model $GAUSS/checkpoint.pth.tar
 
 step "4/5 sequential certification of both smoothed classifiers (every ${CERT_SKIP}th test image, N0 = 100, N <= $N_MAX, alpha = 0.001)"
@@ -46,7 +46,7 @@ OMP_NUM_THREADS=1 $PY code/certify.py fmnist $GAUSS/checkpoint.pth.tar $SIGMA $C
     --sequential --N-max=$N_MAX --radii $RADII --skip=$CERT_SKIP --seed 0 &
 gauss_pid=$!
 OMP_NUM_THREADS=1 $PY code/certify.py fmnist $CATRS/checkpoint.pth.tar $SIGMA \
-    $CERT/catrs/adv_256.0_4/lbd_0.5/num_4/0/noise_${SIGMA}_sequential.tsv \
+    $CERT/catrs/adv_256.0_4/lbd_1.0/num_4/0/noise_${SIGMA}_sequential.tsv \
     --sequential --N-max=$N_MAX --radii $RADII --skip=$CERT_SKIP --seed 0 &
 catrs_pid=$!
 wait $gauss_pid
@@ -55,7 +55,7 @@ wait $catrs_pid
 step "5/5 analysis"
 echo "certifier: sequential CERTIFY (certify.py --sequential --radii $RADII), N0 = 100, N <= $N_MAX, alpha = 0.001; certified accuracy at 0 and those radii only, no ACR (README, Analysis)" \
     > $OUT/table.md
-$PY code/analyze.py $CERT/cohen/0/noise_${SIGMA}_sequential.tsv $CERT/catrs/adv_256.0_4/lbd_0.5/num_4/0/noise_${SIGMA}_sequential.tsv \
+$PY code/analyze.py $CERT/cohen/0/noise_${SIGMA}_sequential.tsv $CERT/catrs/adv_256.0_4/lbd_1.0/num_4/0/noise_${SIGMA}_sequential.tsv \
     --labels "Gaussian" "CAT-RS" --radii 0 0.25 0.5 0.75 1.0 --plot $OUT/certified_accuracy.png \
     --title "Fashion-MNIST, sigma = $SIGMA (demo scale)" >> $OUT/table.md
 cat $OUT/table.md
@@ -64,6 +64,6 @@ echo
 echo "outputs ($(( $(date +%s) - start )) s):"
 echo "  training runs:        $GAUSS/  $CATRS/"
 echo "  smoothed prediction:  $SP/model_conf_${SIGMA}_train.npy"
-echo "  certification:        $CERT/cohen/0/noise_${SIGMA}_sequential.tsv  $CERT/catrs/adv_256.0_4/lbd_0.5/num_4/0/noise_${SIGMA}_sequential.tsv"
+echo "  certification:        $CERT/cohen/0/noise_${SIGMA}_sequential.tsv  $CERT/catrs/adv_256.0_4/lbd_1.0/num_4/0/noise_${SIGMA}_sequential.tsv"
 echo "  table:                $OUT/table.md"
 echo "  plot:                 $OUT/certified_accuracy.png"

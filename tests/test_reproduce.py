@@ -77,8 +77,9 @@ def published_runs(dataset):
             if method == "cohen" and sigma == "0.25" and not lenet:
                 continue   # on CIFAR the pretrain is the table's Gaussian run
             schedule = LENET_LONG if lenet and method == "catrs" else LENET if lenet else CIFAR
-            if dataset == "mnist" and method == "catrs" and sigma == "0.25":
-                options = options.replace("--lbd 0.5", "--lbd 1.0")   # the published MNIST run's folder
+            if lenet and method == "catrs" and sigma == "0.25":
+                # MNIST: the published run's folder; Fashion-MNIST: the published log's first epochs
+                options = options.replace("--lbd 0.5", "--lbd 1.0")
             if dataset == "fmnist" and method == "smoothmix":
                 options = options.replace("--mix_step 1", "--mix_step 0")   # the published logs' first epochs
             run_id = "1" if lenet and method == "cohen" and sigma == "0.25" else "0"
