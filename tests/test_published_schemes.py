@@ -116,3 +116,15 @@ def test_iss_picks_the_least_size_within_kappa_and_reuses_its_pilot():
     # the second stream's bound counts its pilot's samples too: the count at the chosen size
     assert radii[1] == pytest.approx(sigma * norm.ppf(float(cp_lower(counts[1, grid.index(expected)], expected,
                                                                         alpha))))
+
+
+def test_lead_ceiling_by_hand():
+    """Two runs in the top group (published 9 and 9, project 5 and 5), two elsewhere (published 2 and 4)."""
+    from bench_sequential import lead_ceiling
+    published, project = [9, 9, 2, 4], [5, 5, 3, 7]
+    top = [True, True, False, False]
+    tied, needed = lead_ceiling(published, project, top, 1.4)
+    assert tied == pytest.approx(24 / 16)            # 9 + 9 + 2 + 4 over 5 + 5 + 2 + 4
+    assert needed == pytest.approx((24 / 1.4 - 10) / 6)
+    tied, needed = lead_ceiling(published, project, top, 24 / 16)
+    assert needed == pytest.approx(1.0)              # the tie itself reaches the tied ratio
