@@ -81,10 +81,12 @@ def _weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_sigkill_and_resume_gives_identical_weights(tmp_path):
-    # step 1: the learning rate drops twice within the run, so the resume must restore the schedule too
+@pytest.mark.parametrize("numerics", [[], ["--bf16"]], ids=["fp32", "bf16"])
+def test_sigkill_and_resume_gives_identical_weights(tmp_path, numerics):
+    # step 1: the learning rate drops twice within the run, so the resume must restore the schedule too;
+    # bfloat16 autocast too, which the reproduction's CAT-RS cells train with across sessions
     common = ["fmnist", "lenet", "--lr", "0.01", "--epochs", "4", "--lr_step_size", "1", "--noise", "0.25", "--seed", "11",
-              "--logdir", str(tmp_path)] + SMALL
+              "--logdir", str(tmp_path)] + SMALL + numerics
     reference = run_script("train_cohen.py", common + ["--id", "1"])
     assert reference.returncode == 0, reference.stderr
 
