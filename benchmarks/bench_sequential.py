@@ -508,7 +508,7 @@ def wald_table(runs, levels, groups, shares, thresholds, args):
             for mask in columns.values()) + " |")
 
 
-# the lead over the best published scheme (with the same stopping aids) that issue 28 set as the goal
+# the lead over the best published scheme (same stopping aids) that the sequential certifier aims at
 LEAD_TARGET = 1.4
 
 
