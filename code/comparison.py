@@ -214,6 +214,29 @@ def schemes_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
     return lines + [""]
 
 
+def overrides_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
+    """The kept cells whose training was resumed with changed arguments (``cell.json``'s ``resume_overrides``).
+
+    Their weights are not those of the plan's command alone, so the table says where they depart from it.
+    """
+    lines = []
+    for cell in cells:
+        path = os.path.join(data_dir, f"noise_{cell.sigma}", cell.method, "cell.json")
+        if not cell.ran:
+            continue
+        with open(path) as handle:
+            overrides = json.load(handle).get("resume_overrides", [])
+        for line in overrides:
+            stamp, when, changes = (line.split("\t") + ["", ""])[:3]
+            lines.append(f"- {NAMES[cell.method]} {cell.sigma}: {when.replace(' with --resume-changed-args', '')}, "
+                         f"{changes} (`--resume-changed-args`, {stamp})")
+    if not lines:
+        return []
+    return ["## Trainings resumed with changed arguments", "",
+            "These cells' training departs from the settings table's command from the epoch named on "
+            "(`resume_overrides.txt` in the cell's folder):", ""] + lines + [""]
+
+
 def report(title: str, sections: List[List[str]], command: str) -> str:
     header = [f"# {title}: our runs against the published results", "",
               f"Written by `{command}` on {datetime.date.today().isoformat()}; regenerate it rather than edit it.",
@@ -272,7 +295,9 @@ def compare(data_dir: str, published_dir: str, out: Optional[str], command: str)
             plot_sigma(os.path.join(os.path.dirname(out) or ".", plot_name), f"{title}, sigma = {sigma}", cells)
         sections.append(sigma_section(sigma, cells, plot_name))
     sections.append(pretrain_section(data_dir))
-    sections.append(schemes_section(data_dir, [c for cells in per_sigma.values() for c in cells]))
+    every_cell = [c for cells in per_sigma.values() for c in cells]
+    sections.append(schemes_section(data_dir, every_cell))
+    sections.append(overrides_section(data_dir, every_cell))
     text = report(title, sections, command)
     temporary = out + ".tmp"
     with open(temporary, "w") as handle:

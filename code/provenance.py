@@ -20,6 +20,10 @@ row: a JSON object with
 * ``unverified_rows``: the rows the output already had when its record was
   written, adopted with ``--resume-unverified``.
 
+A training run folder records its own exceptions instead: ``resume_overrides.txt``
+(``OVERRIDES_NAME``) lists each resume that went on with changed arguments
+(resume.py writes it; the reproduction keeps it with the cell).
+
 This module imports nothing but the standard library (analyze.py reads
 records without torch); ``write_sidecar`` imports ``common`` when called.
 """
@@ -33,6 +37,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional
+
+# A training run folder's list of resumes with changed arguments (``--resume-changed-args``).
+OVERRIDES_NAME = "resume_overrides.txt"
 
 SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_FORMAT = 1

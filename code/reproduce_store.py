@@ -22,13 +22,14 @@ import time
 from typing import Dict, List, Optional
 
 from common import replace_atomic
-from provenance import SIDECAR_SUFFIX, relative_record, repository_path
+from provenance import OVERRIDES_NAME, SIDECAR_SUFFIX, relative_record, repository_path
 from reproduce_plan import (Cell, ReproduceError, output_of, smooth_prediction_array_paths, smooth_prediction_arrays,
                             train_folder)
 
 # --------------------------------------------------------------------------- the kept results
 
 SEQUENTIAL_RESULT = "certify_sequential.tsv"   # the kept name of a cell's sequential file
+
 
 def data_folder(data_dir: str, cell: Cell) -> str:
     return os.path.join(data_dir, "pretrain" if cell.method == "pretrain" else os.path.join(f"noise_{cell.sigma}", cell.method))
@@ -104,6 +105,12 @@ def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started
     run = os.path.join(root, train_folder(commands))
     _slim_checkpoint(os.path.join(run, "checkpoint.pth.tar"), os.path.join(staging, "checkpoint.pth.tar"))
     shutil.copyfile(os.path.join(run, "log.txt"), os.path.join(staging, "log.txt"))
+    overrides = []
+    if os.path.exists(os.path.join(run, OVERRIDES_NAME)):
+        # the training is not exactly the plan's command: say where it departs from it
+        shutil.copyfile(os.path.join(run, OVERRIDES_NAME), os.path.join(staging, OVERRIDES_NAME))
+        with open(os.path.join(run, OVERRIDES_NAME)) as handle:
+            overrides = [line for line in handle.read().splitlines() if line.strip()]
     seconds = {"train": _log_seconds(os.path.join(run, "log.txt"))}
     for step in commands:
         if step == "train":
@@ -121,6 +128,8 @@ def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started
                                  root)
     record = {"cell": cell.name, "commands": commands, "seconds": seconds,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "driver_seconds": round(time.time() - started, 1)}
+    if overrides:
+        record["resume_overrides"] = overrides
     with open(os.path.join(staging, "cell.json"), "w") as handle:
         json.dump(record, handle, indent=1)
         handle.write("\n")
@@ -141,10 +150,11 @@ MAX_PROCS = 16
 def progress_files(commands: Dict[str, List[str]], root: str) -> List[str]:
     """The files that hold a cell's unfinished work, existing or not, relative to ``root``.
 
-    The training checkpoint and ``log.txt`` and, for each evaluation step, its result file, settings
-    record and row journal. The steps run in ``root``, so relative paths in the commands are relative to it.
+    The training checkpoint, ``log.txt`` and ``resume_overrides.txt`` and, for each evaluation step, its
+    result file, settings record and row journal. The steps run in ``root``, so relative paths in the
+    commands are relative to it.
     """
-    files = [os.path.join(train_folder(commands), name) for name in ("checkpoint.pth.tar", "log.txt")]
+    files = [os.path.join(train_folder(commands), name) for name in ("checkpoint.pth.tar", "log.txt", OVERRIDES_NAME)]
     for step, command in commands.items():
         if step != "train":
             out = output_of(command)

@@ -18,7 +18,7 @@ import torch
 
 from common import UserError
 from distributed import Distributed
-from provenance import REPOSITORY, repository_path
+from provenance import OVERRIDES_NAME, REPOSITORY, repository_path
 
 
 # --------------------------------------------------------------------------- random states
@@ -84,7 +84,6 @@ RESUME_FREE_ARGUMENTS = frozenset({"epochs", "workers", "print_freq", "logdir", 
                                    "resume_changed_args"})
 # Arguments that name files: stored relative to the repository root, compared by the file they name.
 PATH_ARGUMENTS = frozenset({"pretrained_model", "smooth_prediction", "logdir"})
-OVERRIDES_NAME = "resume_overrides.txt"
 _ABSENT = "<absent>"
 
 

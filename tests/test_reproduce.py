@@ -82,7 +82,7 @@ def published_runs(dataset):
                 options = options.replace("--lbd 0.5", "--lbd 1.0")
             if lenet and method == "catrs" and sigma == "1.0":
                 options = options.replace("--lbd 2.0", "--lbd 1.0")   # Fashion-MNIST's published log's first epochs
-            if dataset == "fmnist" and method == "catrs" and sigma in ("0.25", "1.0"):
+            if dataset == "fmnist" and method == "catrs":
                 options += " --bf16"   # a speed option only (the table's comments)
             if dataset == "fmnist" and method == "smoothmix":
                 options = options.replace("--mix_step 1", "--mix_step 0")   # the published logs' first epochs
@@ -308,6 +308,34 @@ def test_saved_progress_continues_in_another_checkout_as_if_never_stopped(tmp_pa
     assert [r.split("\t")[2:] for r in rows[0]] == [r.split("\t")[2:] for r in rows[1]]   # all but the time
 
 
+def test_a_training_resumed_with_changed_arguments_keeps_its_record(tmp_path, monkeypatch, capsys):
+    """``resume_overrides.txt`` travels with the saved work and is kept with the cell (and in cell.json)."""
+    for name in ("OMP_NUM_THREADS", "DATASET_CACHE", "TMPDIR"):
+        monkeypatch.setenv(name, python_env(tmp_path)[name])
+    two_epochs = [a.replace("--epochs 1", "--epochs 2") for a in TOY]
+    first = _checkout(tmp_path, "first")
+    cell = reproduce.select_cells(reproduce.table_cells("fmnist"), "cohen:0.25")[0]
+    scale = reproduce.Scale(shlex.split(two_epochs[1]), 100, 2500, 2000)
+    train = reproduce.cell_commands("fmnist", cell, scale, "logs", "test")["train"][1:]
+    epochs = len(train) - 1 - train[::-1].index("--epochs") + 1
+    one_epoch_at_another_rate = train[:epochs] + ["1"] + train[epochs + 1:] + ["--lr", "0.02"]
+    subprocess.run([sys.executable, *one_epoch_at_another_rate], cwd=first, check=True, capture_output=True)
+    subprocess.run([sys.executable, *train, "--resume", "--resume-changed-args"], cwd=first, check=True,
+                   capture_output=True)
+    capsys.readouterr()
+    assert _drive_in(monkeypatch, first, "--save-progress", *two_epochs) == 0
+    saved = first / "data" / "progress" / "logs" / "fmnist" / "cohen" / "noise_0.25" / "lenet" / "1"
+    assert sorted(os.listdir(saved)) == ["checkpoint.pth.tar", "log.txt", "resume_overrides.txt"]
+
+    second = _checkout(tmp_path, "second")
+    shutil.copytree(first / "data", second / "data")
+    assert _drive_in(monkeypatch, second, *two_epochs) == 0
+    kept = second / "data" / "noise_0.25" / "cohen"
+    lines = (kept / "resume_overrides.txt").read_text().splitlines()
+    assert len(lines) == 1 and "after epoch 0" in lines[0] and "lr: 0.02 -> 0.01" in lines[0]
+    assert json.loads((kept / "cell.json").read_text())["resume_overrides"] == lines
+
+
 def test_saved_smoothed_prediction_continues_in_another_checkout(tmp_path, monkeypatch, capsys):
     """A smoothed prediction stopped part way keeps, through --save-progress, the frequencies of its rows.
 
@@ -419,6 +447,14 @@ def test_compare_pairs_the_same_images_and_says_not_run(tmp_path):
         json.dumps({"settings": {"sequential_scheme": "radii: rule A; ACR: rule B"}}))
     text = open(comparison.compare(str(data), str(published), None, "compare")).read()
     assert "## Sequential scheme of the certified accuracies\n\n- Gaussian 0.25: radii mode: rule A\n" in text
+    assert "resumed with changed arguments" not in text
+
+    # a training resumed with changed arguments is not the settings table's command alone: the report says so
+    (data / "noise_0.25" / "cohen" / "cell.json").write_text(json.dumps({"resume_overrides": [
+        "2026-01-02 03:04:05 UTC\tresumed after epoch 43 with --resume-changed-args\tbf16: False -> True"]}))
+    text = open(comparison.compare(str(data), str(published), None, "compare")).read()
+    assert ("## Trainings resumed with changed arguments\n" in text and "- Gaussian 0.25: resumed after epoch 43, "
+            "bf16: False -> True (`--resume-changed-args`, 2026-01-02 03:04:05 UTC)\n" in text)
 
 
 def test_compare_interval_and_verdict_on_a_cell_that_misses(tmp_path):
