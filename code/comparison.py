@@ -220,11 +220,8 @@ def overrides_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
     Their weights are not those of the plan's command alone, so the table says where they depart from it.
     """
     lines = []
-    for cell in cells:
-        path = os.path.join(data_dir, f"noise_{cell.sigma}", cell.method, "cell.json")
-        if not cell.ran:
-            continue
-        with open(path) as handle:
+    for cell in (c for c in cells if c.ran):
+        with open(os.path.join(data_dir, f"noise_{cell.sigma}", cell.method, "cell.json")) as handle:
             overrides = json.load(handle).get("resume_overrides", [])
         for line in overrides:
             stamp, when, changes = (line.split("\t") + ["", ""])[:3]
@@ -233,7 +230,7 @@ def overrides_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
     if not lines:
         return []
     return ["## Trainings resumed with changed arguments", "",
-            "These cells' training departs from the settings table's command from the epoch named on "
+            "After the epoch named, these cells trained with other arguments than the settings table's "
             "(`resume_overrides.txt` in the cell's folder):", ""] + lines + [""]
 
 
