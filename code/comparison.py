@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from common import ArgumentParser, UserError, cli_status
+from provenance import parse_overrides_line
 from reporting import pyplot
 from results import ResultsFileError, load_results
 from sequential_rules import scheme_of_mode
@@ -223,10 +224,9 @@ def overrides_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
     for cell in (c for c in cells if c.ran):
         with open(os.path.join(data_dir, f"noise_{cell.sigma}", cell.method, "cell.json")) as handle:
             overrides = json.load(handle).get("resume_overrides", [])
-        for line in overrides:
-            stamp, when, changes = (line.split("\t") + ["", ""])[:3]
-            lines.append(f"- {NAMES[cell.method]} {cell.sigma}: {when.replace(' with --resume-changed-args', '')}, "
-                         f"{changes} (`--resume-changed-args`, {stamp})")
+        for record in map(parse_overrides_line, overrides):
+            lines.append(f"- {NAMES[cell.method]} {cell.sigma}: {record['when']}, {record['changes']} "
+                         f"(`--resume-changed-args`, {record['stamp']})")
     if not lines:
         return []
     return ["## Trainings resumed with changed arguments", "",

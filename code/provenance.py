@@ -38,8 +38,30 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional
 
-# A training run folder's list of resumes with changed arguments (``--resume-changed-args``).
+# A training run folder's list of resumes with changed arguments (``--resume-changed-args``):
+# one line per resume, "STAMP<TAB>resumed after epoch N with --resume-changed-args<TAB>CHANGE; CHANGE".
 OVERRIDES_NAME = "resume_overrides.txt"
+_OVERRIDES_FLAG = " with --resume-changed-args"
+
+
+def overrides_line(stamp: str, last_epoch: int, changes: List[str]) -> str:
+    """One line of ``OVERRIDES_NAME``: when, after which finished epoch, and which arguments changed."""
+    return f"{stamp}\tresumed after epoch {last_epoch}{_OVERRIDES_FLAG}\t{'; '.join(changes)}\n"
+
+
+def read_overrides(folder: str) -> List[str]:
+    """The lines of a run folder's ``OVERRIDES_NAME`` (none when the file is absent)."""
+    path = os.path.join(folder, OVERRIDES_NAME)
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [line for line in handle.read().splitlines() if line.strip()]
+
+
+def parse_overrides_line(line: str) -> Dict[str, str]:
+    """``stamp``, ``when`` ("resumed after epoch N") and ``changes`` of one ``overrides_line``."""
+    stamp, when, changes = (line.split("\t") + ["", ""])[:3]
+    return {"stamp": stamp, "when": when.replace(_OVERRIDES_FLAG, ""), "changes": changes}
 
 SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_FORMAT = 1

@@ -22,7 +22,7 @@ import time
 from typing import Dict, List, Optional
 
 from common import replace_atomic
-from provenance import OVERRIDES_NAME, SIDECAR_SUFFIX, relative_record, repository_path
+from provenance import OVERRIDES_NAME, SIDECAR_SUFFIX, read_overrides, relative_record, repository_path
 from reproduce_plan import (Cell, ReproduceError, output_of, smooth_prediction_array_paths, smooth_prediction_arrays,
                             train_folder)
 
@@ -105,12 +105,10 @@ def keep_cell(data_dir: str, cell: Cell, commands: Dict[str, List[str]], started
     run = os.path.join(root, train_folder(commands))
     _slim_checkpoint(os.path.join(run, "checkpoint.pth.tar"), os.path.join(staging, "checkpoint.pth.tar"))
     shutil.copyfile(os.path.join(run, "log.txt"), os.path.join(staging, "log.txt"))
-    overrides = []
+    overrides = read_overrides(run)
     if os.path.exists(os.path.join(run, OVERRIDES_NAME)):
         # the training is not exactly the plan's command: say where it departs from it
         shutil.copyfile(os.path.join(run, OVERRIDES_NAME), os.path.join(staging, OVERRIDES_NAME))
-        with open(os.path.join(run, OVERRIDES_NAME)) as handle:
-            overrides = [line for line in handle.read().splitlines() if line.strip()]
     seconds = {"train": _log_seconds(os.path.join(run, "log.txt"))}
     for step in commands:
         if step == "train":

@@ -18,7 +18,7 @@ import torch
 
 from common import UserError
 from distributed import Distributed
-from provenance import OVERRIDES_NAME, REPOSITORY, repository_path
+from provenance import OVERRIDES_NAME, REPOSITORY, overrides_line, repository_path
 
 
 # --------------------------------------------------------------------------- random states
@@ -161,5 +161,4 @@ def record_overrides(folder: str, start_epoch: int, changes: List[str]):
     """Append the accepted differences of a resume to the run folder's ``resume_overrides.txt``."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     with open(os.path.join(folder, OVERRIDES_NAME), "a") as handle:
-        handle.write(f"{stamp}\tresumed after epoch {start_epoch - 1} with --resume-changed-args\t"
-                     f"{'; '.join(changes)}\n")
+        handle.write(overrides_line(stamp, start_epoch - 1, changes))
