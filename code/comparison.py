@@ -218,7 +218,7 @@ def schemes_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
 def overrides_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
     """The kept cells whose training was resumed with changed arguments (``cell.json``'s ``resume_overrides``).
 
-    Their weights are not those of the plan's command alone, so the table says where they depart from it.
+    Their weights come from no single command, so the report says after which epoch which argument changed.
     """
     lines = []
     for cell in (c for c in cells if c.ran):
@@ -230,7 +230,8 @@ def overrides_section(data_dir: str, cells: List[CellComparison]) -> List[str]:
     if not lines:
         return []
     return ["## Trainings resumed with changed arguments", "",
-            "After the epoch named, these cells trained with other arguments than the settings table's "
+            "These trainings were resumed with other arguments than they started with, so their weights come from "
+            "no single command: up to the epoch named they trained with the first value, after it with the second "
             "(`resume_overrides.txt` in the cell's folder):", ""] + lines + [""]
 
 
